@@ -1,1 +1,27 @@
-"""nets"""
+"""Denoisers for fields of spatial rank 1, 2 or 3: an ADM UNet and a DiT.
+
+Both follow the Denoiser contract ``forward(x [B, C, *S], t [B], cond) -> [B, C_out, *S]``
+and share the conditioning embeddings. Torch only: no Lightning, Hydra or IO here.
+"""
+
+from scidiff.nets.dit import DiT
+from scidiff.nets.embeddings import (
+    ConditionEmbedding,
+    FieldConditioning,
+    FourierFeatures,
+    ParamEmbedding,
+    TimestepEmbedding,
+    timestep_embedding,
+)
+from scidiff.nets.unet import UNet
+
+__all__ = [
+    "ConditionEmbedding",
+    "DiT",
+    "FieldConditioning",
+    "FourierFeatures",
+    "ParamEmbedding",
+    "TimestepEmbedding",
+    "UNet",
+    "timestep_embedding",
+]
