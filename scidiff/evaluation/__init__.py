@@ -1,1 +1,70 @@
-"""evaluation"""
+"""Evaluation of generative models of scientific fields.
+
+Every metric is a :class:`torchmetrics.Metric` whose states are float64 sums
+(``dist_reduce_fx="sum"``), so it gives the same number on one process or
+under DDP. Fields are ``[B, C, *S]`` with 1-3 spatial dims of any shape;
+ensembles are ``[B, M, C, *S]``. Means over grid points take an optional
+``mask`` (1 = valid) and area ``weights`` (e.g. cos latitude). Results are in
+the units of the field unless stated otherwise, per channel by default.
+
+Modules:
+    ensemble     CRPS (fair/ensemble), SpreadSkillRatio, EnergyScore, RankHistogram
+    spectra      radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError
+    fields       BiasStdMaps (per-point moments), Wasserstein1 (value distributions)
+    likelihood   BitsPerDim, BoundTerms (per-timestep variational bound terms)
+    molecules    AtomCounts of voxel densities (integrated density and peak finding)
+    weighting    point weights (mask x area weights) and the point-mean base class
+"""
+
+from scidiff.evaluation.ensemble import (
+    CRPS,
+    EnergyScore,
+    RankHistogram,
+    SpreadSkillRatio,
+    crps_ensemble,
+    energy_score,
+    gaussian_crps,
+)
+from scidiff.evaluation.fields import BiasStdMaps, MomentMaps, Wasserstein1
+from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
+from scidiff.evaluation.molecules import (
+    AtomCounts,
+    AtomCountSummary,
+    count_peaks,
+    find_peaks,
+    integrated_density,
+)
+from scidiff.evaluation.spectra import (
+    PowerSpectrum,
+    RadialSpectrum,
+    SpectralError,
+    radial_bins,
+    radial_power_spectrum,
+)
+from scidiff.evaluation.weighting import point_weights
+
+__all__ = [
+    "CRPS",
+    "AtomCountSummary",
+    "AtomCounts",
+    "BiasStdMaps",
+    "BitsPerDim",
+    "BoundTerms",
+    "EnergyScore",
+    "MomentMaps",
+    "PowerSpectrum",
+    "RadialSpectrum",
+    "RankHistogram",
+    "SpectralError",
+    "SpreadSkillRatio",
+    "Wasserstein1",
+    "count_peaks",
+    "crps_ensemble",
+    "energy_score",
+    "find_peaks",
+    "gaussian_crps",
+    "integrated_density",
+    "point_weights",
+    "radial_bins",
+    "radial_power_spectrum",
+]
