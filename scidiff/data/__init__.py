@@ -1,1 +1,47 @@
-"""data"""
+"""Scientific fields from xarray/zarr/netCDF: lazy datasets, reversible transforms,
+out-of-core statistics, deterministic splits and a Lightning data module.
+
+>>> dm = FieldDataModule("store.zarr", variables=["t2m"], spatial_dims=["lat", "lon"],
+...                      sample_dims="time", split=CoordinateSplit("time.year", train=[1980, 2009]))
+>>> dm.setup()
+>>> batch = next(iter(dm.train_dataloader()))      # {"x": [B, C, lat, lon], ...}
+>>> physical = dm.inverse_transform(batch["x"])
+"""
+
+from scidiff.data.datamodule import FieldDataModule
+from scidiff.data.dataset import (
+    FieldDataset,
+    FieldMetadata,
+    FieldSpec,
+    ParamSpec,
+    PhysicalBlock,
+    VariableSpec,
+    coarsen_repeat,
+    open_store,
+)
+from scidiff.data.splits import CoordinateSplit, FractionSplit, IndexSplit, check_disjoint
+from scidiff.data.statistics import ChannelSpec, ChannelStats, RunningMoments, Statistics, compute_statistics
+from scidiff.data.transforms import ChannelTransform, resolve_transform
+
+__all__ = [
+    "ChannelSpec",
+    "ChannelStats",
+    "ChannelTransform",
+    "CoordinateSplit",
+    "FieldDataModule",
+    "FieldDataset",
+    "FieldMetadata",
+    "FieldSpec",
+    "FractionSplit",
+    "IndexSplit",
+    "ParamSpec",
+    "PhysicalBlock",
+    "RunningMoments",
+    "Statistics",
+    "VariableSpec",
+    "check_disjoint",
+    "coarsen_repeat",
+    "compute_statistics",
+    "open_store",
+    "resolve_transform",
+]

@@ -1,0 +1,301 @@
+"""Normalisation statistics, computed out of core on the training split.
+
+:func:`compute_statistics` reads the training samples block by block (a block
+is at most ``block_size`` samples, so memory stays bounded for stores larger
+than RAM), warps each channel with its pointwise transform and merges per-block
+moments in float64 with Chan et al.'s parallel update::
+
+    n = n_a + n_b,   delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    M2   = M2_a + M2_b + delta^2 * n_a * n_b / n          (std = sqrt(M2 / n), ddof = 0)
+
+NaN is a missing value (counted in ``nan_count``, excluded); +-inf is an error.
+
+:class:`Statistics` is a small frozen record: it round-trips through plain
+python (``state_dict`` / ``from_state``, for checkpoints) and JSON (``save`` /
+``load``, a file beside the run and an MLflow artifact), and builds the
+transforms (:meth:`Statistics.x_transform` and friends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scidiff.data.transforms import (
+    ChannelTransform,
+    Pointwise,
+    Scaling,
+    affine_from_stats,
+    warp_domain_ok,
+)
+
+if TYPE_CHECKING:
+    from scidiff.data.dataset import FieldDataset
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Statistics of ``g(x)`` for one channel over the finite points of a split."""
+
+    name: str
+    pointwise: Pointwise
+    scaling: Scaling
+    log_offset: float
+    count: int  # finite points used
+    nan_count: int  # missing points
+    mean: float
+    std: float  # population std (ddof = 0)
+    min: float
+    max: float
+
+    def affine(self) -> tuple[float, float]:
+        return affine_from_stats(self.scaling, self.mean, self.std, self.min, self.max)
+
+
+def _validate(stats: ChannelStats, kind: str) -> None:
+    if stats.count == 0:
+        raise ValueError(
+            f"{kind} {stats.name!r} has no finite value in the training split "
+            f"({stats.nan_count} points, all NaN): nothing to learn or normalise"
+        )
+    if stats.scaling == "none":
+        return
+    spread = stats.std if stats.scaling == "zscore" else stats.max - stats.min
+    if not spread > 1e-12 * max(1.0, abs(stats.mean)):
+        raise ValueError(
+            f"{kind} {stats.name!r} has zero variance in the training split "
+            f"(constant {stats.mean:.6g} over {stats.count} points); {stats.scaling} scaling "
+            f"would divide by zero: drop it or give it transform 'none'"
+        )
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Per-channel statistics of the target (``x``), the parameters and the conditioning fields."""
+
+    x: tuple[ChannelStats, ...]
+    params: tuple[ChannelStats, ...] = ()
+    fields: tuple[ChannelStats, ...] = ()
+    info: Mapping[str, Any] = field(default_factory=dict)  # provenance: store, split, sample count
+
+    @property
+    def has_missing(self) -> bool:
+        """Whether the target had missing (NaN) points in the split the statistics saw."""
+        return any(c.nan_count > 0 for c in self.x)
+
+    @staticmethod
+    def _transform(channels: Sequence[ChannelStats]) -> ChannelTransform:
+        affine = [c.affine() for c in channels]
+        return ChannelTransform(
+            [c.name for c in channels],
+            [c.pointwise for c in channels],
+            [a[0] for a in affine],
+            [a[1] for a in affine],
+            [c.log_offset for c in channels],
+        )
+
+    def x_transform(self) -> ChannelTransform:
+        """Physical -> normalised for the target channels ``[B, C, *S]``."""
+        return self._transform(self.x)
+
+    def param_transform(self) -> ChannelTransform:
+        """Physical -> normalised for the parameters ``[B, P]``."""
+        return self._transform(self.params)
+
+    def field_transform(self) -> ChannelTransform:
+        """Physical -> normalised for the conditioning fields read from variables."""
+        return self._transform(self.fields)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain python (JSON-able) state, for checkpoints; see :meth:`from_state`."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "x": [asdict(c) for c in self.x],
+            "params": [asdict(c) for c in self.params],
+            "fields": [asdict(c) for c in self.fields],
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Statistics:
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"statistics format_version {version!r} is not {FORMAT_VERSION}")
+        return cls(
+            x=tuple(ChannelStats(**c) for c in state["x"]),
+            params=tuple(ChannelStats(**c) for c in state["params"]),
+            fields=tuple(ChannelStats(**c) for c in state["fields"]),
+            info=dict(state.get("info", {})),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics as JSON (a few kB) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.state_dict(), indent=1, default=_json_default))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Statistics:
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the statistics file {path}: {err}") from err
+        return cls.from_state(state)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+class RunningMoments:
+    """Count, mean, M2, min and max per channel, merged block by block in float64."""
+
+    def __init__(self, num_channels: int) -> None:
+        self.count = np.zeros(num_channels, np.int64)
+        self.nan_count = np.zeros(num_channels, np.int64)
+        self.mean = np.zeros(num_channels, np.float64)
+        self.m2 = np.zeros(num_channels, np.float64)
+        self.min = np.full(num_channels, np.inf)
+        self.max = np.full(num_channels, -np.inf)
+
+    def update(self, block: np.ndarray) -> None:
+        """Merge a block ``[N, C, ...]`` (NaN = missing)."""
+        c = self.count.shape[0]
+        v = np.moveaxis(np.asarray(block, np.float64), 1, 0).reshape(c, -1)
+        finite = ~np.isnan(v)
+        n_b = finite.sum(axis=1)
+        self.nan_count += v.shape[1] - n_b
+        has = n_b > 0
+        if not has.any():
+            return
+        v0 = np.where(finite, v, 0.0)
+        mean_b = np.where(has, v0.sum(axis=1) / np.maximum(n_b, 1), 0.0)
+        m2_b = (np.where(finite, v - mean_b[:, None], 0.0) ** 2).sum(axis=1)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        safe_n = np.maximum(n, 1)
+        self.mean = self.mean + delta * n_b / safe_n
+        self.m2 = self.m2 + m2_b + delta**2 * self.count * n_b / safe_n
+        self.count = n
+        self.min = np.minimum(self.min, np.where(finite, v, np.inf).min(axis=1))
+        self.max = np.maximum(self.max, np.where(finite, v, -np.inf).max(axis=1))
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / np.maximum(self.count, 1))
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """How one channel is normalised: what :func:`compute_statistics` needs to know."""
+
+    name: str
+    pointwise: Pointwise = "none"
+    scaling: Scaling = "zscore"
+    log_offset: float = 0.0
+
+
+def _warp_np(block: np.ndarray, specs: Sequence[ChannelSpec], kind: str) -> np.ndarray:
+    """Check the domain and apply each channel's pointwise warp, ``[N, C, ...]`` float64."""
+    block = np.asarray(block, np.float64)
+    if np.isinf(block).any():
+        bad = [s.name for i, s in enumerate(specs) if np.isinf(block[:, i]).any()]
+        raise ValueError(f"{kind} {bad} contain +-inf values; use NaN for missing points")
+    out = block.copy()
+    for i, s in enumerate(specs):
+        if s.pointwise == "none":
+            continue
+        ch = block[:, i]
+        if np.isfinite(ch).any() and not warp_domain_ok(float(np.nanmin(ch)), s.pointwise, s.log_offset):
+            raise ValueError(
+                f"{kind} {s.name!r} has values down to {np.nanmin(ch):.6g}, outside the domain of its "
+                f"{s.pointwise!r} transform (log_offset={s.log_offset}); choose another transform or offset"
+            )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, i] = np.log(ch + s.log_offset) if s.pointwise == "log" else np.log1p(ch)
+    return out
+
+
+def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str) -> tuple[ChannelStats, ...]:
+    out = []
+    for i, s in enumerate(specs):
+        stats = ChannelStats(
+            name=s.name, pointwise=s.pointwise, scaling=s.scaling, log_offset=float(s.log_offset),
+            count=int(moments.count[i]), nan_count=int(moments.nan_count[i]),
+            mean=float(moments.mean[i]), std=float(moments.std[i]),
+            min=float(moments.min[i]) if moments.count[i] else math.nan,
+            max=float(moments.max[i]) if moments.count[i] else math.nan,
+        )
+        _validate(stats, kind)
+        out.append(stats)
+    return tuple(out)
+
+
+def iter_blocks(indices: np.ndarray, block_size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of the sorted ``indices``, each at most ``block_size`` long and
+    aligned to multiples of ``block_size`` in the store's sample index, so each block
+    reads few store chunks when ``block_size`` is a multiple of the chunk length."""
+    indices = np.sort(np.asarray(indices, np.int64))
+    if indices.size == 0:
+        return
+    groups = indices // block_size
+    cuts = np.flatnonzero(np.diff(groups)) + 1
+    yield from np.split(indices, cuts)
+
+
+def compute_statistics(
+    dataset: FieldDataset,
+    indices: Sequence[int] | np.ndarray | None = None,
+    block_size: int | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Statistics:
+    """Statistics of ``dataset``'s samples ``indices`` (the training split), out of core.
+
+    Args:
+        dataset: a :class:`~scidiff.data.FieldDataset`; its channel specs say which
+            warp and scaling each channel gets.
+        indices: flat sample indices into the store (default: the dataset's own).
+        block_size: samples read at a time (default: about 32 MiB of target data).
+        info: provenance recorded in the statistics (store path, split, ...).
+
+    Raises:
+        ValueError naming the channel for an all-NaN channel, zero variance, +-inf
+        values or values outside a log transform's domain.
+    """
+    indices = np.asarray(dataset.indices if indices is None else indices, np.int64)
+    if indices.size == 0:
+        raise ValueError("compute_statistics: no samples (is the training split empty?)")
+    if block_size is None:
+        block_size = max(1, DEFAULT_BLOCK_BYTES // max(1, dataset.sample_nbytes))
+    x_specs, p_specs, f_specs = dataset.channel_specs()
+    mx, mp, mf = RunningMoments(len(x_specs)), RunningMoments(len(p_specs)), RunningMoments(len(f_specs))
+    for block in iter_blocks(indices, int(block_size)):
+        phys = dataset.read_physical(block)
+        mx.update(_warp_np(phys.x, x_specs, "variable"))
+        if p_specs:
+            mp.update(_warp_np(phys.params, p_specs, "parameter"))
+        if f_specs:
+            mf.update(_warp_np(phys.fields, f_specs, "field variable"))
+    meta = {"num_samples": int(indices.size), "block_size": int(block_size), **dict(info or {})}
+    return Statistics(
+        x=_finish(mx, x_specs, "variable"),
+        params=_finish(mp, p_specs, "parameter"),
+        fields=_finish(mf, f_specs, "field variable"),
+        info=meta,
+    )
