@@ -12,11 +12,17 @@ in field units^2 x length^d. It is independent of the grid resolution and box
 size; white noise of variance s^2 has the flat ``P = s^2 prod d_i``, and
 Parseval reads ``variance = sum_{k != 0} P(k) / V``. The radial spectrum
 averages ``P`` over shells ``|k| ~ b * dk``, ``b = 1, 2, ...``; the shell width
-``dk`` defaults to the largest fundamental frequency ``max_i 1 / (n_i d_i)``
-so that no shell is empty on non-square grids, and modes with
-``0 < |k| < dk / 2`` join the first shell. Shells beyond the smallest Nyquist
-frequency ``min_i 1 / (2 d_i)`` are incomplete (grid corners): kept for
+``dk`` defaults to the fundamental frequency of the longest side,
+``min_i 1 / (n_i d_i)``, so that shells are as fine as the grid resolves and
+every shell below the smallest Nyquist frequency ``min_i 1 / (2 d_i)`` holds
+modes (with a coarser ``bin_width``, modes with ``0 < |k| < dk / 2`` join the
+first shell). Shells beyond the smallest Nyquist frequency are incomplete
+(grid corners; some may be empty, with NaN power): kept for
 Parseval, excluded from the spectral error by default.
+
+Angular wavenumbers (radians per length unit, as in ``datasets/grf.py``) are
+``2 pi`` times ours; ``P`` has the same value in both conventions on a unit grid
+(``E |fftn(a)|^2 = N P``).
 
 Spectra are Cartesian: on a lat/lon grid they are spectra in index space
 (degrees), not spherical-harmonic spectra.
@@ -91,14 +97,14 @@ def radial_bins(
     Args:
         spatial_shape: ``S``, 1-3 sizes.
         spacing: grid spacing, one number or one per axis (default 1).
-        bin_width: shell width in cycles per length unit (default: largest fundamental frequency).
+        bin_width: shell width in cycles per length unit (default: fundamental of the longest side).
     """
     shape = check_spatial_shape(spatial_shape)
     spacing = _check_spacing(spacing, len(shape))
     if math.prod(shape) < 2:
         raise ValueError(f"a spectrum needs at least 2 grid points, got spatial_shape {shape}")
     fundamentals = [1.0 / (n * d) for n, d in zip(shape, spacing) if n > 1]
-    dk = max(fundamentals) if bin_width is None else float(bin_width)
+    dk = min(fundamentals) if bin_width is None else float(bin_width)
     if dk <= 0:
         raise ValueError(f"bin_width must be positive, got {bin_width}")
     freqs = [torch.fft.fftfreq(n, d=d, dtype=torch.float64) for n, d in zip(shape, spacing)]
@@ -186,7 +192,7 @@ def radial_power_spectrum(
     Args:
         x: ``[B, C, *S]`` fields, 1-3 spatial dims, any (non-square) shape.
         spacing: grid spacing, one number or one per spatial axis (default 1).
-        bin_width: shell width in cycles per length unit (default: largest fundamental).
+        bin_width: shell width in cycles per length unit (default: fundamental of the longest side).
         mask: 0/1 validity broadcastable to ``x``; missing points are zero anomalies
             and the power is rescaled by the valid fraction.
 
@@ -257,13 +263,13 @@ class PowerSpectrum(_SpectrumMetric):
         num_channels: ``C``.
         spatial_shape: ``S`` (1-3 sizes, any shape).
         spacing: grid spacing, one number or one per axis, in length units (default 1).
-        bin_width: shell width in cycles per length unit (default: largest fundamental).
+        bin_width: shell width in cycles per length unit (default: fundamental of the longest side).
 
     Example:
         >>> metric = PowerSpectrum(num_channels=1, spatial_shape=(32, 48), spacing=(1.0, 0.5))
         >>> metric.update(torch.randn(8, 1, 32, 48))
         >>> metric.compute().power.shape  # [C, K]
-        torch.Size([1, 27])
+        torch.Size([1, 36])
     """
 
     higher_is_better = None
@@ -301,7 +307,7 @@ class SpectralError(_SpectrumMetric):
         num_channels: ``C``.
         spatial_shape: ``S``.
         spacing: grid spacing per axis (default 1).
-        bin_width: shell width (default: largest fundamental).
+        bin_width: shell width (default: fundamental of the longest side).
         max_wavenumber: highest shell compared, cycles per length unit
             (default: the smallest Nyquist frequency, i.e. complete shells only).
         average: ``"none"`` (``[C]``) or ``"channels"`` (scalar).
