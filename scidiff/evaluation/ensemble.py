@@ -97,6 +97,7 @@ class CRPS(PointMeanMetric):
         average: ``"none"`` or ``"channels"``.
 
     Example:
+        >>> import torch
         >>> metric = CRPS(num_channels=2)
         >>> metric.update(torch.randn(4, 8, 2, 16, 32), torch.randn(4, 2, 16, 32))
         >>> metric.compute().shape

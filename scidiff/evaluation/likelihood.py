@@ -24,6 +24,7 @@ class BitsPerDim(Metric):
     bits/dim (the spread of the estimate over the data set).
 
     Example:
+        >>> import torch
         >>> metric = BitsPerDim()
         >>> metric.update(torch.tensor([100.0, 120.0]), dims=64)
         >>> round(metric.compute().item(), 4)  # 220 / (128 ln 2)

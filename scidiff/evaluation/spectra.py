@@ -266,6 +266,7 @@ class PowerSpectrum(_SpectrumMetric):
         bin_width: shell width in cycles per length unit (default: fundamental of the longest side).
 
     Example:
+        >>> import torch
         >>> metric = PowerSpectrum(num_channels=1, spatial_shape=(32, 48), spacing=(1.0, 0.5))
         >>> metric.update(torch.randn(8, 1, 32, 48))
         >>> metric.compute().power.shape  # [C, K]

@@ -1,4 +1,5 @@
 """Every metric gives the same result on one process and split over two ranks.
+
 Simulated: two instances each see half the data, one merges the other's state
 with the declared reductions (``Metric.merge_state``). Real: two gloo processes
 each update on their half and ``compute()`` syncs the states. The float64 sums
