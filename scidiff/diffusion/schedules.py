@@ -138,7 +138,10 @@ class NoiseSchedule:
             b0 = scale * 1e-4 if beta_start is None else beta_start
             b1 = scale * 0.02 if beta_end is None else beta_end
             if not 0.0 < b0 <= b1 < 1.0:
-                raise ValueError(f"beta_start, beta_end must satisfy 0 < beta_start <= beta_end < 1, got {b0}, {b1}")
+                hint = "" if beta_end is not None else " (DDPM's 0.02 scaled by 1000/T reaches 1 for T <= 20: pass beta_end)"
+                raise ValueError(
+                    f"beta_start, beta_end must satisfy 0 < beta_start <= beta_end < 1, got {b0}, {b1}{hint}"
+                )
             betas = torch.linspace(b0, b1, T, dtype=torch.float64)
         elif name == "cosine":
             betas = _betas_from_alpha_bar(lambda u: _cosine_alpha_bar(u, cosine_s), T, max_beta)
