@@ -83,9 +83,11 @@ class VariableSpec:
     transform: TransformName = "zscore"
     scaling: Scaling | None = None
     log_offset: float = 0.0
+    shift: float = 0.0  # with scale: the fixed affine part, y = (g(x) - shift) / scale
+    scale: float | None = None
 
     def __post_init__(self) -> None:
-        resolve_transform(self.transform, self.scaling, argument=f"variable {self.name!r} transform")
+        _check_fixed(self, "variable")
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ class ParamSpec:
     transform: TransformName = "zscore"
     scaling: Scaling | None = None
     log_offset: float = 0.0
+    shift: float = 0.0  # with scale: the fixed affine part, y = (g(x) - shift) / scale
+    scale: float | None = None
 
     def __post_init__(self) -> None:
-        resolve_transform(self.transform, self.scaling, argument=f"parameter {self.name!r} transform")
+        _check_fixed(self, "parameter")
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,30 @@ class FieldSpec:
     transform: TransformName = "zscore"
     scaling: Scaling | None = None
     log_offset: float = 0.0
+    shift: float = 0.0  # with scale: the fixed affine part, y = (g(x) - shift) / scale
+    scale: float | None = None
     coarsen: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.coarsen is None):
             raise ValueError(f"a field needs exactly one of 'name' or 'coarsen', got name={self.name!r}, "
                              f"coarsen={self.coarsen!r}")
-        resolve_transform(self.transform, self.scaling, argument=f"field {self.name!r} transform")
+        _check_fixed(self, "field")
+
+
+def _check_fixed(spec: Any, kind: str) -> None:
+    """Resolve the transform now (bad modes fail at configuration time); ``scale`` means ``fixed``."""
+    argument = f"{kind} {spec.name!r} transform"
+    if spec.scale is not None:
+        if spec.scaling not in (None, "fixed"):
+            raise ValueError(f"{kind} {spec.name!r}: scale={spec.scale} is given, so scaling must be 'fixed', "
+                             f"not {spec.scaling!r}")
+        if not spec.scale > 0:
+            raise ValueError(f"{kind} {spec.name!r}: scale must be > 0, got {spec.scale}")
+        object.__setattr__(spec, "scaling", "fixed")
+    _, scaling = resolve_transform(spec.transform, spec.scaling, argument=argument)
+    if scaling == "fixed" and spec.scale is None:
+        raise ValueError(f"{kind} {spec.name!r}: scaling 'fixed' needs a scale (and optionally a shift)")
 
 
 # --------------------------------------------------------------------------- layout
@@ -140,7 +161,8 @@ class _Resolved:
 
     def channel_specs(self) -> list[ChannelSpec]:
         s = self.spec
-        return [ChannelSpec(n, s.pointwise, s.scaling, s.log_offset) for n in self.channel_names]
+        return [ChannelSpec(n, s.pointwise, s.scaling, s.log_offset, s.fixed_shift, s.fixed_scale)
+                for n in self.channel_names]
 
 
 @dataclass(frozen=True)
@@ -292,7 +314,8 @@ def _resolve(ds: xr.Dataset, path: str, spec: Any, kind: str, sample_dims: Seque
     units, long_name = _attrs(da)
     pointwise, scaling = resolve_transform(spec.transform, spec.scaling, argument=f"{kind} {spec.name!r} transform")
     return _Resolved(spec.name, select, own_sample, extra_dims, spatial, names, units, long_name,
-                     ChannelSpec(spec.name, pointwise, scaling, float(spec.log_offset)))
+                     ChannelSpec(spec.name, pointwise, scaling, float(spec.log_offset), float(spec.shift),
+                                 None if spec.scale is None else float(spec.scale)))
 
 
 def _fmt(v: Any) -> str:

@@ -8,7 +8,7 @@ splits share a sample. Choose the class in the config (``_target_``):
 
 * :class:`IndexSplit` — half-open ranges of flat indices, ``train: [0, 800]``;
 * :class:`FractionSplit` — contiguous fractions (optionally shuffled with a seed,
-  or whole groups along one sample dim, e.g. whole simulations);
+  or whole groups of a coordinate, e.g. whole simulations);
 * :class:`CoordinateSplit` — inclusive ranges of a coordinate's values, e.g.
   ``coord: time.year, train: [1980, 2009]`` or ``coord: time, test: ["2015-01-01", "2019-12-31"]``.
 """
@@ -104,9 +104,10 @@ class IndexSplit:
 class FractionSplit:
     """Fractions of the samples, in order: the first ``train`` of them, then ``val``, then ``test``.
 
-    ``shuffle=True`` permutes first with ``seed`` (deterministic). ``dim`` (one of the
-    sample dims) splits whole groups instead: e.g. ``dim="simulation"`` puts every time
-    step of a simulation in the same split, so no split sees another's trajectories.
+    ``shuffle=True`` permutes first with ``seed`` (deterministic). ``group`` (a sample
+    dim, or a coordinate along the sample dims such as ``simulation``) splits whole
+    groups instead, in the order of the group's sorted values: e.g. every month of a
+    simulation lands in the same split, so no split sees another's parameter setting.
     """
 
     train: float = 0.8
@@ -114,35 +115,44 @@ class FractionSplit:
     test: float = 0.1
     shuffle: bool = False
     seed: int = 0
-    dim: str | None = None
+    group: str | None = None
 
     def indices(self, ds: xr.Dataset, sample_dims: Sequence[str]) -> dict[str, np.ndarray]:
         shape = sample_grid_shape(ds, sample_dims)
         fr = np.array([self.train, self.val, self.test], np.float64)
         if (fr < 0).any() or fr.sum() > 1 + 1e-9:
             raise ValueError(f"FractionSplit: fractions {fr.tolist()} must be >= 0 and sum to at most 1")
-        if self.dim is None:
-            units = int(np.prod(shape))
-        elif self.dim in sample_dims:
-            units = shape[list(sample_dims).index(self.dim)]
+        if self.group is None:
+            labels = np.arange(int(np.prod(shape)))
         else:
-            raise ValueError(f"FractionSplit.dim={self.dim!r} is not one of the sample dims {list(sample_dims)}")
-        order = np.arange(units)
+            labels = _on_sample_grid(ds, self.group, sample_dims, "FractionSplit.group")
+        groups, inverse = np.unique(labels, return_inverse=True)
+        order = np.arange(groups.size)
         if self.shuffle:
-            order = np.random.default_rng(self.seed).permutation(units)
-        bounds = np.round(np.cumsum(np.concatenate([[0.0], fr])) * units).astype(np.int64)
+            order = np.random.default_rng(self.seed).permutation(groups.size)
+        bounds = np.round(np.cumsum(np.concatenate([[0.0], fr])) * groups.size).astype(np.int64)
         out = {}
         for k, name in enumerate(SPLIT_NAMES):
-            chosen = order[bounds[k] : bounds[k + 1]]
-            if self.dim is None:
-                out[name] = chosen
-            else:
-                axis = list(sample_dims).index(self.dim)
-                sel = np.zeros(shape[axis], bool)
-                sel[chosen] = True
-                full = np.broadcast_to(np.expand_dims(sel, [a for a in range(len(shape)) if a != axis]), shape)
-                out[name] = np.flatnonzero(full.ravel())
+            out[name] = np.flatnonzero(np.isin(inverse, order[bounds[k] : bounds[k + 1]]))
         return _finish(out)
+
+
+def _on_sample_grid(ds: xr.Dataset, name: str, sample_dims: Sequence[str], argument: str) -> np.ndarray:
+    """The values of ``ds[name]`` (dims among the sample dims) broadcast over the sample grid, flat."""
+    shape = sample_grid_shape(ds, sample_dims)
+    try:
+        values = ds[name]
+    except KeyError as err:
+        raise ValueError(
+            f"{argument}={name!r} is not a coordinate or variable of the store (coordinates: {list(ds.coords)}, "
+            f"sample dims: {list(sample_dims)})"
+        ) from err
+    extra = [d for d in values.dims if d not in sample_dims]
+    if extra:
+        raise ValueError(f"{argument}={name!r} has dims {values.dims}; {extra} are not sample dims {list(sample_dims)}")
+    template = xr.DataArray(np.zeros(shape, np.int8), dims=tuple(sample_dims))
+    values = xr.DataArray(values.variable.values, dims=values.dims)
+    return xr.broadcast(values, template)[0].transpose(*sample_dims).values.ravel()
 
 
 @dataclass(frozen=True)
@@ -160,31 +170,14 @@ class CoordinateSplit:
     test: Range | None = None
 
     def indices(self, ds: xr.Dataset, sample_dims: Sequence[str]) -> dict[str, np.ndarray]:
-        shape = sample_grid_shape(ds, sample_dims)
-        try:
-            values = ds[self.coord]
-        except KeyError as err:
-            raise ValueError(
-                f"CoordinateSplit.coord={self.coord!r} is not a coordinate or variable of the store "
-                f"(coordinates: {list(ds.coords)})"
-            ) from err
-        extra = [d for d in values.dims if d not in sample_dims]
-        if extra:
-            raise ValueError(
-                f"CoordinateSplit.coord={self.coord!r} has dims {values.dims}; {extra} are not sample dims "
-                f"{list(sample_dims)}"
-            )
-        template = xr.DataArray(np.zeros(shape, bool), dims=tuple(sample_dims))
-        v = values.variable.values
+        v = _on_sample_grid(ds, self.coord, sample_dims, "CoordinateSplit.coord")
         out = {}
         for name in SPLIT_NAMES:
             sel = np.zeros(v.shape, bool)
             for lo, hi in _pairs(getattr(self, name), f"CoordinateSplit.{name}"):
                 lo, hi = _as_coord_value(lo, v), _as_coord_value(hi, v)
                 sel |= ((v >= lo) if lo is not None else True) & ((v <= hi) if hi is not None else True)
-            sel_da = xr.DataArray(sel, dims=values.dims)
-            full = (template | sel_da).transpose(*sample_dims).values
-            out[name] = np.flatnonzero(full.ravel())
+            out[name] = np.flatnonzero(sel)
         return _finish(out)
 
 

@@ -57,9 +57,12 @@ class ChannelStats:
     std: float  # population std (ddof = 0)
     min: float
     max: float
+    fixed_shift: float = 0.0  # used by scaling "fixed" only
+    fixed_scale: float | None = None
 
     def affine(self) -> tuple[float, float]:
-        return affine_from_stats(self.scaling, self.mean, self.std, self.min, self.max)
+        return affine_from_stats(self.scaling, self.mean, self.std, self.min, self.max,
+                                 self.fixed_shift, self.fixed_scale)
 
 
 def _validate(stats: ChannelStats, kind: str) -> None:
@@ -68,7 +71,7 @@ def _validate(stats: ChannelStats, kind: str) -> None:
             f"{kind} {stats.name!r} has no finite value in the training split "
             f"({stats.nan_count} points, all NaN): nothing to learn or normalise"
         )
-    if stats.scaling == "none":
+    if stats.scaling in ("none", "fixed"):
         return
     spread = stats.std if stats.scaling == "zscore" else stats.max - stats.min
     if not spread > 1e-12 * max(1.0, abs(stats.mean)):
@@ -209,6 +212,8 @@ class ChannelSpec:
     pointwise: Pointwise = "none"
     scaling: Scaling = "zscore"
     log_offset: float = 0.0
+    fixed_shift: float = 0.0
+    fixed_scale: float | None = None
 
 
 def _warp_np(block: np.ndarray, specs: Sequence[ChannelSpec], kind: str) -> np.ndarray:
@@ -241,6 +246,7 @@ def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str) ->
             mean=float(moments.mean[i]), std=float(moments.std[i]),
             min=float(moments.min[i]) if moments.count[i] else math.nan,
             max=float(moments.max[i]) if moments.count[i] else math.nan,
+            fixed_shift=float(s.fixed_shift), fixed_scale=None if s.fixed_scale is None else float(s.fixed_scale),
         )
         _validate(stats, kind)
         out.append(stats)

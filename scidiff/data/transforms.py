@@ -9,7 +9,8 @@ through a pointwise warp ``g_c`` and then an affine scaling::
 with ``g`` one of ``none`` (identity), ``log`` (``log(x + offset)``) or ``log1p``
 (``log(1 + x)``), and the scaling chosen from statistics of ``g(x)`` on the
 training split: ``zscore`` (shift = mean, scale = std), ``minmax`` (to
-``[-1, 1]``: shift = (max + min) / 2, scale = (max - min) / 2) or ``none``.
+``[-1, 1]``: shift = (max + min) / 2, scale = (max - min) / 2), ``fixed``
+(a known physical shift and scale from the config, no statistics) or ``none``.
 
 The map is diagonal, so the log-determinant of its Jacobian is a sum of
 per-point terms (``log |dy/dx| = log g'(x) - log scale``). Likelihoods computed
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 Pointwise = Literal["none", "log", "log1p"]
-Scaling = Literal["zscore", "minmax", "none"]
+Scaling = Literal["zscore", "minmax", "fixed", "none"]
 # The user-facing name of a transform: the warp and its default scaling.
 TransformName = Literal["zscore", "minmax", "log", "log1p", "none"]
 
@@ -105,8 +106,13 @@ def warp_domain_ok(x_min: float, pointwise: str, offset: float) -> bool:
     return True
 
 
-def affine_from_stats(scaling: str, mean: float, std: float, vmin: float, vmax: float) -> tuple[float, float]:
-    """``(shift, scale)`` of the affine part from statistics of ``g(x)``."""
+def affine_from_stats(scaling: str, mean: float, std: float, vmin: float, vmax: float,
+                      fixed_shift: float = 0.0, fixed_scale: float | None = None) -> tuple[float, float]:
+    """``(shift, scale)`` of the affine part from statistics of ``g(x)`` (or the fixed pair)."""
+    if scaling == "fixed":
+        if fixed_scale is None or not fixed_scale > 0:
+            raise ValueError(f"fixed scaling needs a scale > 0, got {fixed_scale!r}")
+        return fixed_shift, fixed_scale
     if scaling == "zscore":
         return mean, std
     if scaling == "minmax":

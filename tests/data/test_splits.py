@@ -52,12 +52,23 @@ def test_fraction_split_deterministic_and_disjoint():
 
 def test_fraction_split_by_group_keeps_simulations_whole():
     ds = _ensemble()
-    s = FractionSplit(0.6, 0.2, 0.2, dim="simulation").indices(ds, ["simulation", "time"])
+    s = FractionSplit(0.6, 0.2, 0.2, group="simulation").indices(ds, ["simulation", "time"])
     sims = {k: set((v // 8).tolist()) for k, v in s.items()}
     assert sims == {"train": {0, 1, 2}, "val": {3}, "test": {4}}
     assert s["train"].size == 24
-    with pytest.raises(ValueError, match="dim='member' is not one of the sample dims"):
-        FractionSplit(dim="member").indices(ds, ["simulation", "time"])
+    with pytest.raises(ValueError, match="group='member' is not a coordinate"):
+        FractionSplit(group="member").indices(ds, ["simulation", "time"])
+
+
+def test_fraction_split_by_a_coordinate_along_a_flat_sample_dim():
+    # the climate store's layout: sample = (simulation * years + year) * 12 + month
+    sim = np.repeat(np.arange(4), 24)
+    ds = xr.Dataset({"tas": (("sample", "x"), np.zeros((96, 2)))}, coords={"simulation": ("sample", sim)})
+    s = FractionSplit(0.5, 0.25, 0.25, group="simulation").indices(ds, ["sample"])
+    assert [sorted(set(sim[v])) for v in s.values()] == [[0, 1], [2], [3]]
+    assert s["train"].tolist() == list(range(48))
+    s = CoordinateSplit("simulation", train=[0, 2], test=[3, 3]).indices(ds, ["sample"])
+    assert s["test"].tolist() == list(range(72, 96))
 
 
 def test_coordinate_split_by_year_and_by_date():
