@@ -224,7 +224,10 @@ class Wasserstein1(_FieldsMetric):
         self._accumulate("data", data, mask, weights)
 
     def out_of_range(self) -> tuple[Tensor, Tensor]:
-        """Fractions ``[C]`` of sample and data values that fell outside ``value_range``."""
+        """Fractions ``[C]`` of sample and data values that fell outside ``value_range``.
+
+        Synced across ranks: under DDP, call it on every rank (it is a collective).
+        """
         with self.sync_context():
             return tuple(
                 (h[:, 0] + h[:, -1]) / h.sum(dim=1) for h in (self.samples_hist, self.data_hist)

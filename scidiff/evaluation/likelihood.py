@@ -65,7 +65,10 @@ class BitsPerDim(Metric):
         return self.nats_sum / (self.dims_sum * math.log(2.0))
 
     def standard_error(self) -> Tensor:
-        """Standard error of the mean per-sample bits/dim (scalar; NaN below 2 samples)."""
+        """Standard error of the mean per-sample bits/dim (scalar; NaN below 2 samples).
+
+        Synced across ranks: under DDP, call it on every rank (it is a collective).
+        """
         with self.sync_context():
             n = self.count
             mean = self.bpd_sum / n

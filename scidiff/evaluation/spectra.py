@@ -348,7 +348,10 @@ class SpectralError(_SpectrumMetric):
         self._accumulate("data", data, mask)
 
     def spectra(self) -> tuple[RadialSpectrum, RadialSpectrum]:
-        """The mean spectra ``(samples, data)``, each ``power`` ``[C, K]``, synced across ranks."""
+        """The mean spectra ``(samples, data)``, each ``power`` ``[C, K]``, synced across ranks.
+
+        Synced across ranks: under DDP, call it on every rank (it is a collective).
+        """
         with self.sync_context():
             return self._spectrum("samples"), self._spectrum("data")
 
