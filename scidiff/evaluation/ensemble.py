@@ -17,13 +17,19 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from scidiff.evaluation.weighting import Average, PointMeanMetric, point_weights, weighted
+from scidiff.evaluation.weighting import (
+    Average,
+    PointMeanMetric,
+    point_weights,
+    weighted,
+)
 from scidiff.shapes import check_field
 
 Estimator = Literal["fair", "ensemble"]
@@ -49,7 +55,9 @@ def check_ensemble(forecasts: Tensor, obs: Tensor) -> None:
         )
 
 
-def crps_ensemble(forecasts: Tensor, obs: Tensor, estimator: Estimator = "fair") -> Tensor:
+def crps_ensemble(
+    forecasts: Tensor, obs: Tensor, estimator: Estimator = "fair"
+) -> Tensor:
     """Pointwise CRPS of an ensemble, in the units of the field.
 
     ``CRPS = 1/M sum_i |x_i - y| - 1/(2 M D) sum_{i,j} |x_i - x_j|`` with
@@ -246,8 +254,12 @@ class EnergyScore(Metric):
     def __init__(self, estimator: Estimator = "fair", **kwargs) -> None:
         super().__init__(**kwargs)
         self.estimator = _check_estimator(estimator)
-        self.add_state("score_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "score_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(
         self,
@@ -309,7 +321,9 @@ class RankHistogram(PointMeanMetric):
         self._check_field(obs, "obs")
         m = forecasts.shape[1]
         if m != self.num_members:
-            raise ValueError(f"forecasts have {m} members, the metric was built for {self.num_members}")
+            raise ValueError(
+                f"forecasts have {m} members, the metric was built for {self.num_members}"
+            )
         y = obs.unsqueeze(1)
         below = (forecasts < y).sum(dim=1)
         tied = (forecasts == y).sum(dim=1)

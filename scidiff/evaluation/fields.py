@@ -7,8 +7,8 @@ ensemble ``[B, M, C, *S]``, whose members are pooled) and ``data`` ``[N', C, *S]
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,12 @@ def fold_members(
     if samples.ndim != spatial_ndim + 3:
         return samples, mask
     b, m = samples.shape[:2]
-    if mask is not None and mask.ndim == samples.ndim - 1 and mask.shape[0] == b and b > 1:
+    if (
+        mask is not None
+        and mask.ndim == samples.ndim - 1
+        and mask.shape[0] == b
+        and b > 1
+    ):
         mask = mask.unsqueeze(1).expand(b, m, *mask.shape[1:]).flatten(0, 1)
     return samples.flatten(0, 1), mask
 
@@ -47,12 +52,18 @@ class _FieldsMetric(Metric):
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
         self.num_channels = int(num_channels)
 
-    def _check(self, x: Tensor, name: str, spatial_shape: tuple[int, ...] | None = None) -> None:
+    def _check(
+        self, x: Tensor, name: str, spatial_shape: tuple[int, ...] | None = None
+    ) -> None:
         check_field(x, name)
         if x.shape[1] != self.num_channels:
-            raise ValueError(f"{name} has {x.shape[1]} channels, expected {self.num_channels}")
+            raise ValueError(
+                f"{name} has {x.shape[1]} channels, expected {self.num_channels}"
+            )
         if spatial_shape is not None and tuple(x.shape[2:]) != spatial_shape:
-            raise ValueError(f"{name} has spatial shape {tuple(x.shape[2:])}, expected {spatial_shape}")
+            raise ValueError(
+                f"{name} has spatial shape {tuple(x.shape[2:])}, expected {spatial_shape}"
+            )
 
 
 @dataclass
@@ -89,14 +100,18 @@ class BiasStdMaps(_FieldsMetric):
 
     higher_is_better = None
 
-    def __init__(self, num_channels: int, spatial_shape: Sequence[int], **kwargs) -> None:
+    def __init__(
+        self, num_channels: int, spatial_shape: Sequence[int], **kwargs
+    ) -> None:
         super().__init__(num_channels, **kwargs)
         self.spatial_shape = check_spatial_shape(spatial_shape)
         for group in ("samples", "data"):
             for moment in ("count", "sum", "sum_sq"):
                 self.add_state(
                     f"{group}_{moment}",
-                    torch.zeros(self.num_channels, *self.spatial_shape, dtype=torch.float64),
+                    torch.zeros(
+                        self.num_channels, *self.spatial_shape, dtype=torch.float64
+                    ),
                     dist_reduce_fx="sum",
                 )
 
@@ -105,7 +120,11 @@ class BiasStdMaps(_FieldsMetric):
         if not torch.all((w == 0) | (w == 1)):
             raise ValueError("mask must hold 0 and 1 only")
         x = x.to(torch.float64)
-        for moment, value in (("count", w), ("sum", weighted(w, x)), ("sum_sq", weighted(w, x * x))):
+        for moment, value in (
+            ("count", w),
+            ("sum", weighted(w, x)),
+            ("sum_sq", weighted(w, x * x)),
+        ):
             name = f"{group}_{moment}"
             setattr(self, name, getattr(self, name) + value.sum(dim=0))
 
@@ -172,7 +191,9 @@ class Wasserstein1(_FieldsMetric):
         bounds = torch.as_tensor(value_range, dtype=torch.float64)
         if bounds.shape == (2,):
             bounds = bounds.expand(self.num_channels, 2)
-        if bounds.shape != (self.num_channels, 2) or not torch.all(bounds[:, 1] > bounds[:, 0]):
+        if bounds.shape != (self.num_channels, 2) or not torch.all(
+            bounds[:, 1] > bounds[:, 0]
+        ):
             raise ValueError(
                 f"value_range must be (low, high) with low < high, or {self.num_channels} such pairs, "
                 f"got {value_range}"
@@ -190,7 +211,9 @@ class Wasserstein1(_FieldsMetric):
                 dist_reduce_fx="sum",
             )
 
-    def _accumulate(self, group: str, x: Tensor, mask: Tensor | None, weights: Tensor | None) -> None:
+    def _accumulate(
+        self, group: str, x: Tensor, mask: Tensor | None, weights: Tensor | None
+    ) -> None:
         c = self.num_channels
         w = point_weights(x, mask, weights).transpose(0, 1).reshape(c, -1)
         v = x.to(torch.float64).transpose(0, 1).reshape(c, -1)
@@ -219,7 +242,9 @@ class Wasserstein1(_FieldsMetric):
         self._check(samples, "samples")
         self._check(data, "data")
         if samples.shape[2:] != data.shape[2:]:
-            raise ValueError(f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid")
+            raise ValueError(
+                f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid"
+            )
         self._accumulate("samples", samples, samples_mask, weights)
         self._accumulate("data", data, mask, weights)
 
@@ -230,7 +255,8 @@ class Wasserstein1(_FieldsMetric):
         """
         with self.sync_context():
             return tuple(
-                (h[:, 0] + h[:, -1]) / h.sum(dim=1) for h in (self.samples_hist, self.data_hist)
+                (h[:, 0] + h[:, -1]) / h.sum(dim=1)
+                for h in (self.samples_hist, self.data_hist)
             )
 
     def compute(self) -> Tensor:
@@ -248,7 +274,9 @@ class Wasserstein1(_FieldsMetric):
         integral = torch.where(
             same_sign,
             0.5 * (a.abs() + b.abs()),
-            0.5 * (a**2 + b**2) / (a.abs() + b.abs()).clamp_min(torch.finfo(torch.float64).tiny),
+            0.5
+            * (a**2 + b**2)
+            / (a.abs() + b.abs()).clamp_min(torch.finfo(torch.float64).tiny),
         )
         distance = integral.sum(dim=1) * self.bin_width.to(integral.device)
         return distance.mean() if self.average == "channels" else distance

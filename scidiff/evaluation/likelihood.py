@@ -38,7 +38,9 @@ class BitsPerDim(Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         for name in ("nats_sum", "dims_sum", "bpd_sum", "bpd_sq_sum", "count"):
-            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def update(self, nats: Tensor, dims: Tensor | int) -> None:
         """Args:
@@ -50,7 +52,9 @@ class BitsPerDim(Metric):
         nats = torch.as_tensor(nats).to(torch.float64)
         if nats.ndim != 1:
             raise ValueError(f"nats must be [B], got shape {tuple(nats.shape)}")
-        dims = torch.as_tensor(dims, device=nats.device).to(torch.float64).expand_as(nats)
+        dims = (
+            torch.as_tensor(dims, device=nats.device).to(torch.float64).expand_as(nats)
+        )
         if torch.any(dims <= 0):
             raise ValueError("dims must be positive")
         bpd = nats / (dims * math.log(2.0))
@@ -96,14 +100,20 @@ class BoundTerms(Metric):
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         self.num_timesteps = int(num_timesteps)
         self.add_state(
-            "terms_sum", torch.zeros(self.num_timesteps, dtype=torch.float64), dist_reduce_fx="sum"
+            "terms_sum",
+            torch.zeros(self.num_timesteps, dtype=torch.float64),
+            dist_reduce_fx="sum",
         )
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, terms: Tensor) -> None:
         """Args: terms ``[B, T]`` per-sample bound terms (any unit, e.g. bits/dim)."""
         if terms.ndim != 2 or terms.shape[1] != self.num_timesteps:
-            raise ValueError(f"terms must be [B, {self.num_timesteps}], got {tuple(terms.shape)}")
+            raise ValueError(
+                f"terms must be [B, {self.num_timesteps}], got {tuple(terms.shape)}"
+            )
         self.terms_sum += terms.to(torch.float64).sum(dim=0)
         self.count += terms.shape[0]
 

@@ -15,8 +15,8 @@ For a generated molecule both should agree with each other and with the data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ def _check_voxels(density: Tensor) -> None:
         )
 
 
-def integrated_density(density: Tensor, voxel_volume: float = 1.0, atom_integral: float = 1.0) -> Tensor:
+def integrated_density(
+    density: Tensor, voxel_volume: float = 1.0, atom_integral: float = 1.0
+) -> Tensor:
     """Atom-count estimate per element from the integral of the density.
 
     Args:
@@ -75,10 +77,14 @@ def find_peaks(
     threshold = torch.as_tensor(threshold, dtype=torch.float64, device=x.device)
     if threshold.ndim == 1:
         if threshold.numel() != x.shape[1]:
-            raise ValueError(f"threshold has {threshold.numel()} values for {x.shape[1]} channels")
+            raise ValueError(
+                f"threshold has {threshold.numel()} values for {x.shape[1]} channels"
+            )
         threshold = threshold.reshape(1, -1, 1, 1, 1)
     if periodic:
-        neighbourhood_max = F.max_pool3d(F.pad(x, (r,) * 6, mode="circular"), 2 * r + 1, stride=1)
+        neighbourhood_max = F.max_pool3d(
+            F.pad(x, (r,) * 6, mode="circular"), 2 * r + 1, stride=1
+        )
     else:
         neighbourhood_max = F.max_pool3d(x, 2 * r + 1, stride=1, padding=r)
     return (x == neighbourhood_max) & (x > threshold)
@@ -148,17 +154,33 @@ class AtomCounts(Metric):
         self.atom_integral = float(atom_integral)
         self.min_distance = int(min_distance)
         self.periodic = bool(periodic)
-        for name in ("integrated_sum", "integrated_sq_sum", "peaks_sum", "peaks_sq_sum", "mismatch_sum"):
-            self.add_state(name, torch.zeros(self.num_channels, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in (
+            "integrated_sum",
+            "integrated_sq_sum",
+            "peaks_sum",
+            "peaks_sq_sum",
+            "mismatch_sum",
+        ):
+            self.add_state(
+                name,
+                torch.zeros(self.num_channels, dtype=torch.float64),
+                dist_reduce_fx="sum",
+            )
+        self.add_state(
+            "count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, density: Tensor) -> None:
         """Args: density ``[B, C, Z, Y, X]`` (atoms per unit volume)."""
         _check_voxels(density)
         if density.shape[1] != self.num_channels:
-            raise ValueError(f"density has {density.shape[1]} channels, expected {self.num_channels}")
+            raise ValueError(
+                f"density has {density.shape[1]} channels, expected {self.num_channels}"
+            )
         integrated = integrated_density(density, self.voxel_volume, self.atom_integral)
-        peaks = count_peaks(density, self.threshold, self.min_distance, self.periodic).to(torch.float64)
+        peaks = count_peaks(
+            density, self.threshold, self.min_distance, self.periodic
+        ).to(torch.float64)
         self.integrated_sum += integrated.sum(dim=0)
         self.integrated_sq_sum += (integrated**2).sum(dim=0)
         self.peaks_sum += peaks.sum(dim=0)
@@ -179,4 +201,10 @@ class AtomCounts(Metric):
         return AtomCountSummary(*integrated, *peaks, self.mismatch_sum / n)
 
 
-__all__ = ["AtomCountSummary", "AtomCounts", "count_peaks", "find_peaks", "integrated_density"]
+__all__ = [
+    "AtomCountSummary",
+    "AtomCounts",
+    "count_peaks",
+    "find_peaks",
+    "integrated_density",
+]

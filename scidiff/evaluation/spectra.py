@@ -31,8 +31,8 @@ Spectra are Cartesian: on a lat/lon grid they are spectra in index space
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -47,14 +47,18 @@ from scidiff.evaluation.weighting import (
 from scidiff.shapes import check_field
 
 
-def _check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+def _check_spacing(
+    spacing: float | Sequence[float] | None, ndim: int
+) -> tuple[float, ...]:
     if spacing is None:
         return (1.0,) * ndim
     if isinstance(spacing, (int, float)):
         spacing = (float(spacing),) * ndim
     spacing = tuple(float(d) for d in spacing)
     if len(spacing) != ndim or min(spacing) <= 0:
-        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing}")
+        raise ValueError(
+            f"spacing must be a positive number or {ndim} positive numbers, got {spacing}"
+        )
     return spacing
 
 
@@ -102,12 +106,16 @@ def radial_bins(
     shape = check_spatial_shape(spatial_shape)
     spacing = _check_spacing(spacing, len(shape))
     if math.prod(shape) < 2:
-        raise ValueError(f"a spectrum needs at least 2 grid points, got spatial_shape {shape}")
+        raise ValueError(
+            f"a spectrum needs at least 2 grid points, got spatial_shape {shape}"
+        )
     fundamentals = [1.0 / (n * d) for n, d in zip(shape, spacing) if n > 1]
     dk = min(fundamentals) if bin_width is None else float(bin_width)
     if dk <= 0:
         raise ValueError(f"bin_width must be positive, got {bin_width}")
-    freqs = [torch.fft.fftfreq(n, d=d, dtype=torch.float64) for n, d in zip(shape, spacing)]
+    freqs = [
+        torch.fft.fftfreq(n, d=d, dtype=torch.float64) for n, d in zip(shape, spacing)
+    ]
     grids = torch.meshgrid(*freqs, indexing="ij")
     kmag = torch.sqrt(sum(g**2 for g in grids)).reshape(-1)
     shell = torch.round(kmag / dk).long().clamp_min(1)
@@ -115,7 +123,9 @@ def radial_bins(
     index[0] = -1  # the k = 0 mode (the mean) is first in fftn order
     num_shells = int(index.max()) + 1
     counts = torch.bincount(index[1:], minlength=num_shells).to(torch.float64)
-    ksum = torch.zeros(num_shells, dtype=torch.float64).index_add_(0, index[1:], kmag[1:])
+    ksum = torch.zeros(num_shells, dtype=torch.float64).index_add_(
+        0, index[1:], kmag[1:]
+    )
     centres = torch.arange(1, num_shells + 1, dtype=torch.float64) * dk
     wavenumber = torch.where(counts > 0, ksum / counts.clamp_min(1), centres)
     return RadialBins(
@@ -169,15 +179,21 @@ def _shell_power(x: Tensor, bins: RadialBins, mask: Tensor | None) -> Tensor:
         if not torch.all((m == 0) | (m == 1)):
             raise ValueError("mask must hold 0 and 1 only")
         n_valid = m.sum(dim=dims, keepdim=True)
-        mean = torch.where(m > 0, x, 0.0).sum(dim=dims, keepdim=True) / n_valid.clamp_min(1)
+        mean = torch.where(m > 0, x, 0.0).sum(
+            dim=dims, keepdim=True
+        ) / n_valid.clamp_min(1)
         anomaly = torch.where(m > 0, x - mean, 0.0)
         valid_fraction = (n_valid / n).reshape(b, c, 1)
     spectrum = torch.fft.fftn(anomaly, dim=dims)
-    power = (spectrum.real**2 + spectrum.imag**2).reshape(b, c, n) * (bins.cell_volume / n)
+    power = (spectrum.real**2 + spectrum.imag**2).reshape(b, c, n) * (
+        bins.cell_volume / n
+    )
     if valid_fraction is not None:
         power = power / valid_fraction
     index = bins.index.to(x.device)
-    shells = torch.zeros(b, c, bins.counts.numel(), dtype=torch.float64, device=x.device)
+    shells = torch.zeros(
+        b, c, bins.counts.numel(), dtype=torch.float64, device=x.device
+    )
     return shells.index_add_(2, index[1:], power[..., 1:])
 
 
@@ -231,14 +247,19 @@ class _SpectrumMetric(Metric):
             torch.zeros(self.num_channels, k, dtype=torch.float64),
             dist_reduce_fx="sum",
         )
-        self.add_state(f"{name}_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            f"{name}_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def _fields(self, x: Tensor, name: str, allow_members: bool = False) -> Tensor:
         """Check ``x`` against the grid; fold an ensemble ``[B, M, C, *S]`` into ``[B*M, C, *S]``."""
         if allow_members and x.ndim == len(self.bins.spatial_shape) + 3:
             x = x.flatten(0, 1)
         check_field(x, name)
-        if x.shape[1] != self.num_channels or tuple(x.shape[2:]) != self.bins.spatial_shape:
+        if (
+            x.shape[1] != self.num_channels
+            or tuple(x.shape[2:]) != self.bins.spatial_shape
+        ):
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)}, expected [B, {self.num_channels}, "
                 f"{', '.join(map(str, self.bins.spatial_shape))}]"
@@ -247,13 +268,21 @@ class _SpectrumMetric(Metric):
 
     def _accumulate(self, name: str, x: Tensor, mask: Tensor | None) -> None:
         shells = _shell_power(x, self.bins, mask)
-        setattr(self, f"{name}_power_sum", getattr(self, f"{name}_power_sum") + shells.sum(dim=0))
+        setattr(
+            self,
+            f"{name}_power_sum",
+            getattr(self, f"{name}_power_sum") + shells.sum(dim=0),
+        )
         setattr(self, f"{name}_count", getattr(self, f"{name}_count") + x.shape[0])
 
     def _spectrum(self, name: str) -> RadialSpectrum:
         counts = self.bins.counts.to(self.device)
-        power = getattr(self, f"{name}_power_sum") / (getattr(self, f"{name}_count") * counts)
-        return RadialSpectrum(self.bins.wavenumber.to(self.device), power, counts, self.bins.volume)
+        power = getattr(self, f"{name}_power_sum") / (
+            getattr(self, f"{name}_count") * counts
+        )
+        return RadialSpectrum(
+            self.bins.wavenumber.to(self.device), power, counts, self.bins.volume
+        )
 
 
 class PowerSpectrum(_SpectrumMetric):
@@ -330,9 +359,13 @@ class SpectralError(_SpectrumMetric):
         self.average = check_average(average)
         kmax = self.bins.nyquist if max_wavenumber is None else float(max_wavenumber)
         centres = torch.arange(1, self.bins.counts.numel() + 1, dtype=torch.float64)
-        self._compared = (self.bins.counts > 0) & (centres * self.bins.bin_width <= kmax * (1 + 1e-9))
+        self._compared = (self.bins.counts > 0) & (
+            centres * self.bins.bin_width <= kmax * (1 + 1e-9)
+        )
         if not self._compared.any():
-            raise ValueError(f"max_wavenumber={max_wavenumber} leaves no shell to compare")
+            raise ValueError(
+                f"max_wavenumber={max_wavenumber} leaves no shell to compare"
+            )
         self._add_spectrum_state("samples")
         self._add_spectrum_state("data")
 
@@ -360,7 +393,9 @@ class SpectralError(_SpectrumMetric):
         tiny = torch.finfo(torch.float64).tiny
         samples, data = self._spectrum("samples"), self._spectrum("data")
         compared = self._compared.to(self.device)
-        log_ratio = torch.log(samples.power.clamp_min(tiny)) - torch.log(data.power.clamp_min(tiny))
+        log_ratio = torch.log(samples.power.clamp_min(tiny)) - torch.log(
+            data.power.clamp_min(tiny)
+        )
         error = log_ratio.abs()[:, compared].mean(dim=1)
         return error.mean() if self.average == "channels" else error
 

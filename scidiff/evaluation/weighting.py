@@ -11,7 +11,8 @@ metre counts the same). Both are optional and broadcast against the field.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,7 +23,9 @@ from scidiff.shapes import check_field
 Average = Literal["none", "channels"]
 
 
-def point_weights(like: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+def point_weights(
+    like: Tensor, mask: Tensor | None = None, weights: Tensor | None = None
+) -> Tensor:
     """Per-point weights ``w = mask * weights``, float64, expanded to ``like.shape``.
 
     Args:
@@ -68,12 +71,16 @@ def check_average(average: str) -> str:
     return average
 
 
-def check_spatial_shape(spatial_shape: Sequence[int] | None, name: str = "spatial_shape"):
+def check_spatial_shape(
+    spatial_shape: Sequence[int] | None, name: str = "spatial_shape"
+):
     if spatial_shape is None:
         return None
     shape = tuple(int(s) for s in spatial_shape)
     if not 1 <= len(shape) <= 3 or min(shape) < 1:
-        raise ValueError(f"{name} must hold 1-3 positive sizes, got {tuple(spatial_shape)}")
+        raise ValueError(
+            f"{name} must hold 1-3 positive sizes, got {tuple(spatial_shape)}"
+        )
     return shape
 
 
@@ -117,7 +124,9 @@ class PointMeanMetric(Metric):
 
     def _add_sum_state(self, name: str) -> None:
         self.add_state(
-            name, default=torch.zeros(self._state_shape, dtype=torch.float64), dist_reduce_fx="sum"
+            name,
+            default=torch.zeros(self._state_shape, dtype=torch.float64),
+            dist_reduce_fx="sum",
         )
 
     def _check_field(self, x: Tensor, name: str) -> None:

@@ -12,8 +12,12 @@ from scidiff.evaluation import BitsPerDim, BoundTerms
 def test_bits_per_dim_weights_every_dimension_equally():
     metric = BitsPerDim()
     metric.update(torch.tensor([100.0, 120.0]), dims=64)
-    metric.update(torch.tensor([30.0]), dims=torch.tensor([16]))  # a masked sample, 16 valid dims
-    assert float(metric.compute()) == pytest.approx(250.0 / (144 * math.log(2)), rel=1e-12)
+    metric.update(
+        torch.tensor([30.0]), dims=torch.tensor([16])
+    )  # a masked sample, 16 valid dims
+    assert float(metric.compute()) == pytest.approx(
+        250.0 / (144 * math.log(2)), rel=1e-12
+    )
     per_sample = np.array([100 / 64, 120 / 64, 30 / 16]) / math.log(2)
     expected_se = per_sample.std(ddof=1) / math.sqrt(3)
     assert float(metric.standard_error()) == pytest.approx(expected_se, rel=1e-10)
@@ -27,7 +31,9 @@ def test_bits_per_dim_of_standard_normal_data_is_its_entropy():
     metric = BitsPerDim()
     metric.update(nats, dims=300)
     entropy_bits = 0.5 * math.log2(2 * math.pi * math.e)  # 2.0471
-    assert abs(float(metric.compute()) - entropy_bits) < 4 * float(metric.standard_error())
+    assert abs(float(metric.compute()) - entropy_bits) < 4 * float(
+        metric.standard_error()
+    )
     with pytest.raises(ValueError, match="dims"):
         metric.update(nats, dims=0)
     with pytest.raises(ValueError, match="nats"):

@@ -37,7 +37,9 @@ def test_crps_of_large_gaussian_ensemble_matches_closed_form():
     mean = torch.randn(2, 1, 5, 3, generator=g, dtype=torch.float64)
     std = 0.5 + torch.rand(2, 1, 5, 3, generator=g, dtype=torch.float64)
     obs = mean + 1.5 * std * torch.randn(2, 1, 5, 3, generator=g, dtype=torch.float64)
-    members = mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(2, 20000, 1, 5, 3, generator=g, dtype=torch.float64)
+    members = mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(
+        2, 20000, 1, 5, 3, generator=g, dtype=torch.float64
+    )
     exact = gaussian_crps(mean, std, obs)
     for estimator in ("fair", "ensemble"):
         crps = crps_ensemble(members, obs, estimator)
@@ -102,7 +104,9 @@ def test_spread_skill_ratio_is_one_for_calibrated_ensemble():
     mean = 3.0 * torch.randn(400, 1, 8, 6, generator=g, dtype=torch.float64)
     std = 0.2 + torch.rand(1, 1, 8, 6, generator=g, dtype=torch.float64)
     obs = mean + std * torch.randn(400, 1, 8, 6, generator=g, dtype=torch.float64)
-    members = mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(400, m, 1, 8, 6, generator=g, dtype=torch.float64)
+    members = mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(
+        400, m, 1, 8, 6, generator=g, dtype=torch.float64
+    )
     metric = SpreadSkillRatio(num_channels=1)
     metric.update(members, obs)
     ratio = float(metric.compute())
@@ -117,11 +121,15 @@ def test_spread_skill_ratio_of_under_dispersed_ensemble_matches_closed_form():
     m = 5
     mean = torch.randn(300, 2, 10, 10, generator=g, dtype=torch.float64)
     obs = mean + torch.randn(300, 2, 10, 10, generator=g, dtype=torch.float64)
-    members = mean.unsqueeze(1) + 0.5 * torch.randn(300, m, 2, 10, 10, generator=g, dtype=torch.float64)
+    members = mean.unsqueeze(1) + 0.5 * torch.randn(
+        300, m, 2, 10, 10, generator=g, dtype=torch.float64
+    )
     metric = SpreadSkillRatio(num_channels=2)
     metric.update(members, obs)
     expected = math.sqrt((m + 1) / m * 0.25 / (1 + 0.25 / m))  # 0.5345
-    assert torch.allclose(metric.compute(), torch.full((2,), expected, dtype=torch.float64), atol=0.01)
+    assert torch.allclose(
+        metric.compute(), torch.full((2,), expected, dtype=torch.float64), atol=0.01
+    )
 
 
 def test_energy_score_matches_direct_pairwise_computation():
@@ -135,7 +143,9 @@ def test_energy_score_matches_direct_pairwise_computation():
         expected = []
         for b in range(4):
             skill = np.mean([np.linalg.norm(x[b, i] - y[b]) for i in range(7)])
-            pairs = sum(np.linalg.norm(x[b, i] - x[b, j]) for i in range(7) for j in range(7))
+            pairs = sum(
+                np.linalg.norm(x[b, i] - x[b, j]) for i in range(7) for j in range(7)
+            )
             expected.append(skill - pairs / denominator)
         score = energy_score(forecasts, obs, estimator, weights=weights)
         np.testing.assert_allclose(score.numpy(), expected, rtol=1e-12)
@@ -158,7 +168,9 @@ def _rank_histogram(spread: float, m: int = 9, seed: int = 8) -> torch.Tensor:
     g = _generator(seed)
     mean = torch.randn(500, 1, 10, 10, generator=g, dtype=torch.float64)
     obs = mean + torch.randn(500, 1, 10, 10, generator=g, dtype=torch.float64)
-    members = mean.unsqueeze(1) + spread * torch.randn(500, m, 1, 10, 10, generator=g, dtype=torch.float64)
+    members = mean.unsqueeze(1) + spread * torch.randn(
+        500, m, 1, 10, 10, generator=g, dtype=torch.float64
+    )
     metric = RankHistogram(num_channels=1, num_members=m)
     metric.update(members, obs)
     return metric.compute()[0]
@@ -184,12 +196,18 @@ def test_rank_histogram_shares_ties_and_counts_weights():
     forecasts = torch.ones(2, 4, 1, 3)
     metric = RankHistogram(num_channels=1, num_members=4)
     metric.update(forecasts, torch.ones(2, 1, 3))
-    assert torch.allclose(metric.compute(), torch.full((1, 5), 0.2, dtype=torch.float64))
+    assert torch.allclose(
+        metric.compute(), torch.full((1, 5), 0.2, dtype=torch.float64)
+    )
     # two points, ranks 0 and 4, weights 3 and 1
-    forecasts = torch.tensor([0.0, 1.0, 2.0, 3.0]).reshape(1, 4, 1, 1).expand(1, 4, 1, 2)
+    forecasts = (
+        torch.tensor([0.0, 1.0, 2.0, 3.0]).reshape(1, 4, 1, 1).expand(1, 4, 1, 2)
+    )
     obs = torch.tensor([[[-1.0, 5.0]]])
     metric = RankHistogram(num_channels=1, num_members=4)
     metric.update(forecasts, obs, weights=torch.tensor([3.0, 1.0]))
-    assert torch.allclose(metric.compute(), torch.tensor([[0.75, 0, 0, 0, 0.25]], dtype=torch.float64))
+    assert torch.allclose(
+        metric.compute(), torch.tensor([[0.75, 0, 0, 0, 0.25]], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="members"):
         metric.update(torch.zeros(1, 3, 1, 2), obs)

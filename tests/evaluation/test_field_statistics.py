@@ -14,11 +14,15 @@ def test_wasserstein1_matches_scipy_per_channel():
     data = torch.randn(300, 2, 10, 12, generator=g, dtype=torch.float64)
     data[:, 0] = 0.3 + 1.2 * data[:, 0]
     data[:, 1] = torch.exp(data[:, 1])  # skewed, a different range
-    metric = Wasserstein1(num_channels=2, value_range=[(-8.0, 8.0), (-5.0, 120.0)], num_bins=4000)
+    metric = Wasserstein1(
+        num_channels=2, value_range=[(-8.0, 8.0), (-5.0, 120.0)], num_bins=4000
+    )
     metric.update(samples[:100], data[:150])
     metric.update(samples[100:], data[150:])
     expected = [
-        scipy.stats.wasserstein_distance(samples[:, c].flatten().numpy(), data[:, c].flatten().numpy())
+        scipy.stats.wasserstein_distance(
+            samples[:, c].flatten().numpy(), data[:, c].flatten().numpy()
+        )
         for c in range(2)
     ]
     width = torch.tensor([16 / 4000, 125 / 4000])
@@ -39,7 +43,10 @@ def test_wasserstein1_with_mask_and_area_weights_matches_weighted_scipy():
     w_s = point_weights(samples, land, coslat)
     w_d = point_weights(data, land, coslat)
     expected = scipy.stats.wasserstein_distance(
-        samples.flatten().numpy(), data.flatten().numpy(), w_s.flatten().numpy(), w_d.flatten().numpy()
+        samples.flatten().numpy(),
+        data.flatten().numpy(),
+        w_s.flatten().numpy(),
+        w_d.flatten().numpy(),
     )
     assert abs(float(metric.compute()) - expected) < 0.1 * 12 / 3000
     # identical inputs: exactly zero; a shift by c inside the range: exactly c up to binning
@@ -62,7 +69,11 @@ def test_wasserstein1_clamps_out_of_range_values_and_reports_them():
 def test_bias_std_maps_match_numpy_with_missing_data_and_ensembles():
     g = torch.Generator().manual_seed(2)
     mean_map = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
-    samples = 250.0 + mean_map + 2.0 * torch.randn(8, 4, 2, 6, 5, generator=g, dtype=torch.float64)
+    samples = (
+        250.0
+        + mean_map
+        + 2.0 * torch.randn(8, 4, 2, 6, 5, generator=g, dtype=torch.float64)
+    )
     data = 250.0 + torch.randn(8, 2, 6, 5, generator=g, dtype=torch.float64)
     mask = torch.rand(8, 2, 6, 5, generator=g) > 0.2  # per-sample missing observations
     metric = BiasStdMaps(num_channels=2, spatial_shape=(6, 5))
@@ -72,10 +83,18 @@ def test_bias_std_maps_match_numpy_with_missing_data_and_ensembles():
     # samples: members pooled, a per-sample mask repeated over the 4 members
     s = np.where(mask.numpy()[:, None], samples.numpy(), np.nan).reshape(32, 2, 6, 5)
     d = np.where(mask.numpy(), data.numpy(), np.nan)
-    np.testing.assert_allclose(maps.mean_samples.numpy(), np.nanmean(s, axis=0), rtol=1e-12)
-    np.testing.assert_allclose(maps.bias.numpy(), np.nanmean(s, axis=0) - np.nanmean(d, axis=0), atol=1e-9)
-    np.testing.assert_allclose(maps.std_samples.numpy(), np.nanstd(s, axis=0, ddof=1), rtol=1e-9)
-    np.testing.assert_allclose(maps.std_data.numpy(), np.nanstd(d, axis=0, ddof=1), rtol=1e-9)
+    np.testing.assert_allclose(
+        maps.mean_samples.numpy(), np.nanmean(s, axis=0), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        maps.bias.numpy(), np.nanmean(s, axis=0) - np.nanmean(d, axis=0), atol=1e-9
+    )
+    np.testing.assert_allclose(
+        maps.std_samples.numpy(), np.nanstd(s, axis=0, ddof=1), rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        maps.std_data.numpy(), np.nanstd(d, axis=0, ddof=1), rtol=1e-9
+    )
     assert maps.std_ratio.shape == (2, 6, 5)
 
 

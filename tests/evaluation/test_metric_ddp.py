@@ -34,37 +34,47 @@ def _inputs(seed: int = 0):
     forecasts = torch.randn(6, 5, 2, 12, 10, generator=g, dtype=torch.float64)
     obs = torch.randn(6, 2, 12, 10, generator=g, dtype=torch.float64)
     mask = torch.rand(6, 1, 12, 10, generator=g) > 0.2
-    weights = torch.cos(torch.linspace(-1.2, 1.2, 12, dtype=torch.float64)).reshape(12, 1)
+    weights = torch.cos(torch.linspace(-1.2, 1.2, 12, dtype=torch.float64)).reshape(
+        12, 1
+    )
     voxels = torch.rand(6, 2, 8, 10, 12, generator=g, dtype=torch.float64)
     nats = 100 * torch.rand(6, generator=g, dtype=torch.float64)
     dims = torch.randint(100, 240, (6,), generator=g)
     terms = torch.rand(6, 7, generator=g, dtype=torch.float64)
-    ensemble = dict(forecasts=forecasts, obs=obs, mask=mask, weights=weights)
+    ensemble = {"forecasts": forecasts, "obs": obs, "mask": mask, "weights": weights}
     return {
         "crps": (lambda: CRPS(num_channels=2), ensemble),
         "crps_map": (lambda: CRPS(num_channels=2, spatial_shape=(12, 10)), ensemble),
         "spread_skill": (lambda: SpreadSkillRatio(num_channels=2), ensemble),
         "energy": (lambda: EnergyScore(), ensemble),
-        "rank_histogram": (lambda: RankHistogram(num_channels=2, num_members=5), ensemble),
+        "rank_histogram": (
+            lambda: RankHistogram(num_channels=2, num_members=5),
+            ensemble,
+        ),
         "power_spectrum": (
-            lambda: PowerSpectrum(num_channels=2, spatial_shape=(12, 10), spacing=(1.0, 2.0)),
-            dict(x=obs),
+            lambda: PowerSpectrum(
+                num_channels=2, spatial_shape=(12, 10), spacing=(1.0, 2.0)
+            ),
+            {"x": obs},
         ),
         "spectral_error": (
             lambda: SpectralError(num_channels=2, spatial_shape=(12, 10)),
-            dict(samples=forecasts, data=obs),
+            {"samples": forecasts, "data": obs},
         ),
         "bias_std": (
             lambda: BiasStdMaps(num_channels=2, spatial_shape=(12, 10)),
-            dict(samples=forecasts, data=obs, mask=mask),
+            {"samples": forecasts, "data": obs, "mask": mask},
         ),
         "wasserstein": (
             lambda: Wasserstein1(num_channels=2, value_range=(-5.0, 5.0), num_bins=200),
-            dict(samples=forecasts, data=obs, mask=mask, weights=weights),
+            {"samples": forecasts, "data": obs, "mask": mask, "weights": weights},
         ),
-        "bits_per_dim": (lambda: BitsPerDim(), dict(nats=nats, dims=dims)),
-        "bound_terms": (lambda: BoundTerms(num_timesteps=7), dict(terms=terms)),
-        "atom_counts": (lambda: AtomCounts(num_channels=2, threshold=0.5), dict(density=voxels)),
+        "bits_per_dim": (lambda: BitsPerDim(), {"nats": nats, "dims": dims}),
+        "bound_terms": (lambda: BoundTerms(num_timesteps=7), {"terms": terms}),
+        "atom_counts": (
+            lambda: AtomCounts(num_channels=2, threshold=0.5),
+            {"density": voxels},
+        ),
     }
 
 
@@ -72,7 +82,9 @@ def _half(kwargs: dict, rank: int) -> dict:
     """Rank ``rank``'s share of a batch: half of every batched input (samples 0-2 or 3-5)."""
     part = {}
     for name, value in kwargs.items():
-        batched = isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 6
+        batched = (
+            isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 6
+        )
         if name == "weights":
             batched = False
         part[name] = value[3 * rank : 3 * rank + 3] if batched else value
@@ -83,7 +95,11 @@ def _as_tensors(result) -> dict[str, torch.Tensor]:
     if isinstance(result, dict):
         return result
     if dataclasses.is_dataclass(result):
-        return {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if isinstance(getattr(result, f.name), torch.Tensor)}
+        return {
+            f.name: getattr(result, f.name)
+            for f in dataclasses.fields(result)
+            if isinstance(getattr(result, f.name), torch.Tensor)
+        }
     return {"value": result}
 
 
@@ -91,7 +107,14 @@ def _assert_same(got, expected, name: str) -> None:
     got, expected = _as_tensors(got), _as_tensors(expected)
     assert got.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-9, atol=1e-12, equal_nan=True, msg=f"{name}.{key}")
+        torch.testing.assert_close(
+            got[key],
+            expected[key],
+            rtol=1e-9,
+            atol=1e-12,
+            equal_nan=True,
+            msg=f"{name}.{key}",
+        )
 
 
 @pytest.mark.parametrize("name", list(_inputs().keys()))
@@ -121,7 +144,9 @@ def _results(metric) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
+    )
     try:
         results = {}
         for name, (make, kwargs) in _inputs().items():
@@ -135,7 +160,12 @@ def _worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _worker,
+        args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     results = torch.load(tmp_path / "results.pt")
     for name, (make, kwargs) in _inputs().items():
         whole = make()

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from scidiff.evaluation import CRPS, SpreadSkillRatio, point_weights, radial_power_spectrum
+from scidiff.evaluation import (
+    CRPS,
+    SpreadSkillRatio,
+    point_weights,
+    radial_power_spectrum,
+)
 
 
 def test_point_weights_multiply_mask_and_weights_and_broadcast():
@@ -35,6 +40,8 @@ def test_metrics_check_shapes_and_modes():
     with pytest.raises(ValueError, match="spatial_shape"):
         CRPS(num_channels=2, spatial_shape=(2, 2, 2, 2))
     with pytest.raises(ValueError, match="2 members"):
-        SpreadSkillRatio(num_channels=1).update(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 4))
+        SpreadSkillRatio(num_channels=1).update(
+            torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 4)
+        )
     with pytest.raises(ValueError, match="mask"):
         radial_power_spectrum(torch.zeros(1, 1, 8), mask=torch.full((8,), 0.5))

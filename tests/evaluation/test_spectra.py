@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from scidiff.evaluation import PowerSpectrum, SpectralError, radial_bins, radial_power_spectrum
+from scidiff.evaluation import (
+    PowerSpectrum,
+    SpectralError,
+    radial_bins,
+    radial_power_spectrum,
+)
 
 GRIDS = [  # (shape, spacing): 1-D, non-square 2-D and 3-D with unequal spacings
     ((512,), (0.25,)),
@@ -19,7 +24,9 @@ def _power_law_fields(shape, spacing, index, amplitude, batch, seed):
     """Fields with P(k) = amplitude * k^-index (k in cycles per length, P(0) = 0),
     by colouring white noise: E|fftn(x)|^2 = N P / prod(spacing), i.e. E P_hat = P."""
     rng = np.random.default_rng(seed)
-    axes = np.meshgrid(*[np.fft.fftfreq(n, d) for n, d in zip(shape, spacing)], indexing="ij")
+    axes = np.meshgrid(
+        *[np.fft.fftfreq(n, d) for n, d in zip(shape, spacing)], indexing="ij"
+    )
     k = np.sqrt(sum(a**2 for a in axes))
     k.flat[0] = 1.0
     power = amplitude * k ** (-index)
@@ -45,13 +52,17 @@ def test_parseval_sum_of_spectrum_is_variance(shape, spacing):
     x = 3.0 + 2.0 * torch.randn(3, 2, *shape, generator=g, dtype=torch.float64)
     spectrum = radial_power_spectrum(x, spacing=spacing)
     dims = tuple(range(2, x.ndim))
-    assert torch.allclose(spectrum.variance(), x.var(dim=dims, correction=0), rtol=1e-10)
+    assert torch.allclose(
+        spectrum.variance(), x.var(dim=dims, correction=0), rtol=1e-10
+    )
     assert int(spectrum.counts.sum()) == math.prod(shape) - 1  # every mode but k = 0
     # with a mask, the spectrum carries the variance of the valid points exactly
     mask = torch.rand(shape, generator=g) > 0.25
     masked = radial_power_spectrum(x, spacing=spacing, mask=mask)
     valid = x[..., mask]
-    assert torch.allclose(masked.variance(), valid.var(dim=-1, correction=0), rtol=1e-10)
+    assert torch.allclose(
+        masked.variance(), valid.var(dim=-1, correction=0), rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("shape,spacing", GRIDS)
@@ -69,18 +80,25 @@ def test_white_noise_spectrum_is_flat_at_variance_times_cell_volume(shape, spaci
     assert abs(float((power * counts).sum() / counts.sum()) / level - 1) < 0.01
     # a shell of 2 modes x 104 fields has a relative noise of 0.1
     assert torch.all((power / level - 1).abs() < 0.3)
-    index, _ = _fit_power_law(spectrum.wavenumber, spectrum.power[0], spectrum.counts, metric.bins.nyquist)
+    index, _ = _fit_power_law(
+        spectrum.wavenumber, spectrum.power[0], spectrum.counts, metric.bins.nyquist
+    )
     assert abs(index) < 0.06  # measured: 0.001 (1-D), -0.020 (2-D), 0.034 (3-D)
 
 
-@pytest.mark.parametrize("shape,spacing,index", [(GRIDS[0][0], GRIDS[0][1], 1.5), (*GRIDS[1], 2.5), (*GRIDS[2], 3.0)])
+@pytest.mark.parametrize(
+    "shape,spacing,index",
+    [(GRIDS[0][0], GRIDS[0][1], 1.5), (*GRIDS[1], 2.5), (*GRIDS[2], 3.0)],
+)
 def test_power_law_spectrum_recovers_index_and_amplitude(shape, spacing, index):
     batch = max(4, 100_000 // math.prod(shape))
     x = _power_law_fields(shape, spacing, index, amplitude=0.7, batch=batch, seed=2)
     metric = PowerSpectrum(num_channels=1, spatial_shape=shape, spacing=spacing)
     metric.update(x)
     spectrum = metric.compute()
-    fitted, amplitude = _fit_power_law(spectrum.wavenumber, spectrum.power[0], spectrum.counts, metric.bins.nyquist)
+    fitted, amplitude = _fit_power_law(
+        spectrum.wavenumber, spectrum.power[0], spectrum.counts, metric.bins.nyquist
+    )
     assert abs(fitted - index) < 0.05, fitted
     assert abs(amplitude / 0.7 - 1) < 0.1, amplitude
 
@@ -90,7 +108,9 @@ def test_spectrum_of_grf_dataset_matches_its_analytic_power_spectrum():
     rng = np.random.default_rng(3)
     shape, n, a = (64, 96), 2.0, 1.3
     noise = rng.standard_normal((40, *shape))
-    fields = torch.from_numpy(grf.sample_fields(noise, np.full(40, a), np.full(40, n))).unsqueeze(1)
+    fields = torch.from_numpy(
+        grf.sample_fields(noise, np.full(40, a), np.full(40, n))
+    ).unsqueeze(1)
     spectrum = radial_power_spectrum(fields)
     mean_power = spectrum.power.mean(dim=(0, 1))
     k_angular = 2 * math.pi * spectrum.wavenumber  # grf uses radians per grid spacing
@@ -116,13 +136,17 @@ def test_spectral_error_of_scaled_samples_is_twice_log_scale():
     scale = torch.tensor([1.0, 1.5], dtype=torch.float64).reshape(1, 2, 1, 1)
     metric = SpectralError(num_channels=2, spatial_shape=(20, 36), spacing=(1.0, 2.0))
     metric.update(data * scale, data)
-    assert torch.allclose(metric.compute(), torch.tensor([0.0, 2 * math.log(1.5)], dtype=torch.float64))
+    assert torch.allclose(
+        metric.compute(), torch.tensor([0.0, 2 * math.log(1.5)], dtype=torch.float64)
+    )
     samples, truth = metric.spectra()
     assert torch.allclose(samples.power[1], 2.25 * truth.power[1])
     # an ensemble [B, M, C, *S] pools its members; average="channels" gives a scalar
     metric = SpectralError(num_channels=2, spatial_shape=(20, 36), average="channels")
     metric.update(torch.stack([data, data], dim=1) * scale.unsqueeze(1), data)
-    assert metric.compute().shape == () and float(metric.compute()) == pytest.approx(math.log(1.5))
+    assert metric.compute().shape == () and float(metric.compute()) == pytest.approx(
+        math.log(1.5)
+    )
     with pytest.raises(ValueError, match="shape"):
         metric.update(data[..., :-1], data)
     with pytest.raises(ValueError, match="average"):
