@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,7 +146,10 @@ class Statistics:
         """Write the statistics as JSON (a few kB) and return the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.state_dict(), indent=1, default=_json_default))
+        # atomic: DDP ranks may write the same file while another reads it
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state_dict(), indent=1, default=_json_default))
+        os.replace(tmp, path)
         return path
 
     @classmethod
