@@ -192,7 +192,7 @@ class ResBlock(nn.Module):
         """``x: [B, in, *S]``, ``emb: [B, emb_dim]`` (already passed through SiLU) -> ``[B, out, *S]``."""
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(emb).reshape(*emb.shape[:1], -1, *([1] * (x.ndim - 2))).chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # GN(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
