@@ -1,1 +1,21 @@
-"""training"""
+"""Lightning training of scidiff denoisers: ``DiffusionModule``, EMA, resumable data
+order, atomic checkpoints, sample figures and MLflow helpers."""
+
+from scidiff.training.checkpoint import AtomicCheckpointIO, atomic_torch_save, newest_checkpoint, safe_torch_load
+from scidiff.training.data import ResumableDataModule, ResumableLoader, ResumableSampler
+from scidiff.training.ema import EMA
+from scidiff.training.lr import warmup_cosine
+from scidiff.training.module import DiffusionModule
+
+__all__ = [
+    "EMA",
+    "AtomicCheckpointIO",
+    "DiffusionModule",
+    "ResumableDataModule",
+    "ResumableLoader",
+    "ResumableSampler",
+    "atomic_torch_save",
+    "newest_checkpoint",
+    "safe_torch_load",
+    "warmup_cosine",
+]

@@ -1,0 +1,192 @@
+"""Checks a composed training config before anything runs.
+
+Every node with a ``_target_`` is checked against the signature of what it builds:
+a key the target does not accept, or a value whose type does not match a simple
+annotation (``int``, ``float``, ``bool``, ``str``, their optionals and literals),
+raises a :class:`ConfigError` naming the key's full path. Top-level keys are
+checked against the ``TrainConfig`` schema below; the dataset path must exist (or
+be generated); unknown ``_target_``s name the key and the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from scidiff.cli.errors import ConfigError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Top-level keys of ``configs/train.yaml`` (the groups are checked through their targets)."""
+
+    task_name: str
+    run_name: str
+    output_root: str
+    run_dir: str | None
+    experiment_name: str
+    seed: int
+    resume: str | None
+    generate_data: dict | None
+    module: dict
+    optimizer: dict
+    lr_scheduler: dict | None
+    data: dict
+    denoiser: dict
+    diffusion: dict
+    trainer: dict
+    logger: dict | None
+    callbacks: dict | None
+    local: dict | None = None
+
+
+@dataclasses.dataclass
+class GenerateData:
+    kind: Literal["grf", "climate", "voxels"]
+    size: Literal["tiny", "small", "full"] = "tiny"
+    seed: int = 0
+    dims: int | None = None
+
+
+_SPECIAL = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether a config value fits a *simple* annotation; anything else passes."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if value is None:
+        return False if annotation in (int, float, bool, str) else True
+    if isinstance(value, str) and value.startswith("${"):
+        return True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (dict,) or origin in (dict, Mapping):
+        return isinstance(value, (dict, DictConfig))
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", text) if typing.get_origin(annotation) is None else text
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    try:
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references: no type checks, keys still checked
+        return {}
+
+
+def check_target_node(node: DictConfig, path: str) -> None:
+    target_name = node.get("_target_")
+    try:
+        target = get_object(target_name)
+    except Exception as exc:
+        raise ConfigError(f"{path}._target_: cannot import {target_name!r} ({type(exc).__name__})") from None
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    hints = _hints(target)
+    for key in node.keys():
+        if key in _SPECIAL:
+            continue
+        if key not in params and not takes_kwargs:
+            known = ", ".join(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            raise ConfigError(f"{path}.{key}: unknown key for {target_name} (accepted: {known})")
+        value = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{path}.{key}: required value is missing (???); set it on the command line")
+        if key in params and not isinstance(value, (DictConfig, ListConfig)):
+            raw = node[key]
+            annotation = hints.get(key, params[key].annotation)
+            if isinstance(annotation, str):
+                continue
+            if not _type_ok(raw, annotation):
+                raise ConfigError(f"{path}.{key}: expected {_describe(annotation)}, got {type(raw).__name__} {raw!r}")
+
+
+def _walk(node: Any, path: str) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            check_target_node(node, path)
+        for key in node.keys():
+            if key == "_target_":
+                continue
+            _walk(node._get_node(key) if not isinstance(node[key], (DictConfig, ListConfig)) else node[key],
+                  f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _walk(item, f"{path}[{i}]")
+
+
+def check_dataclass(values: Mapping[str, Any], schema: type, path: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"{path}{key}: unknown key (accepted: {', '.join(fields)})")
+    for name, f in fields.items():
+        if name not in values:
+            if f.default is dataclasses.MISSING:
+                raise ConfigError(f"{path}{name}: required key is missing")
+            continue
+        if not _type_ok(values[name], hints[name]):
+            raise ConfigError(f"{path}{name}: expected {_describe(hints[name])}, got {values[name]!r}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad key of a composed training config."""
+    top = {k: (cfg[k] if not isinstance(cfg[k], (DictConfig, ListConfig)) else dict(cfg[k]))
+           for k in cfg.keys() if k != "hydra"}
+    check_dataclass(top, TrainConfig, "")
+    if cfg.get("generate_data") is not None:
+        check_dataclass(OmegaConf.to_container(cfg.generate_data, resolve=True), GenerateData, "generate_data.")
+    if cfg.resume is not None and cfg.resume != "auto" and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume: checkpoint file {cfg.resume} does not exist (use resume=auto or a .ckpt path)")
+    for group in ("data", "denoiser", "diffusion", "trainer", "logger", "module", "optimizer", "lr_scheduler"):
+        node = cfg.get(group)
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"{group}: has no _target_ (choose a config from configs/{group}/)")
+        _walk(node, group)
+    if cfg.get("callbacks") is not None:
+        for name in cfg.callbacks:
+            if cfg.callbacks[name] is not None:
+                _walk(cfg.callbacks[name], f"callbacks.{name}")
+    check_data_path(cfg)
+
+
+def check_data_path(cfg: DictConfig) -> None:
+    path = cfg.data.get("path")
+    if path is None:
+        return
+    if not Path(path).exists() and cfg.get("generate_data") is None:
+        raise ConfigError(f"data.path: dataset {path} does not exist (generate it with scidiff-make-dataset, "
+                          f"or set generate_data)")

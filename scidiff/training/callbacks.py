@@ -1,0 +1,130 @@
+"""Callbacks: sample figures during validation and the run's MLflow artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from scidiff.training.plots import samples_figure
+from scidiff.training.tracking import git_commit, log_artifact, mlflow_logger
+
+
+def _physical(dm: Any, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    inverse = getattr(dm, "inverse_transform", None)
+    if inverse is None:
+        return x
+    return inverse(x, mask) if mask is not None else inverse(x)
+
+
+class SampleFigure(Callback):
+    """Every ``every_n_validations`` validations, ``num_samples`` DDIM samples (EMA weights,
+    conditioned on the first validation samples' params/fields) next to those data, in
+    physical units; saved to ``<run_dir>/figures/`` and logged to MLflow.
+
+    Rank 0 only; the generator is seeded with ``seed``, so figures of successive
+    validations differ only by the weights.
+    """
+
+    def __init__(self, every_n_validations: int = 1, num_samples: int = 4, num_steps: int = 50,
+                 eta: float = 0.0, seed: int = 0) -> None:
+        if every_n_validations < 1 or num_samples < 1 or num_steps < 1:
+            raise ValueError("SampleFigure: every_n_validations, num_samples and num_steps must be >= 1")
+        self.every, self.num_samples, self.num_steps, self.eta, self.seed = (
+            int(every_n_validations), int(num_samples), int(num_steps), float(eta), int(seed))
+        self._count = 0
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._count += 1
+        if (self._count - 1) % self.every == 0 and trainer.is_global_zero:
+            self.last_path = self.draw(trainer, pl_module)
+
+    @torch.no_grad()
+    def draw(self, trainer: L.Trainer, pl_module: Any) -> Path:
+        dm = trainer.datamodule
+        batch = next(iter(dm.val_dataloader()))
+        n = min(self.num_samples, batch["x"].shape[0])
+        batch = {k: v[:n].to(pl_module.device) for k, v in batch.items() if torch.is_tensor(v)}
+        cond = pl_module.conditioning(batch)
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        samples = pl_module.sample(tuple(batch["x"].shape), cond, num_steps=self.num_steps, eta=self.eta, generator=g)
+        mask = batch.get("mask")
+        data = _physical(dm, batch["x"], mask).float().cpu().numpy()
+        gen = _physical(dm, samples, mask).float().cpu().numpy()
+        meta = getattr(dm, "metadata", None)
+        fig = samples_figure(data, gen, getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
+                             title=f"step {trainer.global_step}: data (top) and DDIM-{self.num_steps} samples")
+        path = Path(trainer.default_root_dir) / "figures" / f"samples_step{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        log_artifact(trainer.logger, path, "figures")
+        return path
+
+
+class RunArtifacts(Callback):
+    """Logs what makes a run reproducible and usable to MLflow (rank 0):
+
+    * at the start: the resolved config (flattened params, unless the run is being
+      resumed, and ``config.yaml``), the git commit tag and the normalisation
+      statistics (``statistics.json``);
+    * at the end: the best and the last checkpoints (``checkpoints/``).
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, config_yaml: str | None = None,
+                 resumed: bool = False, log_checkpoints: bool = True) -> None:
+        self.config, self.config_yaml, self.resumed = config or {}, config_yaml, resumed
+        self.log_checkpoints = log_checkpoints
+        self.logged_checkpoints: list[Path] = []
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ml = mlflow_logger(trainer.logger)
+        if ml is None:
+            return
+        from scidiff.training.tracking import flatten
+
+        client, run_id = ml.experiment, ml.run_id
+        if not self.resumed and self.config:
+            ml.log_hyperparams(flatten(self.config))
+        commit = git_commit(Path(__file__).parent)
+        if commit:
+            client.set_tag(run_id, "git_commit", commit)
+        client.set_tag(run_id, "run_dir", str(run_dir.resolve()))
+        if self.config_yaml is not None:
+            path = run_dir / "config.yaml"
+            path.write_text(self.config_yaml)
+            client.log_artifact(run_id, str(path))
+        save = getattr(trainer.datamodule, "save_statistics", None)
+        if save is not None:
+            path = save(run_dir / "statistics.json")
+            client.log_artifact(run_id, str(path))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.log_checkpoints or mlflow_logger(trainer.logger) is None:
+            return
+        paths: list[Path] = []
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                for p in (cb.best_model_path, cb.last_model_path):
+                    if p and Path(p).exists() and Path(p) not in paths:
+                        paths.append(Path(p))
+        for p in paths:
+            log_artifact(trainer.logger, p, "checkpoints")
+        self.logged_checkpoints = paths
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")

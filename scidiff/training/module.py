@@ -1,0 +1,192 @@
+"""``DiffusionModule``: a denoiser, a ``GaussianDiffusion`` and their training loop.
+
+Randomness of a training step (timesteps, noise, condition dropout and the
+network's own dropout) is a pure function of ``(seed, rank, global_step)``; with
+the data order of :mod:`scidiff.training.data` and the EMA in the state dict, a
+run resumed from a checkpoint takes exactly the steps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from scidiff.conditioning import Conditioning
+from scidiff.diffusion import GaussianDiffusion, samplers
+from scidiff.diffusion.guidance import drop_conditions
+from scidiff.training.data import ResumableSampler
+from scidiff.training.ema import EMA
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def step_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``denoiser`` on the loss of ``diffusion`` (per-sample, averaged over the batch).
+
+    Args:
+        denoiser: ``forward(x [B, C, *S], t [B], cond) -> [B, C_out, *S]``.
+        diffusion: the :class:`~scidiff.diffusion.GaussianDiffusion` (schedule, prediction, loss).
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``, e.g. AdamW).
+        lr_scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped every optimizer
+            step (e.g. :func:`scidiff.training.warmup_cosine`), or ``None``; ``total_steps``
+            is the trainer's estimate (``max_steps`` when set).
+        ema_decay, ema_warmup: the :class:`EMA` of the weights; ``ema_decay=None`` disables
+            it. Validation and sampling use the EMA weights when there are any.
+        cond_dropout: probability that a training sample uses the null condition
+            (classifier-free guidance); only meaningful when batches carry params/fields.
+        val_timestep_buckets: the validation loss is also logged per bucket of
+            ``T / val_timestep_buckets`` consecutive timesteps (``val/loss_t{lo}-{hi}``).
+        seed: seeds every step's randomness together with the rank and the step.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        *,
+        ema_decay: float | None = 0.999,
+        ema_warmup: int = 10,
+        cond_dropout: float = 0.0,
+        val_timestep_buckets: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must lie in [0, 1], got {cond_dropout}")
+        if not 1 <= val_timestep_buckets <= diffusion.num_timesteps:
+            raise ValueError(
+                f"val_timestep_buckets must lie in [1, T={diffusion.num_timesteps}], got {val_timestep_buckets}"
+            )
+        self.denoiser = denoiser
+        self.diffusion = diffusion
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.ema = EMA(denoiser, ema_decay, ema_warmup) if ema_decay is not None else None
+        self.cond_dropout = float(cond_dropout)
+        self.num_buckets = int(val_timestep_buckets)
+        self.seed = int(seed)
+        # Plain python stored with every checkpoint (run id, resolved config); see on_save_checkpoint.
+        self.run_info: dict[str, Any] = {}
+        self.loaded_run_info: dict[str, Any] = {}
+        self._val_sum: Tensor | None = None
+        self._val_count: Tensor | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The network used for validation and sampling: the EMA copy when there is one."""
+        return self.ema.model if self.ema is not None else self.denoiser
+
+    @staticmethod
+    def conditioning(batch: Mapping[str, Tensor]) -> Conditioning | None:
+        params, fields = batch.get("params"), batch.get("fields")
+        if params is None and fields is None:
+            return None
+        return Conditioning(params=params, fields=fields)
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(step_seed(self.seed, *keys))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        return self.denoiser(x, t, cond)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        x = batch["x"]
+        key = (0, self.global_rank, self.global_step)
+        g = self._generator(*key)
+        torch.manual_seed(step_seed(self.seed, 1, *key[1:]))  # network dropout
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
+        cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
+        loss = self.diffusion.training_loss(self.denoiser, x, cond, batch.get("mask"), t=t, noise=noise).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer is not None else None
+        if isinstance(sampler, ResumableSampler):
+            sampler.batches_done = batch_idx + 1
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # inside the step, so that a checkpoint written at this batch's end holds the new average
+        if self.ema is not None:
+            self.ema.update(self.denoiser)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.denoiser.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(self.num_buckets, dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros(self.num_buckets, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        x = batch["x"]
+        # the same timesteps and noise at every validation: curves compare weights, not draws
+        g = self._generator(2, self.global_rank, batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
+        loss = self.diffusion.training_loss(
+            self.sampling_net, x, self.conditioning(batch), batch.get("mask"), t=t, noise=noise
+        )
+        bucket = t * self.num_buckets // self.diffusion.num_timesteps
+        self._val_sum.index_add_(0, bucket, loss.detach().to(torch.float64))
+        self._val_count.index_add_(0, bucket, torch.ones_like(loss, dtype=torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        # sums over every rank's samples, so each rank logs the same numbers
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
+        sums, counts = total[0], total[1]
+        self.log("val/loss", (sums.sum() / counts.sum().clamp_min(1)).float(), prog_bar=True)
+        T, K = self.diffusion.num_timesteps, self.num_buckets
+        for k in range(K):
+            if counts[k] > 0:
+                lo, hi = k * T // K, (k + 1) * T // K - 1
+                self.log(f"val/loss_t{lo:04d}-{hi:04d}", (sums[k] / counts[k]).float())
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        shape: tuple[int, ...],
+        cond: Conditioning | None = None,
+        *,
+        num_steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM samples ``[B, C, *S]`` (normalised units) from the EMA weights."""
+        x_T = torch.randn(shape, device=self.device, generator=generator)
+        net = self.sampling_net
+        was_training = net.training
+        net.eval()
+        try:
+            return samplers.ddim_sample(net, self.diffusion, x_T, num_steps=num_steps, eta=eta,
+                                        cond=cond, generator=generator)
+        finally:
+            net.train(was_training)
+
+    # -------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scidiff"] = dict(self.run_info)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_run_info = dict(checkpoint.get("scidiff", {}))

@@ -1,0 +1,61 @@
+"""MLflow helpers: the logger (resuming a run by id), git commit, flattened params."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+
+
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    """The checked-out commit of the repository containing ``path`` (``-dirty`` if it has
+    uncommitted changes), or ``None`` outside git."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=path, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, bool, str)) or v is None else str(v)
+    return out
+
+
+def mlflow_logger(logger: Logger | None) -> MLFlowLogger | None:
+    return logger if isinstance(logger, MLFlowLogger) else None
+
+
+def log_artifact(logger: Logger | None, path: str | os.PathLike, artifact_path: str | None = None) -> bool:
+    """Log a file to the MLflow run behind ``logger``; ``False`` when there is none."""
+    ml = mlflow_logger(logger)
+    if ml is None:
+        return False
+    ml.experiment.log_artifact(ml.run_id, str(Path(path)), artifact_path)
+    return True
+
+
+def store_description(tracking_uri: str) -> tuple[str, str]:
+    """(where the store is, the command that opens its UI)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        uri = f"sqlite:///{db}"
+        return str(db), f"mlflow ui --backend-store-uri {uri}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri, f"open {tracking_uri}"
+    return tracking_uri, f"mlflow ui --backend-store-uri {tracking_uri}"
