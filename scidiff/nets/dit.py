@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
@@ -98,6 +99,7 @@ class DiT(nn.Module):
         learned_variance: output ``2C`` channels instead of ``C``.
         num_params, param_fourier_features, param_fourier_scale, field_channels,
         field_resample, embedding_dim: conditioning, as for :class:`~scidiff.nets.UNet`.
+        checkpoint: gradient checkpointing of every block (less memory, more compute).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class DiT(nn.Module):
         field_channels: int = 0,
         field_resample: FieldResample = "linear",
         embedding_dim: int = 0,
+        checkpoint: bool = False,
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -125,6 +128,7 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         self.hidden_size = hidden_size
+        self.checkpoint = checkpoint
         self.fields = FieldConditioning(field_channels, self.dims, field_resample)
         self.patch_embed = conv_nd(
             self.dims,
@@ -185,7 +189,10 @@ class DiT(nn.Module):
         h = h + self.position_embedding(grid, h.device, h.dtype)
         c = F.silu(self.cond_embed(t, cond))
         for block in self.blocks:
-            h = block(h, c)
+            if self.checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         h = self.final(modulate(self.final_norm(h), shift, scale))  # [B, N, prod(p) * C_out]
         return self.unpatchify(h, grid, b)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
@@ -66,6 +67,8 @@ class UNet(nn.Module):
         field_channels: ``Cf`` of ``cond.fields`` (0 = none).
         field_resample: how fields on another grid are brought to the field's grid.
         embedding_dim: ``E`` of ``cond.embedding`` (0 = none).
+        checkpoint: recompute each block's activations in the backward pass
+            (gradient checkpointing): less memory for large 3-D fields, ~30% more compute.
         pad_to_multiple: sizes not divisible by ``2**(len(channel_mult) - 1)`` are padded
             (zeros, or edge replication on ``reflect`` axes) and the output cropped back;
             ``False`` refuses them. Circular axes are always refused, since padding would
@@ -93,6 +96,7 @@ class UNet(nn.Module):
         field_resample: FieldResample = "linear",
         embedding_dim: int = 0,
         pad_to_multiple: bool = True,
+        checkpoint: bool = False,
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -110,6 +114,7 @@ class UNet(nn.Module):
             )
         self.factor = 2 ** (len(channel_mult) - 1)
         self.pad_to_multiple = pad_to_multiple
+        self.checkpoint = checkpoint
 
         def heads(ch: int) -> int:
             if head_channels:
@@ -178,13 +183,18 @@ class UNet(nn.Module):
         h = self.input_conv(h)
         hs = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             hs.append(h)
-        h = self.mid(h, emb)
+        h = self._run(self.mid, h, emb)
         for block in self.up:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
         out = self.out_conv(F.silu(self.out_norm(h)))
         return out[(..., *(slice(0, s) for s in spatial))]
+
+    def _run(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     def _pad(self, x: Tensor) -> Tensor:
         """Pad each axis at its end up to a multiple of ``2**levels`` (see ``pad_to_multiple``)."""

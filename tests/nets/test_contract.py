@@ -172,3 +172,18 @@ def test_fields_of_wrong_channels_and_batch(make):
 def test_unsupported_rank(make, dims):
     with pytest.raises(ValueError, match="dims"):
         make(1, dims)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make):
+    plain = randomize_zeros(make(1, 2, patch_size=4, num_params=2))
+    torch.manual_seed(0)
+    ckpt = make(1, 2, patch_size=4, num_params=2, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, cond = torch.randn(2, 1, 16, 16), torch.tensor([3, 400]), Conditioning(params=torch.randn(2, 2))
+    grads = []
+    for model in (plain, ckpt):
+        model.zero_grad()
+        model(x, t, cond).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
