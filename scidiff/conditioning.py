@@ -103,9 +103,10 @@ class Conditioning:
             if all(p is None for p in parts):
                 out[name] = None
             elif name == "drop":
+                device = next(p.device for p in parts if p is not None)
                 out[name] = torch.cat(
                     [
-                        p if p is not None else torch.zeros(c.batch_size or 0, dtype=torch.bool)
+                        p if p is not None else torch.zeros(c.batch_size or 0, dtype=torch.bool, device=device)
                         for p, c in zip(parts, conds)
                     ]
                 )

@@ -54,7 +54,8 @@ class StepInfo:
 
     ``index`` counts steps from 0 to ``num_steps - 1``; ``t`` is the timestep just
     processed; ``x`` the current sample after the step; ``pred_x0`` the model's
-    estimate of the data at that step.
+    estimate of the data at that step (for :func:`ddim_invert`, the data being
+    inverted).
     """
 
     index: int
