@@ -54,6 +54,7 @@ class GenerateData:
     size: Literal["tiny", "small", "full"] = "tiny"
     seed: int = 0
     dims: int | None = None
+    path: str | None = None         # the store it writes; generated only when data.path is this path
 
 
 _SPECIAL = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -187,6 +188,13 @@ def check_data_path(cfg: DictConfig) -> None:
     path = cfg.data.get("path")
     if path is None:
         return
-    if not Path(path).exists() and cfg.get("generate_data") is None:
-        raise ConfigError(f"data.path: dataset {path} does not exist (generate it with scidiff-make-dataset, "
-                          f"or set generate_data)")
+    if not Path(path).exists() and not generates(cfg):
+        raise ConfigError(f"data.path: dataset {path} does not exist (generate it with scidiff-make-dataset)")
+
+
+def generates(cfg: DictConfig) -> bool:
+    """Whether the run creates ``data.path`` itself (``generate_data.path`` is that store)."""
+    gen = cfg.get("generate_data")
+    if gen is None or cfg.data.get("path") is None:
+        return False
+    return gen.get("path") is None or Path(gen.path).resolve() == Path(cfg.data.path).resolve()

@@ -28,17 +28,21 @@ def from_hydra(exc: BaseException) -> ConfigError:
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
         group, _, option = missing.group(1).rpartition("/")
-        options = re.findall(r"^\t(\S+)", text, flags=re.M)
+        listed = text.split("Available options", 1)[-1].split("Config search path", 1)[0]
+        options = re.findall(r"^\t(\S+)$", listed, flags=re.M) if "Available options" in text else []
         known = f"; available: {', '.join(options)}" if options else ""
         if group:
             return ConfigError(f"{group}={option}: no such config in configs/{group}/{known}")
         return ConfigError(f"no such config: {missing.group(1)}{known}")
     key = re.search(r"Key '([^']+)' is not in struct", text)
     full_key = re.search(r"full_key: (\S+)", text)
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override and ("not in struct" in text or "To append to your config" in text):
+        name = override.group(1)
+        return ConfigError(f"{name}: unknown config key (a typo? to add a new key use +{name}=...)")
     if key:
         name = full_key.group(1) if full_key else key.group(1)
         return ConfigError(f"{name}: unknown config key (a typo? to add a new key use +{name}=...)")
-    override = re.search(r"Could not override '([^']+)'", text)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if override:
         return ConfigError(f"{override.group(1)}: {one_line(text.split(chr(10), 1)[-1])}")

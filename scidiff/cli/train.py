@@ -68,14 +68,15 @@ def _process_rank() -> int:
 def ensure_data(cfg) -> None:
     """Generate ``data.path`` with the bundled generator when it is absent and
     ``generate_data`` says how (rank 0 writes; the others wait for the store)."""
+    from scidiff.cli.config_check import generates
     from scidiff.cli.errors import ConfigError
 
     path = Path(cfg.data.path)
     gen = cfg.get("generate_data")
     if path.exists():
         return
-    if gen is None:
-        raise ConfigError(f"data.path: dataset {path} does not exist")
+    if not generates(cfg):
+        raise ConfigError(f"data.path: dataset {path} does not exist (generate it with scidiff-make-dataset)")
     if _process_rank() != 0:
         deadline = time.monotonic() + 600
         while not path.exists():

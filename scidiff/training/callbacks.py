@@ -96,6 +96,11 @@ class RunArtifacts(Callback):
         from scidiff.training.tracking import flatten
 
         client, run_id = ml.experiment, ml.run_id
+        # kept in every checkpoint, so that a resumed run logs into this same MLflow run
+        run_info = getattr(pl_module, "run_info", None)
+        if isinstance(run_info, dict):
+            run_info["mlflow_run_id"] = run_id
+            run_info["mlflow_tracking_uri"] = ml._tracking_uri
         if not self.resumed and self.config:
             ml.log_hyperparams(flatten(self.config))
         commit = git_commit(Path(__file__).parent)
