@@ -50,7 +50,7 @@ def sincos_position_embedding(grid: Sequence[int], dim: int) -> Tensor:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: ``x * (1 + scale) + shift`` with per-sample ``[B, D]`` shift and scale."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class DiTBlock(nn.Module):
@@ -80,9 +80,9 @@ class DiTBlock(nn.Module):
         """``x: [B, N, D]`` tokens, ``c: [B, D]`` conditioning (already through SiLU)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         h = self.proj(attention(self.qkv(modulate(self.norm1(x), shift1, scale1)), self.num_heads))
-        x = x + gate1[:, None] * h
+        x = torch.addcmul(x, gate1[:, None], h)  # x + gate_1 * h
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x + gate2[:, None] * h
+        return torch.addcmul(x, gate2[:, None], h)
 
 
 class DiT(nn.Module):
@@ -185,7 +185,8 @@ class DiT(nn.Module):
         b = x.shape[0]
         h = self.patch_embed(self.fields(x, cond))  # [B, D, *G]
         grid = tuple(h.shape[2:])
-        h = h.flatten(2).transpose(1, 2)  # [B, N, D]
+        # contiguous: elementwise ops keep a transposed layout, and every Linear would copy it
+        h = h.flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         h = h + self.position_embedding(grid, h.device, h.dtype)
         c = F.silu(self.cond_embed(t, cond))
         for block in self.blocks:

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     )
     print(f"\ndenoiser throughput: forward+backward, {args.dtype}, device {device} ({hardware}), torch {torch.__version__}")
-    header = f"{'model':<26}{'grid':>10}{'batch':>6}{'params M':>10}{'ours smp/s':>12}{'diffusers smp/s':>17}{'ours/diffusers':>16}"
+    header = f"{'model':<26}{'grid':>10}{'batch':>6}{'params M':>14}{'ours smp/s':>12}{'diffusers smp/s':>17}{'ours/diffusers':>16}"
     if device.type == "cuda":
         header += f"{'mem GiB ours/diff':>19}"
     print(header)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{ours.samples_per_s / theirs.samples_per_s:.2f}" if theirs else "-"
         their_sps = f"{theirs.samples_per_s:.2f}" if theirs else "-"
         params = f"{ours.params_m:.2f}" + (f"/{theirs.params_m:.2f}" if theirs else "")
-        line = f"{label:<26}{ours.shape:>10}{ours.batch:>6}{params:>10}{ours.samples_per_s:>12.2f}{their_sps:>17}{ratio:>16}"
+        line = f"{label:<26}{ours.shape:>10}{ours.batch:>6}{params:>14}{ours.samples_per_s:>12.2f}{their_sps:>17}{ratio:>16}"
         if device.type == "cuda":
             mem = f"{ours.peak_mem_gib:.2f}" + (f"/{theirs.peak_mem_gib:.2f}" if theirs else "")
             line += f"{mem:>19}"
