@@ -1,0 +1,72 @@
+"""Every config composes and instantiates (data, denoiser, diffusion, module, trainer, logger)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra.utils as hu
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from scidiff.cli.config_check import check_train_config
+from scidiff.cli.train import CONFIG_DIR
+from scidiff.diffusion import GaussianDiffusion
+from scidiff.training import DiffusionModule
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str], run_dir: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+CASES = (
+    [[f"experiment={e}"] for e in _options("experiment")]
+    + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
+    + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")]
+    + [[f"logger={g}", "experiment=quickstart"] for g in _options("logger")]
+    + [[f"callbacks={c}", "experiment=quickstart"] for c in _options("callbacks")]
+    + [[f"denoiser={d}", "experiment=quickstart"] for d in ("unet_tiny", "dit_tiny")]
+)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: o[0])
+def test_config_composes_checks_and_instantiates(overrides, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(overrides, tmp_path / "run")
+    check_train_config(cfg)
+    # instantiate everything that needs no data store and no process group
+    diffusion = hu.instantiate(cfg.diffusion)
+    assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == 1000
+    denoiser = hu.instantiate(cfg.denoiser, in_channels=1, dims=2, num_params=0, field_channels=0)
+    module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion,
+                                        optimizer=hu.instantiate(cfg.optimizer),
+                                        lr_scheduler=hu.instantiate(cfg.lr_scheduler))
+    assert isinstance(module, DiffusionModule)
+    for c in (cfg.callbacks or {}).values():
+        if c is not None:
+            hu.instantiate(c)
+    if cfg.logger is not None:
+        assert "_target_" in cfg.logger
+    if "strategy" not in cfg.trainer or isinstance(cfg.trainer.strategy, str):
+        if cfg.trainer.accelerator in ("cpu", "auto") and torch.get_num_threads() > 0:
+            trainer = hu.instantiate(cfg.trainer, logger=False, callbacks=[])
+            assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_ddp_config_composes_with_dit(tmp_path, data_dir, monkeypatch):
+    """The issue's example composes: experiment=quickstart denoiser=dit trainer=ddp trainer.devices=2."""
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    cfg = _compose(["experiment=quickstart", "denoiser=dit", "trainer=ddp", "trainer.devices=2"], tmp_path)
+    check_train_config(cfg)
+    assert cfg.trainer.devices == 2 and cfg.denoiser._target_ == "scidiff.nets.DiT"
+    assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
