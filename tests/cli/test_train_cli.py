@@ -1,0 +1,86 @@
+"""scidiff-train end to end, in subprocesses: fast_dev_run of every experiment, the MLflow
+store read back through the client, one-line config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scidiff.cli.train import CONFIG_DIR
+from tests.cli.conftest import QUIET, run_train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
+    """Generates the experiment's store (tiny size) and runs one train + one val batch."""
+    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET]
+    if experiment != "quickstart":
+        overrides.append("denoiser=unet_tiny")
+        overrides.append(f"data.path={tmp_path}/{experiment}.zarr")
+        overrides.append(f"generate_data.path={tmp_path}/{experiment}.zarr")
+    proc = run_train(overrides, tmp_path, data_dir)
+    assert "scidiff-train: 1 steps" in proc.stdout
+    summary = json.loads(next((tmp_path / "outputs").rglob("summary.json")).read_text())
+    assert summary["global_step"] == 1
+
+
+def test_quickstart_logs_to_mlflow(tmp_path, data_dir):
+    """After a short run the SQLite store holds params, the loss curve and the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    args = ["experiment=quickstart", "run_name=ml", "trainer.max_steps=12", "trainer.val_check_interval=6",
+            "trainer.log_every_n_steps=2", "callbacks.periodic_checkpoint.every_n_train_steps=6",
+            "callbacks.samples.num_steps=2", "callbacks.samples.num_samples=2",
+            "trainer.enable_progress_bar=false"]
+    proc = run_train(args, tmp_path, data_dir)
+    line = proc.stdout.strip().splitlines()[-1]
+    db = (tmp_path / "mlflow.db").resolve()
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in line and "last.ckpt" in line
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["trainer.max_steps"] == "12"
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.tags.get("git_commit")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 3, 5, 7, 9, 11] or len(losses) >= 5
+    assert all(0.0 < m.value < 10.0 for m in losses)
+    val = client.get_metric_history(run.info.run_id, "val/loss")
+    assert len(val) == 2
+    assert any(k.startswith("val/loss_t") for k in run.data.metrics)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "statistics.json", "checkpoints", "figures"} <= top
+    ckpts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"last.ckpt", "best.ckpt"} <= ckpts
+    local = Path(client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path / "dl")))
+    import torch
+
+    ckpt = torch.load(local, weights_only=True)
+    assert ckpt["global_step"] == 12 and ckpt["scidiff"]["mlflow_run_id"] == run.info.run_id
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_stepz=3", "trainer.max_stepz: unknown config key"),
+        ("+data.batch_sise=3", "data.batch_sise: unknown key for scidiff.data.FieldDataModule"),
+        ("trainer.max_steps=abc", "trainer.max_steps: expected int"),
+        ("data.path=/nonexistent/store.zarr", "data.path: dataset /nonexistent/store.zarr does not exist"),
+        ("denoiser=transformer9", "denoiser=transformer9: no such config"),
+        ("resume=/nonexistent.ckpt", "resume: checkpoint file /nonexistent.ckpt does not exist"),
+    ],
+)
+def test_bad_config_fails_with_one_line(override, expected, tmp_path, data_dir):
+    proc = run_train(["experiment=quickstart", override], tmp_path, data_dir, check=False, timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert not (tmp_path / "outputs").exists()      # nothing ran
