@@ -168,6 +168,15 @@ def measure(models: dict, x: torch.Tensor, args) -> dict[str, Result]:
     return results
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--size2d", type=int, default=64, help="2-D grid side")
     parser.add_argument("--size3d", type=int, default=32, help="3-D grid side")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model (kernel selection, JIT)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["unet", "dit", "unet3d"], nargs="*", default=None)
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     hardware = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+        else f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     )
     print(f"\ndenoiser throughput: forward+backward, {args.dtype}, device {device} ({hardware}), torch {torch.__version__}")
     header = f"{'model':<26}{'grid':>10}{'batch':>6}{'params M':>14}{'ours smp/s':>12}{'diffusers smp/s':>17}{'ours/diffusers':>16}"
