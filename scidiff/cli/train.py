@@ -174,6 +174,8 @@ def train(cfg) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "wall_time_s": round(time.perf_counter() - t0, 1),
         "resumed_from": str(ckpt) if ckpt else None,
+        "world_size": trainer.world_size,
+        "rank_weight_checksums": getattr(parts["module"], "rank_checksums", None),
     }
     last = run_dir / "checkpoints" / "last.ckpt"
     summary["checkpoint"] = str(last.resolve()) if last.exists() else None

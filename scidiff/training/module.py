@@ -155,12 +155,22 @@ class DiffusionModule(L.LightningModule):
         # sums over every rank's samples, so each rank logs the same numbers
         total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
         sums, counts = total[0], total[1]
-        self.log("val/loss", (sums.sum() / counts.sum().clamp_min(1)).float(), prog_bar=True)
+        self.log("val/loss", (sums.sum() / counts.sum().clamp_min(1)).float(), prog_bar=True, sync_dist=True)
         T, K = self.diffusion.num_timesteps, self.num_buckets
         for k in range(K):
             if counts[k] > 0:
                 lo, hi = k * T // K, (k + 1) * T // K - 1
-                self.log(f"val/loss_t{lo:04d}-{hi:04d}", (sums[k] / counts[k]).float())
+                # already summed over ranks: sync_dist averages identical values
+                self.log(f"val/loss_t{lo:04d}-{hi:04d}", (sums[k] / counts[k]).float(), sync_dist=True)
+
+    def on_train_end(self) -> None:
+        # DDP keeps replicas equal; a checksum per rank (float64 sums of the weights and of
+        # index-weighted weights) makes that visible in the run summary.
+        flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.denoiser.parameters()])
+        idx = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        checksum = torch.stack([flat.sum(), (flat * idx).sum(), (flat * flat).sum()])
+        gathered = self.all_gather(checksum)
+        self.rank_checksums = gathered.reshape(-1, 3).cpu().tolist()
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
