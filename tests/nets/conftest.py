@@ -34,6 +34,16 @@ def randomize_zeros(model: nn.Module, std: float = 0.1) -> nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run several times faster on one thread than on two contended ones
+    (OpenMP spinning costs more than the work); restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["unet", "dit"])
 def kind(request) -> str:
     return request.param
