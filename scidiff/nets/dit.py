@@ -41,7 +41,9 @@ def sincos_position_embedding(grid: Sequence[int], dim: int) -> Tensor:
     """
     per = 2 * (dim // (2 * len(grid)))
     if per == 0:
-        raise ValueError(f"hidden width {dim} is too small for a {len(grid)}-d position embedding")
+        raise ValueError(
+            f"hidden width {dim} is too small for a {len(grid)}-d position embedding"
+        )
     coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
     parts = [sincos_1d(c.reshape(-1), per) for c in coords]
     emb = torch.cat(parts, dim=-1)
@@ -70,7 +72,9 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden_mlp = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, hidden_mlp), nn.GELU(approximate="tanh"), nn.Linear(hidden_mlp, hidden_size)
+            nn.Linear(hidden_size, hidden_mlp),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_mlp, hidden_size),
         )
         self.ada = nn.Linear(hidden_size, 6 * hidden_size)
         nn.init.zeros_(self.ada.weight)
@@ -79,7 +83,9 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """``x: [B, N, D]`` tokens, ``c: [B, D]`` conditioning (already through SiLU)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        h = self.proj(attention(self.qkv(modulate(self.norm1(x), shift1, scale1)), self.num_heads))
+        h = self.proj(
+            attention(self.qkv(modulate(self.norm1(x), shift1, scale1)), self.num_heads)
+        )
         x = torch.addcmul(x, gate1[:, None], h)  # x + gate_1 * h
         h = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return torch.addcmul(x, gate2[:, None], h)
@@ -124,9 +130,13 @@ class DiT(nn.Module):
         self.dims = check_dims(dims)
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learned_variance else in_channels
-        self.patch_size = tuple(int(p) for p in per_axis(patch_size, self.dims, "patch_size"))
+        self.patch_size = tuple(
+            int(p) for p in per_axis(patch_size, self.dims, "patch_size")
+        )
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}"
+            )
         self.hidden_size = hidden_size
         self.checkpoint = checkpoint
         self.fields = FieldConditioning(field_channels, self.dims, field_resample)
@@ -144,10 +154,14 @@ class DiT(nn.Module):
             param_fourier_features=param_fourier_features,
             param_fourier_scale=param_fourier_scale,
         )
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
+        )
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(hidden_size, 2 * hidden_size)
-        self.final = nn.Linear(hidden_size, math.prod(self.patch_size) * self.out_channels)
+        self.final = nn.Linear(
+            hidden_size, math.prod(self.patch_size) * self.out_channels
+        )
         self._pos_cache: tuple[tuple, Tensor] | None = None
         self._init_weights()
 
@@ -171,11 +185,15 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def position_embedding(self, grid: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    def position_embedding(
+        self, grid: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         """``[1, N, D]`` sin-cos embedding of the token grid (cached for the last grid seen)."""
         key = (tuple(grid), device, dtype)
         if self._pos_cache is None or self._pos_cache[0] != key:
-            pos = sincos_position_embedding(grid, self.hidden_size).to(device=device, dtype=dtype)
+            pos = sincos_position_embedding(grid, self.hidden_size).to(
+                device=device, dtype=dtype
+            )
             self._pos_cache = (key, pos[None])
         return self._pos_cache[1]
 
@@ -195,7 +213,9 @@ class DiT(nn.Module):
             else:
                 h = block(h, c)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        h = self.final(modulate(self.final_norm(h), shift, scale))  # [B, N, prod(p) * C_out]
+        h = self.final(
+            modulate(self.final_norm(h), shift, scale)
+        )  # [B, N, prod(p) * C_out]
         return self.unpatchify(h, grid, b)
 
     def unpatchify(self, h: Tensor, grid: Sequence[int], batch: int) -> Tensor:
@@ -205,4 +225,6 @@ class DiT(nn.Module):
         # [B, G_1..G_d, p_1..p_d, C] -> [B, C, G_1, p_1, ..., G_d, p_d]
         order = [0, 2 * d + 1] + [j for i in range(d) for j in (1 + i, 1 + d + i)]
         h = h.permute(*order)
-        return h.reshape(batch, self.out_channels, *(g * p for g, p in zip(grid, self.patch_size)))
+        return h.reshape(
+            batch, self.out_channels, *(g * p for g, p in zip(grid, self.patch_size))
+        )

@@ -39,7 +39,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     ``w_i = max_period ** (-i / half)`` (Transformer / ADM positional encoding).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, device=t.device, dtype=torch.float32)
+        / half
+    )
     args = t.to(torch.float32)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -85,7 +89,9 @@ class FourierFeatures(nn.Module):
         super().__init__()
         if num_features % 2:
             raise ValueError(f"num_features must be even, got {num_features}")
-        self.register_buffer("weight", torch.randn(in_features, num_features // 2) * scale)
+        self.register_buffer(
+            "weight", torch.randn(in_features, num_features // 2) * scale
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         proj = 2 * math.pi * x @ self.weight.to(x.dtype)
@@ -103,9 +109,19 @@ class ParamEmbedding(nn.Module):
         fourier_scale: frequency scale of the Fourier features.
     """
 
-    def __init__(self, num_params: int, dim: int, fourier_features: int = 0, fourier_scale: float = 1.0):
+    def __init__(
+        self,
+        num_params: int,
+        dim: int,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
+    ):
         super().__init__()
-        self.fourier = FourierFeatures(num_params, fourier_features, fourier_scale) if fourier_features else None
+        self.fourier = (
+            FourierFeatures(num_params, fourier_features, fourier_scale)
+            if fourier_features
+            else None
+        )
         self.mlp = mlp(num_params + fourier_features, dim)
 
     def forward(self, params: Tensor) -> Tensor:
@@ -123,7 +139,9 @@ def _drop_mask(cond: Conditioning | None, batch: int, device: torch.device) -> T
 
 def _check_batch(cond: Conditioning | None, batch: int) -> None:
     if cond is not None and cond.batch_size not in (None, batch):
-        raise ValueError(f"cond has batch size {cond.batch_size}, but x has batch size {batch}")
+        raise ValueError(
+            f"cond has batch size {cond.batch_size}, but x has batch size {batch}"
+        )
 
 
 class ConditionEmbedding(nn.Module):
@@ -154,7 +172,9 @@ class ConditionEmbedding(nn.Module):
         self.embedding_dim = int(embedding_dim or 0)
         self.time = TimestepEmbedding(dim, freq_dim)
         if self.num_params:
-            self.params = ParamEmbedding(self.num_params, dim, param_fourier_features, param_fourier_scale)
+            self.params = ParamEmbedding(
+                self.num_params, dim, param_fourier_features, param_fourier_scale
+            )
             self.null_params = nn.Parameter(torch.randn(dim) * 0.02)
         if self.embedding_dim:
             self.vector = mlp(self.embedding_dim, dim)
@@ -176,9 +196,18 @@ class ConditionEmbedding(nn.Module):
                 f"cond.embedding has shape {tuple(vector.shape)}, but the model was built with embedding_dim=0"
             )
         if self.num_params:
-            emb = emb + self._part(params, self.num_params, "params", self.params, self.null_params, drop)
+            emb = emb + self._part(
+                params, self.num_params, "params", self.params, self.null_params, drop
+            )
         if self.embedding_dim:
-            emb = emb + self._part(vector, self.embedding_dim, "embedding", self.vector, self.null_vector, drop)
+            emb = emb + self._part(
+                vector,
+                self.embedding_dim,
+                "embedding",
+                self.vector,
+                self.null_vector,
+                drop,
+            )
         return emb
 
     @staticmethod
@@ -186,7 +215,9 @@ class ConditionEmbedding(nn.Module):
         if value is None:
             return null.expand(drop.shape[0], -1)
         if value.shape[1] != width:
-            raise ValueError(f"cond.{name} must have shape [B, {width}], got {tuple(value.shape)}")
+            raise ValueError(
+                f"cond.{name} must have shape [B, {width}], got {tuple(value.shape)}"
+            )
         # zero dropped entries first: NaN placeholders must not poison the gradients
         value = value.to(null.dtype).masked_fill(drop, 0.0)
         return torch.where(drop, null, net(value))
@@ -207,10 +238,14 @@ class FieldConditioning(nn.Module):
             (refuse mismatched grids).
     """
 
-    def __init__(self, field_channels: int, dims: int, resample: FieldResample = "linear"):
+    def __init__(
+        self, field_channels: int, dims: int, resample: FieldResample = "linear"
+    ):
         super().__init__()
         if resample not in get_args(FieldResample):
-            raise ValueError(f"field_resample must be one of {get_args(FieldResample)}, got {resample!r}")
+            raise ValueError(
+                f"field_resample must be one of {get_args(FieldResample)}, got {resample!r}"
+            )
         self.field_channels = int(field_channels or 0)
         self.dims = dims
         self.resample = resample
@@ -236,8 +271,14 @@ class FieldConditioning(nn.Module):
             keep = torch.zeros_like(keep)
         else:
             if fields.ndim != x.ndim or fields.shape[1] != self.field_channels:
-                expected = f"[B, {self.field_channels}, " + ", ".join(f"S{i}'" for i in range(self.dims)) + "]"
-                raise ValueError(f"cond.fields must have shape {expected}, got {tuple(fields.shape)}")
+                expected = (
+                    f"[B, {self.field_channels}, "
+                    + ", ".join(f"S{i}'" for i in range(self.dims))
+                    + "]"
+                )
+                raise ValueError(
+                    f"cond.fields must have shape {expected}, got {tuple(fields.shape)}"
+                )
             fields = fields.to(x.dtype)
             if tuple(fields.shape[2:]) != tuple(spatial):
                 fields = self._resample(fields, spatial)

@@ -39,7 +39,9 @@ def per_axis(value, dims: int, name: str) -> tuple:
         return (value,) * dims
     value = tuple(value)
     if len(value) != dims:
-        raise ValueError(f"{name} needs one entry per spatial axis ({dims}), got {value!r}")
+        raise ValueError(
+            f"{name} needs one entry per spatial axis ({dims}), got {value!r}"
+        )
     return value
 
 
@@ -48,7 +50,9 @@ def padding_modes(padding, dims: int) -> tuple[str, ...]:
     modes = per_axis(padding, dims, "padding")
     for m in modes:
         if m not in _PADDING_MODES:
-            raise ValueError(f"padding must be one of {_PADDING_MODES} (per axis), got {m!r}")
+            raise ValueError(
+                f"padding must be one of {_PADDING_MODES} (per axis), got {m!r}"
+            )
     return modes
 
 
@@ -70,7 +74,9 @@ def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.Gro
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-def pad_axes(x: Tensor, pads: Sequence[tuple[int, int]], modes: Sequence[str]) -> Tensor:
+def pad_axes(
+    x: Tensor, pads: Sequence[tuple[int, int]], modes: Sequence[str]
+) -> Tensor:
     """Pad the spatial axes of ``x: [B, C, *S]``; ``pads[i] = (before, after)`` for axis ``i``.
 
     Axes sharing a mode are padded in one ``F.pad`` call, so the common cases
@@ -183,16 +189,26 @@ class ResBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, 2 * out_channels)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(Conv(dims, out_channels, out_channels, 3, padding=padding))
+        self.conv2 = zero_module(
+            Conv(dims, out_channels, out_channels, 3, padding=padding)
+        )
         self.skip = (
-            nn.Identity() if in_channels == out_channels else conv_nd(dims, in_channels, out_channels, 1)
+            nn.Identity()
+            if in_channels == out_channels
+            else conv_nd(dims, in_channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """``x: [B, in, *S]``, ``emb: [B, emb_dim]`` (already passed through SiLU) -> ``[B, out, *S]``."""
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb).reshape(*emb.shape[:1], -1, *([1] * (x.ndim - 2))).chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # GN(h) * (1 + scale) + shift
+        scale, shift = (
+            self.emb(emb)
+            .reshape(*emb.shape[:1], -1, *([1] * (x.ndim - 2)))
+            .chunk(2, dim=1)
+        )
+        h = torch.addcmul(
+            shift, self.norm2(h), 1 + scale
+        )  # GN(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -212,7 +228,9 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention width {channels} is not divisible by num_heads={num_heads}")
+            raise ValueError(
+                f"attention width {channels} is not divisible by num_heads={num_heads}"
+            )
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -229,7 +247,9 @@ class SelfAttention(nn.Module):
 def attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Scaled dot-product attention from packed ``qkv: [B, N, 3C]`` to ``[B, N, C]``."""
     b, n, c3 = qkv.shape
-    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(
+        2, 0, 3, 1, 4
+    )
     h = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, C/H]
     return h.transpose(1, 2).reshape(b, n, c3 // 3)
 
@@ -246,7 +266,9 @@ def check_input(
     if x.ndim != dims + 2 or x.shape[1] != channels:
         raise ValueError(f"x must have shape {expected}, got {tuple(x.shape)}")
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+        raise ValueError(
+            f"t must have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}"
+        )
     if t.is_floating_point() or t.is_complex():
         raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
     if divisor is not None and any(s % d for s, d in zip(x.shape[2:], divisor)):

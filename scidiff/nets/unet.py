@@ -119,7 +119,9 @@ class UNet(nn.Module):
         def heads(ch: int) -> int:
             if head_channels:
                 if ch % head_channels:
-                    raise ValueError(f"width {ch} is not divisible by head_channels={head_channels}")
+                    raise ValueError(
+                        f"width {ch} is not divisible by head_channels={head_channels}"
+                    )
                 return ch // head_channels
             return num_heads
 
@@ -138,7 +140,13 @@ class UNet(nn.Module):
             return ResBlock(self.dims, cin, cout, emb_dim, dropout, self.padding)
 
         ch = model_channels * channel_mult[0]
-        self.input_conv = Conv(self.dims, in_channels + self.fields.extra_channels, ch, 3, padding=self.padding)
+        self.input_conv = Conv(
+            self.dims,
+            in_channels + self.fields.extra_channels,
+            ch,
+            3,
+            padding=self.padding,
+        )
         skips = [ch]
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -150,7 +158,9 @@ class UNet(nn.Module):
                 self.down.append(_EmbedSequential(*layers))
                 skips.append(ch)
             if level < len(channel_mult) - 1:
-                self.down.append(_EmbedSequential(Downsample(self.dims, ch, self.padding)))
+                self.down.append(
+                    _EmbedSequential(Downsample(self.dims, ch, self.padding))
+                )
                 skips.append(ch)
 
         mid = [res(ch, ch)]
@@ -172,7 +182,9 @@ class UNet(nn.Module):
         assert not skips
 
         self.out_norm = group_norm(ch)
-        self.out_conv = zero_module(Conv(self.dims, ch, self.out_channels, 3, padding=self.padding))
+        self.out_conv = zero_module(
+            Conv(self.dims, ch, self.out_channels, 3, padding=self.padding)
+        )
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """``x: [B, C, *S]``, ``t: [B]`` int timesteps, ``cond`` or ``None`` -> ``[B, C_out, *S]``."""
@@ -203,7 +215,9 @@ class UNet(nn.Module):
         if not any(extra):
             return x
         bad = [
-            i for i, (e, m) in enumerate(zip(extra, self.padding)) if e and (m == "circular" or not self.pad_to_multiple)
+            i
+            for i, (e, m) in enumerate(zip(extra, self.padding))
+            if e and (m == "circular" or not self.pad_to_multiple)
         ]
         if bad:
             raise ValueError(
@@ -212,7 +226,10 @@ class UNet(nn.Module):
                 f"{self.pad_to_multiple}); choose a grid size that is a multiple of {self.factor} "
                 "or fewer levels in channel_mult"
             )
-        modes = ["replicate" if m == "reflect" else "zeros" if m == "zeros" else m for m in self.padding]
+        modes = [
+            "replicate" if m == "reflect" else "zeros" if m == "zeros" else m
+            for m in self.padding
+        ]
         for axis, e in enumerate(extra):
             if e:
                 pads = [(0, 0)] * self.dims

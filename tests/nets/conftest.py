@@ -9,8 +9,14 @@ from torch import nn
 from scidiff.nets import DiT, UNet
 
 # widths small enough for the whole suite to run in seconds on two CPU cores
-UNET_TINY = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), head_channels=16)
-DIT_TINY = dict(hidden_size=48, depth=2, num_heads=4)
+UNET_TINY = {
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "num_res_blocks": 1,
+    "attention_levels": (1,),
+    "head_channels": 16,
+}
+DIT_TINY = {"hidden_size": 48, "depth": 2, "num_heads": 4}
 
 # (dims, spatial shape, DiT patch size): non-square, non-cubic grids
 GRIDS = [(1, (40,), 4), (2, (24, 40), (4, 8)), (3, (8, 12, 16), 4)]

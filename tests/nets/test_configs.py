@@ -16,7 +16,14 @@ from scidiff.conditioning import Conditioning
 from scidiff.nets import DiT, UNet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRESETS = {"unet": UNet, "unet_tiny": UNet, "unet_b": UNet, "dit": DiT, "dit_tiny": DiT, "dit_b": DiT}
+PRESETS = {
+    "unet": UNet,
+    "unet_tiny": UNet,
+    "unet_b": UNet,
+    "dit": DiT,
+    "dit_tiny": DiT,
+    "dit_b": DiT,
+}
 
 
 def _compose(name: str, *overrides: str):
@@ -35,14 +42,23 @@ def test_preset_composes(name):
 @pytest.mark.parametrize("name", ["unet_tiny", "dit_tiny"])
 def test_tiny_preset_instantiates_and_runs(name):
     cfg = _compose(
-        name, "+data.channels=2", "+data.dims=2", "+data.num_params=3", "+data.field_channels=1"
+        name,
+        "+data.channels=2",
+        "+data.dims=2",
+        "+data.num_params=3",
+        "+data.field_channels=1",
     )
     torch.manual_seed(0)
     model = instantiate(cfg.denoiser)
     assert isinstance(model, PRESETS[name])
     assert sum(p.numel() for p in model.parameters()) < 500_000
     cond = Conditioning(params=torch.randn(2, 3), fields=torch.randn(2, 1, 16, 24))
-    assert model(torch.randn(2, 2, 16, 24), torch.tensor([0, 10]), cond).shape == (2, 2, 16, 24)
+    assert model(torch.randn(2, 2, 16, 24), torch.tensor([0, 10]), cond).shape == (
+        2,
+        2,
+        16,
+        24,
+    )
 
 
 def test_padding_per_axis_from_data_config():
@@ -55,5 +71,7 @@ def test_nets_import_no_framework():
         "import sys, scidiff.nets; "
         "print([m for m in ('lightning', 'pytorch_lightning', 'hydra', 'mlflow', 'xarray') if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

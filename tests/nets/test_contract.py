@@ -53,9 +53,18 @@ def test_params_matter_and_drop_removes_them(make):
     assert torch.equal(da, db)
     # no cond, or cond without params, is the null condition too
     assert torch.equal(model(x, t, None), da)
-    assert torch.equal(model(x, t, Conditioning(drop=torch.zeros(2, dtype=torch.bool))), da)
+    assert torch.equal(
+        model(x, t, Conditioning(drop=torch.zeros(2, dtype=torch.bool))), da
+    )
     # NaN placeholders in dropped rows never reach the output
-    assert torch.equal(model(x, t, Conditioning(params=torch.full((2, 3), float("nan")), drop=all_dropped)), da)
+    assert torch.equal(
+        model(
+            x,
+            t,
+            Conditioning(params=torch.full((2, 3), float("nan")), drop=all_dropped),
+        ),
+        da,
+    )
 
     # per-sample drop: only the kept sample sees its parameters
     mixed = torch.tensor([True, False])
@@ -66,7 +75,9 @@ def test_params_matter_and_drop_removes_them(make):
 
 
 def test_fourier_param_features(make):
-    model = randomize_zeros(make(1, 1, patch_size=4, num_params=2, param_fourier_features=16)).eval()
+    model = randomize_zeros(
+        make(1, 1, patch_size=4, num_params=2, param_fourier_features=16)
+    ).eval()
     x, t = torch.randn(2, 1, 32), torch.tensor([5, 5])
     a = model(x, t, Conditioning(params=torch.zeros(2, 2)))
     b = model(x, t, Conditioning(params=torch.full((2, 2), 0.1)))
@@ -81,7 +92,9 @@ def test_embedding_matters_and_drop_removes_it(make):
     b = model(x, t, Conditioning(embedding=e2))
     assert (a - b).abs().mean() > 1e-4
     drop = torch.ones(2, dtype=torch.bool)
-    assert torch.equal(model(x, t, Conditioning(embedding=e1, drop=drop)), model(x, t, None))
+    assert torch.equal(
+        model(x, t, Conditioning(embedding=e1, drop=drop)), model(x, t, None)
+    )
 
 
 def test_fields_matter_resample_and_drop(make):
@@ -110,7 +123,11 @@ def test_fields_matter_resample_and_drop(make):
 def test_field_resample_error_mode(make):
     model = make(1, 2, patch_size=4, field_channels=1, field_resample="error")
     with pytest.raises(ValueError, match=r"\(6, 10\).*\(24, 40\)"):
-        model(torch.randn(1, 1, 24, 40), torch.tensor([0]), Conditioning(fields=torch.randn(1, 1, 6, 10)))
+        model(
+            torch.randn(1, 1, 24, 40),
+            torch.tensor([0]),
+            Conditioning(fields=torch.randn(1, 1, 6, 10)),
+        )
 
 
 def test_autocast_bf16(make):
@@ -137,7 +154,9 @@ def test_wrong_rank(make):
 
 def test_wrong_t(make):
     model = make(1, 1)
-    with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[2\], got \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"t must have shape \[B\] = \[2\], got \(3,\)"
+    ):
         model(torch.randn(2, 1, 32), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="integer timesteps"):
         model(torch.randn(2, 1, 32), torch.tensor([0.5, 1.0]))
@@ -146,17 +165,33 @@ def test_wrong_t(make):
 def test_params_of_wrong_length(make):
     model = make(1, 1, num_params=3)
     with pytest.raises(ValueError, match=r"\[B, 3\].*\(2, 4\)"):
-        model(torch.randn(2, 1, 32), torch.tensor([0, 1]), Conditioning(params=torch.randn(2, 4)))
+        model(
+            torch.randn(2, 1, 32),
+            torch.tensor([0, 1]),
+            Conditioning(params=torch.randn(2, 4)),
+        )
 
 
 def test_condition_the_model_was_not_built_for(make):
     model = make(1, 1)
     with pytest.raises(ValueError, match=r"num_params=0"):
-        model(torch.randn(2, 1, 32), torch.tensor([0, 1]), Conditioning(params=torch.randn(2, 4)))
+        model(
+            torch.randn(2, 1, 32),
+            torch.tensor([0, 1]),
+            Conditioning(params=torch.randn(2, 4)),
+        )
     with pytest.raises(ValueError, match=r"field_channels=0"):
-        model(torch.randn(2, 1, 32), torch.tensor([0, 1]), Conditioning(fields=torch.randn(2, 1, 32)))
+        model(
+            torch.randn(2, 1, 32),
+            torch.tensor([0, 1]),
+            Conditioning(fields=torch.randn(2, 1, 32)),
+        )
     with pytest.raises(ValueError, match=r"embedding_dim=0"):
-        model(torch.randn(2, 1, 32), torch.tensor([0, 1]), Conditioning(embedding=torch.randn(2, 4)))
+        model(
+            torch.randn(2, 1, 32),
+            torch.tensor([0, 1]),
+            Conditioning(embedding=torch.randn(2, 4)),
+        )
 
 
 def test_fields_of_wrong_channels_and_batch(make):
@@ -179,7 +214,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(make):
     torch.manual_seed(0)
     ckpt = make(1, 2, patch_size=4, num_params=2, checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
-    x, t, cond = torch.randn(2, 1, 16, 16), torch.tensor([3, 400]), Conditioning(params=torch.randn(2, 2))
+    x, t, cond = (
+        torch.randn(2, 1, 16, 16),
+        torch.tensor([3, 400]),
+        Conditioning(params=torch.randn(2, 2)),
+    )
     grads = []
     for model in (plain, ckpt):
         model.zero_grad()

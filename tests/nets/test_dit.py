@@ -15,7 +15,9 @@ from scidiff.nets.dit import sincos_1d, sincos_position_embedding
 @pytest.mark.parametrize(("dims", "shape", "patch"), GRIDS)
 def test_output_exactly_zero_at_init(dims, shape, patch):
     torch.manual_seed(0)
-    model = make_dit(2, dims, patch_size=patch, num_params=2, field_channels=1, learned_variance=True)
+    model = make_dit(
+        2, dims, patch_size=patch, num_params=2, field_channels=1, learned_variance=True
+    )
     cond = Conditioning(params=torch.randn(2, 2), fields=torch.randn(2, 1, *shape))
     out = model(torch.randn(2, 2, *shape), torch.tensor([0, 999]), cond)
     assert out.shape == (2, 4, *shape)
@@ -68,7 +70,9 @@ def test_sincos_1d_formula():
     emb = sincos_1d(torch.tensor([0.0, 3.0]), 8)
     w = 10_000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
     torch.testing.assert_close(emb[1], torch.cat([torch.sin(3 * w), torch.cos(3 * w)]))
-    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4, dtype=torch.float64))
+    torch.testing.assert_close(
+        emb[0], torch.tensor([0.0] * 4 + [1.0] * 4, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("grid", [(32, 64), (6, 6, 6), (40,)])

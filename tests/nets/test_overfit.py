@@ -19,7 +19,11 @@ STEPS = 100
 
 def _batch() -> torch.Tensor:
     """Four 16x16 plane waves, ``[4, 1, 16, 16]``."""
-    yy, xx = torch.meshgrid(torch.linspace(0, 2 * math.pi, 16), torch.linspace(0, 2 * math.pi, 16), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.linspace(0, 2 * math.pi, 16),
+        torch.linspace(0, 2 * math.pi, 16),
+        indexing="ij",
+    )
     return torch.stack([torch.sin(k * xx + yy) for k in range(1, 5)])[:, None]
 
 
@@ -29,9 +33,15 @@ def _batch() -> torch.Tensor:
 )
 def test_overfits_one_batch(name, lr):
     torch.manual_seed(0)
-    model = make_unet(1, 2) if name == "unet" else make_dit(1, 2, patch_size=2, hidden_size=64)
+    model = (
+        make_unet(1, 2)
+        if name == "unet"
+        else make_dit(1, 2, patch_size=2, hidden_size=64)
+    )
     diff = GaussianDiffusion(
-        NoiseSchedule.from_name("linear", num_timesteps=1000), prediction="eps", variance="fixed_small"
+        NoiseSchedule.from_name("linear", num_timesteps=1000),
+        prediction="eps",
+        variance="fixed_small",
     )
     x0 = _batch()
     gen = torch.Generator().manual_seed(1)
@@ -41,7 +51,9 @@ def test_overfits_one_batch(name, lr):
 
     def eval_loss() -> float:
         with torch.no_grad():
-            return diff.training_loss(model, x_eval, t=t_eval, noise=n_eval).mean().item()
+            return (
+                diff.training_loss(model, x_eval, t=t_eval, noise=n_eval).mean().item()
+            )
 
     before = eval_loss()
     # both models output exactly zero at init, so the eps loss starts at E[eps^2] ~ 1
@@ -65,10 +77,16 @@ def test_learns_to_use_params(name):
     Uniform fields, because a convolutional net cannot place a pattern on the grid
     without seeing it in x_t, whatever the parameter says."""
     torch.manual_seed(0)
-    kw = dict(num_params=1)
-    model = make_unet(1, 2, **kw) if name == "unet" else make_dit(1, 2, patch_size=2, hidden_size=64, **kw)
+    kw = {"num_params": 1}
+    model = (
+        make_unet(1, 2, **kw)
+        if name == "unet"
+        else make_dit(1, 2, patch_size=2, hidden_size=64, **kw)
+    )
     diff = GaussianDiffusion(
-        NoiseSchedule.from_name("linear", num_timesteps=1000), prediction="x0", variance="fixed_small"
+        NoiseSchedule.from_name("linear", num_timesteps=1000),
+        prediction="x0",
+        variance="fixed_small",
     )
     x0 = torch.ones(2, 1, 16, 16) * torch.tensor([1.0, -1.0])[:, None, None, None]
     params = torch.tensor([[1.0], [-1.0]])
@@ -86,7 +104,11 @@ def test_learns_to_use_params(name):
     def eval_loss(p: torch.Tensor) -> float:
         with torch.no_grad():
             cond = Conditioning(params=p.repeat(16, 1))
-            return diff.training_loss(model, x_eval, cond, t=t_eval, noise=n_eval).mean().item()
+            return (
+                diff.training_loss(model, x_eval, cond, t=t_eval, noise=n_eval)
+                .mean()
+                .item()
+            )
 
     right, swapped = eval_loss(params), eval_loss(params.flip(0))
     assert right < 0.1 * swapped, f"{name}: {right:.3f} vs swapped {swapped:.3f}"

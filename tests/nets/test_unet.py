@@ -28,10 +28,16 @@ def _roll_error(model: UNet, x: torch.Tensor, shift: int, axis: int) -> float:
     return ((rolled_out - out_rolled).abs().max() / out_rolled.abs().max()).item()
 
 
-CIRC = dict(channel_mult=(1, 2, 2), attention_levels=(), mid_attention=False)  # 2**levels = 4
+CIRC = {
+    "channel_mult": (1, 2, 2),
+    "attention_levels": (),
+    "mid_attention": False,
+}  # 2**levels = 4
 
 
-@pytest.mark.parametrize(("dims", "shape"), [(1, (24,)), (2, (12, 20)), (3, (8, 8, 12))])
+@pytest.mark.parametrize(
+    ("dims", "shape"), [(1, (24,)), (2, (12, 20)), (3, (8, 8, 12))]
+)
 def test_circular_padding_is_roll_equivariant(dims, shape):
     torch.manual_seed(0)
     model = randomize_zeros(make_unet(1, dims, padding="circular", **CIRC)).eval()
@@ -44,7 +50,9 @@ def test_circular_padding_is_roll_equivariant(dims, shape):
 def test_roll_equivariance_only_along_periodic_axis():
     """A lat/lon grid: zeros in latitude, circular in longitude."""
     torch.manual_seed(0)
-    model = randomize_zeros(make_unet(1, 2, padding=["zeros", "circular"], **CIRC)).eval()
+    model = randomize_zeros(
+        make_unet(1, 2, padding=["zeros", "circular"], **CIRC)
+    ).eval()
     x = torch.randn(2, 1, 12, 20)
     assert _roll_error(model, x, 4, axis=3) < 1e-5
     # the check can fail: latitude is not periodic
@@ -65,7 +73,9 @@ def test_reflect_padding_runs():
 
 
 def test_sizes_not_divisible_are_padded_and_cropped():
-    model = randomize_zeros(make_unet(1, 2, channel_mult=(1, 2, 2), padding=["reflect", "zeros"])).eval()
+    model = randomize_zeros(
+        make_unet(1, 2, channel_mult=(1, 2, 2), padding=["reflect", "zeros"])
+    ).eval()
     x = torch.randn(2, 1, 23, 37)
     out = model(x, torch.tensor([1, 2]))
     assert out.shape == (2, 1, 23, 37)
@@ -73,7 +83,9 @@ def test_sizes_not_divisible_are_padded_and_cropped():
 
 def test_sizes_not_divisible_refused_on_circular_axis_or_when_asked():
     model = make_unet(1, 2, channel_mult=(1, 2, 2), padding=["zeros", "circular"])
-    with pytest.raises(ValueError, match=r"\(24, 38\).*divisible by 2\*\*levels = 4.*axes \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"\(24, 38\).*divisible by 2\*\*levels = 4.*axes \[1\]"
+    ):
         model(torch.randn(1, 1, 24, 38), torch.tensor([0]))
     strict = make_unet(1, 1, channel_mult=(1, 2), pad_to_multiple=False)
     with pytest.raises(ValueError, match=r"\(33,\).*= 2"):

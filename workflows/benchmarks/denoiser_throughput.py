@@ -38,7 +38,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRESETS = {"tiny": ("unet_tiny", "dit_tiny"), "s": ("unet", "dit"), "b": ("unet_b", "dit_b")}
+PRESETS = {
+    "tiny": ("unet_tiny", "dit_tiny"),
+    "s": ("unet", "dit"),
+    "b": ("unet_b", "dit_b"),
+}
 
 
 @dataclass
@@ -73,8 +77,14 @@ def diffusers_unet(cfg: dict, channels: int, size: int):
         out_channels=channels,
         block_out_channels=widths,
         layers_per_block=cfg["num_res_blocks"],
-        down_block_types=[("AttnDownBlock2D" if i in attn else "DownBlock2D") for i in range(len(mult))],
-        up_block_types=[("AttnUpBlock2D" if i in attn else "UpBlock2D") for i in reversed(range(len(mult)))],
+        down_block_types=[
+            ("AttnDownBlock2D" if i in attn else "DownBlock2D")
+            for i in range(len(mult))
+        ],
+        up_block_types=[
+            ("AttnUpBlock2D" if i in attn else "UpBlock2D")
+            for i in reversed(range(len(mult)))
+        ],
         attention_head_dim=cfg["head_channels"] or widths[0] // cfg["num_heads"],
         norm_num_groups=math.gcd(*widths, 32),
         resnet_time_scale_shift="scale_shift",
@@ -141,7 +151,9 @@ def measure(models: dict, x: torch.Tensor, args) -> dict[str, Result]:
                 model.zero_grad(set_to_none=True)
                 fns[name]()
         sync()
-        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peaks[name] = (
+            torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        )
     for _ in range(args.rounds):
         for name, (model, _) in models.items():
             sync()
@@ -179,20 +191,45 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast mixed precision")
-    parser.add_argument("--size", choices=sorted(PRESETS), default="tiny", help="denoiser preset size")
-    parser.add_argument("--batch", type=int, default=8, help="batch size of the 2-D runs")
-    parser.add_argument("--batch3d", type=int, default=None, help="batch of the 3-D run (default batch // 4)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 = autocast mixed precision",
+    )
+    parser.add_argument(
+        "--size", choices=sorted(PRESETS), default="tiny", help="denoiser preset size"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=8, help="batch size of the 2-D runs"
+    )
+    parser.add_argument(
+        "--batch3d",
+        type=int,
+        default=None,
+        help="batch of the 3-D run (default batch // 4)",
+    )
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--size2d", type=int, default=64, help="2-D grid side")
     parser.add_argument("--size3d", type=int, default=32, help="3-D grid side")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model (kernel selection, JIT)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps per model (kernel selection, JIT)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["unet", "dit", "unet3d"], nargs="*", default=None)
+    parser.add_argument(
+        "--only", choices=["unet", "dit", "unet3d"], nargs="*", default=None
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the results here"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,16 +249,35 @@ def main(argv: list[str] | None = None) -> int:
         ours = instantiate(cfg)
         theirs = diffusers_unet(cfg, c, s2)
         x = torch.randn(args.batch, c, s2, s2, device=device)
-        r = measure({"scidiff UNet": (ours, "ours"), "diffusers UNet2DModel": (theirs, "diffusers_unet")}, x, args)
-        rows.append((f"UNet-2D {unet_name}", r["scidiff UNet"], r["diffusers UNet2DModel"]))
+        r = measure(
+            {
+                "scidiff UNet": (ours, "ours"),
+                "diffusers UNet2DModel": (theirs, "diffusers_unet"),
+            },
+            x,
+            args,
+        )
+        rows.append(
+            (f"UNet-2D {unet_name}", r["scidiff UNet"], r["diffusers UNet2DModel"])
+        )
         del ours, theirs
     if "dit" in only:
         cfg = denoiser_config(dit_name, channels=c, dims=2)
         ours = instantiate(cfg)
         theirs = diffusers_dit(cfg, c, s2)
         x = torch.randn(args.batch, c, s2, s2, device=device)
-        r = measure({"scidiff DiT": (ours, "ours"), "diffusers DiT": (theirs, "diffusers_dit")}, x, args)
-        rows.append((f"DiT-2D {dit_name}/p{cfg['patch_size']}", r["scidiff DiT"], r["diffusers DiT"]))
+        r = measure(
+            {"scidiff DiT": (ours, "ours"), "diffusers DiT": (theirs, "diffusers_dit")},
+            x,
+            args,
+        )
+        rows.append(
+            (
+                f"DiT-2D {dit_name}/p{cfg['patch_size']}",
+                r["scidiff DiT"],
+                r["diffusers DiT"],
+            )
+        )
         del ours, theirs
     if "unet3d" in only:
         cfg = denoiser_config(unet_name, channels=c, dims=3)
@@ -237,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     )
-    print(f"\ndenoiser throughput: forward+backward, {args.dtype}, device {device} ({hardware}), torch {torch.__version__}")
+    print(
+        f"\ndenoiser throughput: forward+backward, {args.dtype}, device {device} ({hardware}), torch {torch.__version__}"
+    )
     header = f"{'model':<26}{'grid':>10}{'batch':>6}{'params M':>14}{'ours smp/s':>12}{'diffusers smp/s':>17}{'ours/diffusers':>16}"
     if device.type == "cuda":
         header += f"{'mem GiB ours/diff':>19}"
@@ -249,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         params = f"{ours.params_m:.2f}" + (f"/{theirs.params_m:.2f}" if theirs else "")
         line = f"{label:<26}{ours.shape:>10}{ours.batch:>6}{params:>14}{ours.samples_per_s:>12.2f}{their_sps:>17}{ratio:>16}"
         if device.type == "cuda":
-            mem = f"{ours.peak_mem_gib:.2f}" + (f"/{theirs.peak_mem_gib:.2f}" if theirs else "")
+            mem = f"{ours.peak_mem_gib:.2f}" + (
+                f"/{theirs.peak_mem_gib:.2f}" if theirs else ""
+            )
             line += f"{mem:>19}"
         print(line)
     if args.json:
