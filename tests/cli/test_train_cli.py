@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scidiff.cli.train import CONFIG_DIR
-from tests.cli.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
