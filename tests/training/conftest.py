@@ -31,3 +31,20 @@ def run_train(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240, 
     if check and proc.returncode != 0:
         raise AssertionError(f"scidiff-train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+TINY_CONDITIONAL = [
+    "experiment=quickstart", "data.params=[{name: spectral_index, transform: zscore}, {name: amplitude, transform: log}]",
+    "module.cond_dropout=0.2", "trainer.max_steps=30", "trainer.val_check_interval=15", "trainer.log_every_n_steps=5",
+    "callbacks.periodic_checkpoint.every_n_train_steps=15", *QUIET,
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """A tiny conditional (spectral_index, amplitude) quickstart run, trained 30 steps once
+    per session: the working directory (holding ``mlflow.db``) with the run under
+    ``outputs/quickstart/tiny``. For the sampling and evaluation tests."""
+    cwd = tmp_path_factory.mktemp("trained")
+    run_train([*TINY_CONDITIONAL, "run_name=tiny"], cwd, data_dir)
+    return cwd

@@ -1,0 +1,230 @@
+"""Load a trained model for sampling and evaluation: ``load_pretrained``.
+
+A scidiff checkpoint (written by ``scidiff-train``) holds everything needed to use
+the model without the training data: the resolved config (``checkpoint["scidiff"]
+["config"]``), the weights and their EMA copy (``state_dict``), the normalisation
+statistics and the dataset's metadata (names, units, coordinates; under the data
+module's key). :func:`load_pretrained` rebuilds the denoiser and the diffusion from
+the config, loads the EMA weights (or the raw ones when the run had no EMA) and
+returns a :class:`Pretrained` that converts between physical and model units.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: nothing in the file can
+run code. A checkpoint can also be named by its MLflow run: ``runs:/<run_id>`` or a
+bare 32-character run id (the run's ``checkpoints/last.ckpt`` artifact, from the
+store at ``tracking_uri``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scidiff.data.dataset import FieldMetadata
+from scidiff.data.statistics import Statistics
+from scidiff.data.transforms import ChannelTransform
+from scidiff.diffusion import GaussianDiffusion
+from scidiff.training.checkpoint import safe_torch_load
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable scidiff checkpoint (the message names the file and why)."""
+
+
+@dataclass
+class Pretrained:
+    """A trained denoiser with what is needed to use it in physical units.
+
+    Attributes:
+        denoiser: the network (EMA weights when the run kept an EMA), in eval mode.
+        diffusion: the run's :class:`GaussianDiffusion`.
+        metadata: channel/parameter names, units, spatial dims and coordinates.
+        statistics: the normalisation statistics of the training split.
+        config: the run's resolved config (plain python).
+        checkpoint: the checkpoint file read; ``sha256`` its content hash.
+        global_step: the training step of the checkpoint.
+        weights: ``"ema"`` or ``"raw"``.
+        mlflow_run_id, mlflow_tracking_uri: the training run, when it was tracked.
+    """
+
+    denoiser: nn.Module
+    diffusion: GaussianDiffusion
+    metadata: FieldMetadata
+    statistics: Statistics
+    config: dict[str, Any]
+    checkpoint: Path
+    sha256: str
+    global_step: int
+    weights: str
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    split_indices: Mapping[str, list[int]] = field(default_factory=dict)
+
+    # -- units ---------------------------------------------------------------------------
+    @property
+    def x_transform(self) -> ChannelTransform:
+        """Physical -> normalised for fields; ``inverse`` and ``log_abs_det_jacobian``."""
+        return self.statistics.x_transform()
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(self.metadata.param_names)
+
+    def to_physical(self, x: Tensor) -> Tensor:
+        """Normalised ``[B, C, *S]`` -> physical units."""
+        return self.x_transform.inverse(x)
+
+    def to_model(self, x: Tensor) -> Tensor:
+        """Physical ``[B, C, *S]`` -> normalised (what the denoiser sees)."""
+        return self.x_transform(x)
+
+    def params_to_model(self, params: Tensor) -> Tensor:
+        """Physical parameters ``[B, P]`` (order of ``param_names``) -> normalised."""
+        names = self.param_names
+        if params.ndim != 2 or params.shape[1] != len(names):
+            raise ValueError(f"params must be [B, {len(names)}] for {list(names)}, got shape {tuple(params.shape)}")
+        return self.statistics.param_transform()(params)
+
+    def param_ranges(self) -> dict[str, tuple[float, float]]:
+        """Training range (min, max) of each physical parameter."""
+        from scidiff.data.transforms import unwarp
+
+        out = {}
+        for s in self.statistics.params:  # the statistics are of the warped values g(x)
+            lo, hi = (float(unwarp(torch.tensor(v, dtype=torch.float64), s.pointwise, s.log_offset))
+                      for v in (s.min, s.max))
+            out[s.name] = (lo, hi)
+        return out
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """``(C, *S)`` of one field."""
+        return (self.metadata.num_channels, *self.metadata.spatial_shape)
+
+    def to(self, device: torch.device | str) -> Pretrained:
+        self.denoiser.to(device)
+        return self
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
+                       artifact: str = "checkpoints/last.ckpt") -> Path:
+    """A checkpoint file from a path, a run directory, ``runs:/<id>[/artifact]`` or a run id."""
+    text = str(ref)
+    path = Path(text)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"checkpoint: {path} is a directory without checkpoints/last.ckpt")
+    run_id = None
+    if text.startswith("runs:/"):
+        rest = text[len("runs:/"):].strip("/").split("/", 1)
+        run_id = rest[0]
+        if len(rest) == 2 and rest[1]:
+            artifact = rest[1]
+    elif _RUN_ID.match(text):
+        run_id = text
+    if run_id is None:
+        raise CheckpointError(f"checkpoint: {text} does not exist (give a .ckpt file, a run directory or an MLflow run id)")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri)
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint: MLflow run {run_id} has no artifact {artifact} in {uri} ({first})") from None
+    return Path(local)
+
+
+def _datamodule_state(ckpt: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for key in ("ResumableDataModule", "FieldDataModule"):
+        if isinstance(ckpt.get(key), Mapping) and "statistics" in ckpt[key]:
+            return ckpt[key]
+    for value in ckpt.values():
+        if isinstance(value, Mapping) and "statistics" in value and "metadata" in value:
+            return value
+    return None
+
+
+def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
+                    use_ema: bool = True) -> Pretrained:
+    """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be).
+
+    Raises:
+        CheckpointError: the file is missing, not a checkpoint, or not one written by
+            ``scidiff-train`` (no config / statistics); the message names the file.
+    """
+    import hydra.utils as hu
+
+    path = resolve_checkpoint(ref, tracking_uri)
+    try:
+        ckpt = safe_torch_load(path)
+    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
+        raise CheckpointError(f"checkpoint: {path} is not a readable torch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint: {path} has no state_dict (not a Lightning checkpoint)")
+    info = ckpt.get("scidiff") or {}
+    config = info.get("config")
+    dm_state = _datamodule_state(ckpt)
+    if not isinstance(config, Mapping) or dm_state is None:
+        raise CheckpointError(
+            f"checkpoint: {path} was not written by scidiff-train (missing its config or normalisation statistics)"
+        )
+    metadata = FieldMetadata.from_state(dm_state["metadata"])
+    statistics = Statistics.from_state(dm_state["statistics"])
+    denoiser = hu.instantiate(
+        config["denoiser"],
+        in_channels=metadata.num_channels,
+        dims=len(metadata.spatial_dims),
+        num_params=len(metadata.param_names),
+        field_channels=len(metadata.field_names),
+    )
+    diffusion = hu.instantiate(config["diffusion"])
+    state = ckpt["state_dict"]
+    prefix = "ema.model." if use_ema and any(k.startswith("ema.model.") for k in state) else "denoiser."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        denoiser.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint: {path}: weights do not fit the configured denoiser ({first})") from None
+    denoiser.to(device).eval().requires_grad_(False)
+    return Pretrained(
+        denoiser=denoiser,
+        diffusion=diffusion,
+        metadata=metadata,
+        statistics=statistics,
+        config=dict(config),
+        checkpoint=path.resolve(),
+        sha256=file_sha256(path),
+        global_step=int(ckpt.get("global_step", 0)),
+        weights="ema" if prefix == "ema.model." else "raw",
+        mlflow_run_id=info.get("mlflow_run_id"),
+        mlflow_tracking_uri=info.get("mlflow_tracking_uri"),
+        split_indices=dict(dm_state.get("split_indices") or {}),
+    )
+
+
+__all__ = ["CheckpointError", "Pretrained", "file_sha256", "load_pretrained", "resolve_checkpoint"]
