@@ -1,4 +1,5 @@
-"""The variational bound on -log p(x_0) of a DDPM, decomposed into its terms.
+"""The variational bound on -log p(x_0) of a DDPM, decomposed into its terms, with the
+choice of reverse variance, decoder, dequantisation and area weights made at evaluation time.
 
 Ho et al. (2020) eq. 5 / Luo (2022) eq. 58, with 0-based timesteps:
 
@@ -7,30 +8,75 @@ Ho et al. (2020) eq. 5 / Luo (2022) eq. 58, with 0-based timesteps:
     L_t     = E_q KL( q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t) )     denoising terms
     L_0     = E_q [ -log p(x_0 | x_1) ]                                reconstruction term
 
-Each denoising term is estimated with one draw of x_t ~ q(x_t | x_0) per sample. The
-decoder of L_0 is the diffusion's ``decoder`` (continuous Gaussian density for real
-fields, discretised Gaussian for quantised data). Everything is per sample and per
-dimension (mean over the valid points), in nats; ``bits_per_dim`` divides by ln 2.
+Each denoising term is estimated with one draw of x_t ~ q(x_t | x_0) per sample.
+Everything is per sample and per dimension (a mean over the valid points, weighted
+when area ``weights`` are given), in nats; ``bits_per_dim`` divides by ln 2.
 
-For likelihoods in physical units, pass the data transform's log-determinant
-(physical -> normalised, summed over the sample's valid points): since
-p_phys(x) = p_model(T(x)) |det dT/dx|, the physical NLL is the model's minus it.
+**Reverse variance** (``variance=``): p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I) with
+the model's mean and, overriding the diffusion's own choice without retraining,
+
+* ``"fixed_small"``: sigma_t^2 = beta~_t (DDPM), the lower bound of the optimum;
+* ``"fixed_large"``: sigma_t^2 = beta_t (DDPM);
+* ``"learned_range"``: the model's interpolation (Improved DDPM eq. 15; needs 2C outputs);
+* a tensor ``[T]``: e.g. the Analytic-DPM optimum of :func:`estimate_optimal_variance`.
+
+The same choice is the decoder variance of L_0 at t = 0. There beta~_0 = 0, so
+``fixed_small`` and ``fixed_large`` both use beta~_1 (Improved DDPM's clipped log
+variance; ``GaussianDiffusion``'s tables), while the optimal variance uses its own
+value at t = 0, E Var[x_0 | x_{t=0}] per dimension.
+
+**Analytic-DPM** (Bao et al. 2022, Theorem 1 with lambda_t^2 = beta~_t, the DDPM
+chain): the reverse variance minimising the bound is
+
+    sigma*_t^2 = beta~_t + ( sqrt(b_t / a_t) - sqrt(b_{t-1} - beta~_t) )^2 (1 - Gamma_t)
+               = beta~_t + beta_t^2 / (a_t b_t) (1 - Gamma_t),
+    Gamma_t    = E_q ||eps_theta(x_t, t)||^2 / d,
+
+(a_t = 1 - beta_t, b_t = 1 - ab_t); it equals beta~_t + c1_t^2 E Var[x_0 | x_t] / d
+with c1_t the posterior mean's x_0 coefficient, and since 0 <= Gamma_t <= 1 it lies
+in [beta~_t, beta_t / a_t] (Theorem 2); for data in [lo, hi] also
+sigma*_t^2 <= beta~_t + c1_t^2 ((hi - lo) / 2)^2 (Bao et al. eq. 10).
+
+**Decoder and dequantisation.** L_0 uses the diffusion's decoder unless ``decoder=``
+says otherwise: ``"gaussian"`` (continuous density, for real fields: the bound is on
+the negative log density) or ``"discretized"`` (DDPM eq. 13: the probability of the
+bin of width ``bin_width`` around x_0, a scalar or one per channel ``[C]``; the bound
+is then on -log P(bin), a probability). ``dequantize=True`` instead adds
+u ~ U(-w/2, w/2) to x_0 and uses the continuous decoder: since
+P(bin) = w^d E_u p(x_0 + u) >= w^d exp E_u log p(x_0 + u) (Jensen; Theis et al. 2016,
+Ho et al. 2019 "Flow++" sec. 3.1), the dequantised bound minus mean log w per
+dimension bounds -log P(bin) / d of the discrete data.
+
+**Physical units.** Pass the data transform's log-determinant (physical ->
+normalised, summed over the sample's valid points): since
+p_phys(x) = p_model(T(x)) |det dT/dx|, the physical NLL is the model's minus it. A
+probability of bins (discretised decoder, dequantisation) is unit-free: give the bin
+widths in normalised units and no log-determinant.
+
+The exact likelihood through the probability-flow ODE lives in
+:mod:`scidiff.diffusion.ode_likelihood` and is re-exported here as :func:`ode_nll`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
-from scidiff.diffusion.gaussian import normal_kl
-from scidiff.diffusion.process import GaussianDiffusion
-from scidiff.shapes import check_field, mean_flat
+from scidiff.diffusion.gaussian import discretized_gaussian_log_likelihood, gaussian_log_density, normal_kl
+from scidiff.diffusion.process import DECODERS, GaussianDiffusion
+from scidiff.shapes import append_dims, check_field, mean_flat
 
 LN2 = math.log(2.0)
+
+ReverseVariance = Literal["fixed_small", "fixed_large", "learned_range"]
+REVERSE_VARIANCES: tuple[str, ...] = get_args(ReverseVariance)
+VarianceChoice = ReverseVariance | Tensor | None
 
 
 @dataclass(frozen=True)
@@ -42,7 +88,8 @@ class VariationalBound:
             denoising term L_t.
         prior: ``[B]`` the prior term.
         nats_per_dim: ``[B]`` the total (prior + all terms), minus the transform's
-            log-determinant per dimension when one was given.
+            log-determinant per dimension when one was given, minus the mean log bin
+            width when the data were dequantised.
         bits_per_dim: ``[B]`` the same in bits.
         dims: ``[B]`` the number of valid dimensions of each sample.
     """
@@ -70,13 +117,277 @@ class BoundEstimate:
     reconstruction: Tensor
 
 
-def prior_term(diffusion: GaussianDiffusion, x0: Tensor, mask: Tensor | None = None) -> Tensor:
+# ------------------------------------------------------------ point weights
+def point_weights(x0: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor | None:
+    """Weights of the per-dimension averages, ``[B|1, C|1, *S]`` in x0's dtype, or None.
+
+    w = mask * weights, normalised per sample so that the mean weight over the valid
+    points is 1 (sum_p w_p = number of valid points): a weighted mean is then
+    sum_p w_p v_p / sum_p w_p and without weights it is the plain mean over valid points.
+
+    Args:
+        x0: ``[B, C, *S]``.
+        mask: 1 = valid, broadcastable to x0 with x0's rank.
+        weights: non-negative area weights, ``[*S]`` or broadcastable to x0 with its
+            rank (e.g. ``[B, 1, *S]``); e.g. cos(latitude) on a lat/lon grid.
+    """
+    if mask is None and weights is None:
+        return None
+    w = torch.ones((1,) * x0.ndim, dtype=x0.dtype, device=x0.device)
+    for name, part in (("mask", mask), ("weights", weights)):
+        if part is None:
+            continue
+        part = torch.as_tensor(part, device=x0.device).to(x0.dtype)
+        if name == "weights" and part.ndim == x0.ndim - 2:
+            part = part.reshape(1, 1, *part.shape)
+        try:
+            fits = part.ndim == x0.ndim and torch.broadcast_shapes(part.shape, x0.shape) == x0.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} of shape {tuple(part.shape)} does not broadcast to x0 of shape {tuple(x0.shape)}")
+        if not torch.isfinite(part).all() or (part < 0).any():
+            raise ValueError(f"{name} must be finite and non-negative")
+        w = w * part
+    total = w.expand_as(x0).flatten(1).sum(dim=1)
+    if (total <= 0).any():
+        raise ValueError("every sample needs valid points with positive weight")
+    return w * append_dims(_valid_points(x0, mask) / total, x0.ndim)
+
+
+def _valid_points(x0: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return torch.full((x0.shape[0],), x0[0].numel(), dtype=x0.dtype, device=x0.device)
+    return (mask.to(x0.dtype).expand_as(x0) > 0).flatten(1).sum(dim=1).to(x0.dtype)
+
+
+# --------------------------------------------------------- reverse variance
+def _check_variance(diffusion: GaussianDiffusion, variance: VarianceChoice) -> VarianceChoice:
+    """Validate a variance choice; a tensor becomes a float64 ``[T]`` table."""
+    if variance is None:
+        return None
+    if isinstance(variance, Tensor):
+        table = variance.detach().to(torch.float64).cpu()
+        if table.shape != (diffusion.num_timesteps,) or not torch.isfinite(table).all() or (table <= 0).any():
+            raise ValueError(
+                f"a variance tensor must hold T = {diffusion.num_timesteps} finite positive values, "
+                f"got shape {tuple(table.shape)}"
+            )
+        return table
+    if variance not in REVERSE_VARIANCES:
+        raise ValueError(f"variance: unknown value {variance!r}; expected one of {REVERSE_VARIANCES} or a tensor [T]")
+    if variance == "learned_range" and not diffusion.learns_variance:
+        raise ValueError(
+            "variance='learned_range' needs a model with 2C outputs (a diffusion with variance='learned_range'), "
+            f"this diffusion has variance={diffusion.variance!r}"
+        )
+    return variance
+
+
+def reverse_step(
+    diffusion: GaussianDiffusion, model_output: Tensor, x_t: Tensor, t: Tensor, variance: VarianceChoice = None
+) -> tuple[Tensor, Tensor]:
+    """Mean and log-variance ``[B, C, *S]`` of p(x_{t-1} | x_t) with the reverse variance
+    ``variance`` (None: the diffusion's own), whatever the variance the model was trained for.
+
+    A model with variance channels can be evaluated with a fixed or tabulated variance
+    (its variance channels are ignored); ``"learned_range"`` needs them.
+    """
+    variance = _check_variance(diffusion, variance)
+    if variance is None or variance == diffusion.variance:
+        p = diffusion.p_mean_variance(model_output, x_t, t)
+        return p.mean, p.log_variance
+    t = diffusion.check_timesteps(t, x_t)
+    pred, _ = diffusion.split_output(model_output, x_t)
+    pred_x0, _ = diffusion.predictions(pred, x_t, t)
+    mean, _, _ = diffusion.q_posterior_mean_variance(pred_x0, x_t, t)
+    if isinstance(variance, Tensor):
+        log_var = append_dims(variance.log().to(device=x_t.device, dtype=x_t.dtype)[t], x_t.ndim)
+    elif variance == "fixed_small":
+        log_var = diffusion.coef("posterior_log_variance_clipped", t, x_t)
+    elif variance == "fixed_large":
+        log_var = diffusion.coef("fixed_large_log_variance", t, x_t)
+    else:
+        raise ValueError(f"variance: unknown value {variance!r}")
+    return mean, log_var.expand_as(x_t)
+
+
+def optimal_variance_from_gamma(
+    diffusion: GaussianDiffusion, gamma: Tensor, data_range: tuple[float, float] | None = None
+) -> Tensor:
+    """Analytic-DPM's optimal reverse variance ``[T]`` (float64) from Gamma_t = E||eps||^2 / d.
+
+    sigma*_t^2 = beta~_t + beta_t^2 / (a_t (1 - ab_t)) (1 - Gamma_t) (Bao et al. 2022,
+    Theorem 1 with lambda_t^2 = beta~_t), Gamma clipped to [0, 1] so that the result
+    lies in the Theorem-2 bounds [beta~_t, beta_t / a_t]; with ``data_range`` = (lo, hi)
+    also below beta~_t + c1_t^2 ((hi - lo) / 2)^2 (their eq. 10). At t = 0, beta~_0 = 0
+    and the value is E Var[x_0 | x_{t=0}] / d; it is kept above 1e-20.
+    """
+    sch = diffusion.schedule
+    gamma = torch.as_tensor(gamma, dtype=torch.float64).cpu()
+    if gamma.shape != (diffusion.num_timesteps,):
+        raise ValueError(f"gamma must have shape [T] = [{diffusion.num_timesteps}], got {tuple(gamma.shape)}")
+    ab, ab_prev, beta = sch.alphas_cumprod, sch.alphas_cumprod_prev, sch.betas
+    beta_tilde = beta * (1.0 - ab_prev) / (1.0 - ab)
+    gap = beta**2 / ((1.0 - beta) * (1.0 - ab))
+    sigma2 = beta_tilde + gap * (1.0 - gamma.clamp(0.0, 1.0))
+    if data_range is not None:
+        lo, hi = data_range
+        c1 = beta * ab_prev.sqrt() / (1.0 - ab)
+        sigma2 = torch.minimum(sigma2, beta_tilde + c1**2 * ((hi - lo) / 2.0) ** 2)
+    return sigma2.clamp_min(1e-20)
+
+
+@torch.no_grad()
+def estimate_optimal_variance(
+    denoiser: nn.Module,
+    diffusion: GaussianDiffusion,
+    data: Tensor | Iterable,
+    cond: Conditioning | None = None,
+    mask: Tensor | None = None,
+    timesteps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    weights: Tensor | None = None,
+    data_range: tuple[float, float] | None = None,
+    timestep_batch: int = 50,
+) -> Tensor:
+    """Training-free optimal reverse variance sigma*_t^2 ``[T]`` (float64), Analytic-DPM.
+
+    Gamma_t = E ||eps_theta(x_t, t)||^2 / d is estimated by Monte Carlo over the data
+    (one x_t ~ q(x_t | x_0) per sample and timestep; Bao et al. 2022, eq. 8), for any
+    prediction type (eps is recovered with ``GaussianDiffusion.predictions``), and
+    turned into sigma*_t^2 by :func:`optimal_variance_from_gamma`. Pass the result as
+    ``variance=`` to :func:`variational_bound` / :func:`estimate_bound`.
+
+    Args:
+        data: normalised samples ``[N, C, *S]``, or an iterable of batches: tensors,
+            ``(x, cond)`` pairs or dicts with ``"x"`` and optional ``"mask"``/``"cond"``.
+        cond, mask: for a tensor ``data`` (mask: 1 = valid).
+        timesteps: optional subset ``[K]`` of timesteps to evaluate; Gamma is then
+            interpolated linearly in t (constant beyond the ends). All T by default.
+        generator: for the noise draws.
+        weights: area weights as for :func:`variational_bound` (Gamma is then the
+            weighted mean of eps^2, the optimum of the weighted bound).
+        data_range: optional (lo, hi) of bounded data for the tighter upper bound.
+        timestep_batch: timesteps per denoiser call (times the batch size).
+    """
+    T = diffusion.num_timesteps
+    ts_all = torch.arange(T) if timesteps is None else torch.unique(torch.as_tensor(timesteps).long().cpu())
+    if ts_all.numel() == 0 or int(ts_all.min()) < 0 or int(ts_all.max()) >= T:
+        raise ValueError(f"timesteps must be a non-empty subset of [0, {T - 1}]")
+    batches = [(data, cond, mask)] if isinstance(data, Tensor) else (_unpack_batch(b) for b in data)
+    total = torch.zeros(ts_all.numel(), dtype=torch.float64)
+    count = 0
+    for x0, c, m in batches:
+        check_field(x0, "x0")
+        w = point_weights(x0, m, weights)
+        sums = []
+        for chunk in ts_all.split(timestep_batch):
+            b, k = x0.shape[0], chunk.numel()
+            xs, ts, noise, rep_cond, rep_w = _replicate(x0, chunk, c, w, generator)
+            x_t = diffusion.q_sample(xs, ts, noise)
+            pred, _ = diffusion.split_output(denoiser(x_t, ts, rep_cond), x_t)
+            _, eps = diffusion.predictions(pred, x_t, ts)
+            sums.append(mean_flat(eps.to(torch.float64) ** 2, rep_w).reshape(b, k).sum(dim=0).cpu())
+        total += torch.cat(sums)
+        count += x0.shape[0]
+    if count == 0:
+        raise ValueError("data holds no samples")
+    gamma = total / count
+    if ts_all.numel() < T:
+        gamma = _interp(torch.arange(T, dtype=torch.float64), ts_all.to(torch.float64), gamma)
+    return optimal_variance_from_gamma(diffusion, gamma, data_range)
+
+
+def _unpack_batch(batch) -> tuple[Tensor, Conditioning | None, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None, None
+    if isinstance(batch, dict):
+        if "x" not in batch:
+            raise ValueError(f"a batch dict needs an 'x' entry, got keys {sorted(batch)}")
+        return batch["x"], batch.get("cond"), batch.get("mask")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1], None
+    raise ValueError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (x, cond) or dicts")
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation (numpy.interp) on increasing ``xp``."""
+    if xp.numel() == 1:
+        return fp.expand_as(x).clone()
+    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    x_lo, x_hi, f_lo, f_hi = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    frac = ((x - x_lo) / (x_hi - x_lo)).clamp(0.0, 1.0)
+    return f_lo + frac * (f_hi - f_lo)
+
+
+# ------------------------------------------------------------------ decoder
+@dataclass(frozen=True)
+class _Decoder:
+    kind: str
+    bin_width: Tensor  # broadcastable to [B, C, *S]
+    lower: Tensor | None
+    upper: Tensor | None
+
+
+def _per_channel(value, x0: Tensor, name: str) -> Tensor:
+    """A scalar or ``[C]`` value as a tensor broadcastable to x0 ``[B, C, *S]``."""
+    v = torch.as_tensor(value, dtype=x0.dtype, device=x0.device)
+    if v.ndim == 0:
+        return v
+    if v.shape != (x0.shape[1],):
+        raise ValueError(f"{name} must be a scalar or one value per channel [C] = [{x0.shape[1]}], got {tuple(v.shape)}")
+    return v.reshape(1, -1, *([1] * (x0.ndim - 2)))
+
+
+def _resolve_decoder(diffusion, x0, decoder, bin_width, data_range, dequantize) -> _Decoder:
+    if decoder is not None and decoder not in DECODERS:
+        raise ValueError(f"decoder: unknown value {decoder!r}; expected one of {DECODERS}")
+    if dequantize and decoder == "discretized":
+        raise ValueError("dequantize=True evaluates the continuous decoder; it cannot be combined with 'discretized'")
+    kind = "gaussian" if dequantize else (decoder or diffusion.decoder)
+    width = _per_channel(diffusion.bin_width if bin_width is None else bin_width, x0, "bin_width")
+    if not (width > 0).all() or not torch.isfinite(width).all():
+        raise ValueError("bin_width must be finite and > 0")
+    rng = diffusion.data_range if data_range is None else data_range
+    lower = upper = None
+    if rng is not None:
+        lower, upper = (_per_channel(v, x0, "data_range") for v in rng)
+    return _Decoder(kind, width, lower, upper)
+
+
+def _decoder_nll(x0: Tensor, mean: Tensor, log_var: Tensor, dec: _Decoder) -> Tensor:
+    """-log p(x_0 | x_1) elementwise, nats."""
+    if dec.kind == "gaussian":
+        return -gaussian_log_density(x0, mean, log_var)
+    if dec.kind == "discretized":
+        return -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, dec.bin_width, dec.lower, dec.upper)
+    raise ValueError(f"decoder: unknown {dec.kind!r}")
+
+
+# -------------------------------------------------------------------- terms
+def prior_term(
+    diffusion: GaussianDiffusion, x0: Tensor, mask: Tensor | None = None, *, weights: Tensor | None = None
+) -> Tensor:
     """KL( q(x_{T-1} | x_0) || N(0, I) ) per sample ``[B]``, nats per dimension."""
     check_field(x0, "x0")
     t = torch.full((x0.shape[0],), diffusion.num_timesteps - 1, dtype=torch.long, device=x0.device)
     mean, _, log_var = diffusion.q_mean_variance(x0, t)
     kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var))
-    return mean_flat(kl, mask)
+    return mean_flat(kl, point_weights(x0, mask, weights))
+
+
+def _replicate(x0, timesteps, cond, w, generator):
+    """All B*K (sample, timestep) pairs: x0, t, eps, cond and weights repeated."""
+    b, k = x0.shape[0], timesteps.numel()
+    xs = x0.repeat_interleave(k, dim=0)
+    ts = timesteps.to(x0.device).repeat(b)
+    noise = torch.randn(xs.shape, generator=generator, dtype=xs.dtype,
+                        device=generator.device if generator is not None else xs.device).to(xs.device)
+    rep_cond = None if cond is None else cond.map(lambda v: v.repeat_interleave(k, dim=0))
+    rep_w = None if w is None else w.expand_as(x0).repeat_interleave(k, dim=0)
+    return xs, ts, noise, rep_cond, rep_w
 
 
 def timestep_terms(
@@ -87,21 +398,40 @@ def timestep_terms(
     cond: Conditioning | None = None,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    variance: VarianceChoice = None,
+    weights: Tensor | None = None,
+    decoder: str | None = None,
+    bin_width: float | Tensor | None = None,
+    data_range: tuple | None = None,
 ) -> Tensor:
     """The bound's terms at ``timesteps`` ``[K]`` for every sample, ``[B, K]`` nats/dim.
 
-    All B*K (sample, timestep) pairs go through the denoiser in one batch.
+    For t >= 1 the KL of the true posterior (variance beta~_t) from p(x_{t-1} | x_t)
+    with reverse variance ``variance``; for t = 0 the decoder's -log p(x_0 | x_1). All
+    B*K (sample, timestep) pairs go through the denoiser in one batch. The keywords
+    are those of :func:`variational_bound` (without dequantisation).
     """
+    check_field(x0, "x0")
+    variance = _check_variance(diffusion, variance)
+    dec = _resolve_decoder(diffusion, x0, decoder, bin_width, data_range, False)
+    w = point_weights(x0, mask, weights)
     b, k = x0.shape[0], timesteps.numel()
-    xs = x0.repeat_interleave(k, dim=0)
-    ts = timesteps.to(x0.device).repeat(b)
-    noise = torch.randn(xs.shape, generator=generator, dtype=xs.dtype,
-                        device=generator.device if generator is not None else xs.device).to(xs.device)
+    xs, ts, noise, rep_cond, rep_w = _replicate(x0, timesteps, cond, w, generator)
     x_t = diffusion.q_sample(xs, ts, noise)
-    rep_cond = None if cond is None else cond.map(lambda v: v.repeat_interleave(k, dim=0))
-    rep_mask = None if mask is None else mask.expand_as(x0).repeat_interleave(k, dim=0)
     out = denoiser(x_t, ts, rep_cond)
-    return (diffusion.vb_term(out, xs, x_t, ts, mask=rep_mask) * LN2).reshape(b, k)
+    mean, log_var = reverse_step(diffusion, out, x_t, ts, variance)
+    true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(xs, x_t, ts)
+    kl = normal_kl(true_mean, true_log_var, mean, log_var)
+    nll = _decoder_nll(xs, mean, log_var, dec)
+    per_point = torch.where(append_dims(ts == 0, xs.ndim), nll, kl)
+    return mean_flat(per_point, rep_w).reshape(b, k)
+
+
+def _dequantize(x0, dec: _Decoder, generator) -> Tensor:
+    u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype,
+                   device=generator.device if generator is not None else x0.device).to(x0.device)
+    return x0 + (u - 0.5) * dec.bin_width
 
 
 @torch.no_grad()
@@ -112,6 +442,12 @@ def variational_bound(
     cond: Conditioning | None = None,
     mask: Tensor | None = None,
     *,
+    variance: VarianceChoice = None,
+    weights: Tensor | None = None,
+    decoder: str | None = None,
+    bin_width: float | Tensor | None = None,
+    data_range: tuple | None = None,
+    dequantize: bool = False,
     log_det: Tensor | None = None,
     timestep_batch: int = 50,
     generator: torch.Generator | None = None,
@@ -120,25 +456,46 @@ def variational_bound(
 
     Args:
         cond, mask: as for the denoiser and the loss (mask: 1 = valid).
+        variance: reverse variance used at evaluation time: None (the diffusion's),
+            ``"fixed_small"``, ``"fixed_large"``, ``"learned_range"`` (2C outputs) or
+            a tensor ``[T]`` of sigma_t^2, e.g. from :func:`estimate_optimal_variance`.
+        weights: area weights ``[*S]`` or broadcastable to x0 (e.g. ``[B, 1, *S]``),
+            e.g. cos(latitude): every per-dimension mean becomes a weighted mean, with
+            the weights normalised so that their mean over the valid points is 1.
+        decoder: ``"gaussian"`` or ``"discretized"`` for L_0 (None: the diffusion's).
+        bin_width: the bin width of the discretised decoder / dequantisation, a scalar
+            or one per channel ``[C]`` (None: the diffusion's ``bin_width``).
+        data_range: (lo, hi) of the discretised decoder's open-ended edge bins,
+            scalars or ``[C]`` (None: the diffusion's; (-inf, inf) for none).
+        dequantize: add u ~ U(-w/2, w/2) to x0 (drawn from ``generator``), use the
+            continuous decoder and subtract the mean log bin width: a bound on
+            -log P(bin) / d of discrete data (see the module docstring).
         log_det: optional ``[B]`` log |det dT/dx| of the data transform (nats,
-            summed over each sample's valid points) to report physical units.
+            summed over each sample's valid points) to report physical units; divided
+            by the number of valid points (exact for weighted means when the
+            transform's log-derivative is the same at every weighted point of a
+            channel, e.g. a per-channel affine normalisation).
         timestep_batch: timesteps evaluated per denoiser call (times B samples).
-        generator: for the noise draws.
+        generator: for the noise draws (and the dequantisation noise).
     """
     check_field(x0, "x0")
     if timestep_batch < 1:
         raise ValueError(f"timestep_batch must be >= 1, got {timestep_batch}")
+    variance = _check_variance(diffusion, variance)
+    x0, shift = _prepare(diffusion, x0, mask, weights, decoder, bin_width, data_range, dequantize, log_det, generator)
+    opts = dict(variance=variance, weights=weights, decoder="gaussian" if dequantize else decoder,
+                bin_width=bin_width, data_range=data_range)
     T = diffusion.num_timesteps
     all_t = torch.arange(T, device=x0.device)
     terms = torch.cat(
         [
-            timestep_terms(denoiser, diffusion, x0, chunk, cond, mask, generator)
+            timestep_terms(denoiser, diffusion, x0, chunk, cond, mask, generator, **opts)
             for chunk in all_t.split(timestep_batch)
         ],
         dim=1,
     )
-    prior = prior_term(diffusion, x0, mask)
-    return _finish(terms, prior, terms.sum(dim=1) + prior, x0, mask, log_det)
+    prior = prior_term(diffusion, x0, mask, weights=weights)
+    return _finish(terms, prior, terms.sum(dim=1) + prior + shift, x0, mask, log_det)
 
 
 @torch.no_grad()
@@ -151,6 +508,12 @@ def estimate_bound(
     *,
     num_terms: int = 16,
     proposal: Tensor | None = None,
+    variance: VarianceChoice = None,
+    weights: Tensor | None = None,
+    decoder: str | None = None,
+    bin_width: float | Tensor | None = None,
+    data_range: tuple | None = None,
+    dequantize: bool = False,
     log_det: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> BoundEstimate:
@@ -159,7 +522,8 @@ def estimate_bound(
 
     The denoising sum S = sum_{t>=1} L_t is estimated by mean_k L_{t_k} / pi(t_k) with
     t_k ~ pi (``proposal`` ``[T]`` weights over t = 1..T-1, index 0 ignored; uniform by
-    default), and its standard error by the sample standard deviation / sqrt(K).
+    default), and its standard error by the sample standard deviation / sqrt(K). The
+    other keywords are those of :func:`variational_bound`.
     """
     check_field(x0, "x0")
     T = diffusion.num_timesteps
@@ -175,14 +539,18 @@ def estimate_bound(
     if pi.sum() <= 0:
         raise ValueError("proposal puts no weight on t >= 1")
     pi = pi / pi.sum()
+    variance = _check_variance(diffusion, variance)
+    x0, shift = _prepare(diffusion, x0, mask, weights, decoder, bin_width, data_range, dequantize, log_det, generator)
+    opts = dict(variance=variance, weights=weights, decoder="gaussian" if dequantize else decoder,
+                bin_width=bin_width, data_range=data_range)
     ts = torch.multinomial(pi, num_terms, replacement=True, generator=generator)
-    recon = timestep_terms(denoiser, diffusion, x0, torch.zeros(1, dtype=torch.long), cond, mask, generator)[:, 0]
-    sampled = timestep_terms(denoiser, diffusion, x0, ts, cond, mask, generator)
+    recon = timestep_terms(denoiser, diffusion, x0, torch.zeros(1, dtype=torch.long), cond, mask, generator, **opts)[:, 0]
+    sampled = timestep_terms(denoiser, diffusion, x0, ts, cond, mask, generator, **opts)
     weighted = sampled / pi[ts].to(sampled)
     denoising = weighted.mean(dim=1)
     se = weighted.std(dim=1) / math.sqrt(num_terms)
-    prior = prior_term(diffusion, x0, mask)
-    total = prior + recon + denoising
+    prior = prior_term(diffusion, x0, mask, weights=weights)
+    total = prior + recon + denoising + shift
     done = _finish(None, prior, total, x0, mask, log_det)
     return BoundEstimate(
         nats_per_dim=done.nats_per_dim,
@@ -193,11 +561,20 @@ def estimate_bound(
     )
 
 
+def _prepare(diffusion, x0, mask, weights, decoder, bin_width, data_range, dequantize, log_det, generator):
+    """Validate the decoder options; dequantise x0 when asked. Returns (x0, shift [B]),
+    shift = -(weighted) mean log bin width per dimension (0 without dequantisation)."""
+    dec = _resolve_decoder(diffusion, x0, decoder, bin_width, data_range, dequantize)
+    if not dequantize:
+        return x0, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    if log_det is not None:
+        raise ValueError("dequantize=True bounds a probability of bins, which has no units: pass no log_det")
+    log_w = torch.log(dec.bin_width).expand_as(x0)
+    return _dequantize(x0, dec, generator), -mean_flat(log_w, point_weights(x0, mask, weights))
+
+
 def _finish(terms, prior, total, x0, mask, log_det) -> VariationalBound:
-    if mask is None:
-        dims = torch.full((x0.shape[0],), x0[0].numel(), dtype=x0.dtype, device=x0.device)
-    else:
-        dims = mask.expand_as(x0).flatten(1).sum(dim=1).to(x0.dtype)
+    dims = _valid_points(x0, mask)
     if log_det is not None:
         if log_det.shape != (x0.shape[0],):
             raise ValueError(f"log_det must have shape [B] = [{x0.shape[0]}], got {tuple(log_det.shape)}")
@@ -205,11 +582,21 @@ def _finish(terms, prior, total, x0, mask, log_det) -> VariationalBound:
     return VariationalBound(terms=terms, prior=prior, nats_per_dim=total, bits_per_dim=total / LN2, dims=dims)
 
 
+# The ODE likelihood reuses this module's helpers, so it is imported last.
+from scidiff.diffusion.ode_likelihood import ODELikelihood, ode_nll  # noqa: E402
+
 __all__ = [
+    "REVERSE_VARIANCES",
     "BoundEstimate",
+    "ODELikelihood",
     "VariationalBound",
     "estimate_bound",
+    "estimate_optimal_variance",
+    "ode_nll",
+    "optimal_variance_from_gamma",
+    "point_weights",
     "prior_term",
+    "reverse_step",
     "timestep_terms",
     "variational_bound",
 ]
