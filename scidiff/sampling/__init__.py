@@ -1,1 +1,52 @@
-"""sampling"""
+"""Ensemble generation to zarr: parameter sets, members, ranks, resumption.
+
+* :mod:`~scidiff.sampling.grid`      -- parameter sets from a grid, a list or a CSV
+  file, checked against the checkpoint's names and training ranges;
+* :mod:`~scidiff.sampling.ensemble`  -- per-member seeds and generators, guided
+  DDPM/DDIM (or inpainting) in batches, members split round-robin over ranks;
+* :mod:`~scidiff.sampling.store`     -- the zarr store of DESIGN.md ("Ensemble
+  output"): ``(sample, member, *spatial)`` in physical units, one chunk per member,
+  a ``done`` flag per member written after its data;
+* :mod:`~scidiff.sampling.observations` -- sparse observations for inpainting;
+* :mod:`~scidiff.sampling.tracking`  -- the run recorded in MLflow;
+* :mod:`~scidiff.sampling.workflow`  -- :func:`sample_ensemble`, what
+  ``scidiff-sample`` runs.
+
+    from scidiff.sampling import sample_ensemble
+    sample_ensemble({"checkpoint": "outputs/quickstart/run", "params": {"grid": {"spectral_index": [1.5, 2.5],
+                     "amplitude": [1.0]}}, "members": 8, "seed": 0, "out": "ens.zarr",
+                     "sampler": {"name": "ddim", "steps": 50}, "guidance": {"scale": 1.0}})
+"""
+
+from scidiff.sampling.ensemble import (
+    GuidanceSpec,
+    Observations,
+    SamplerSpec,
+    generate,
+    member_seed,
+    member_seeds,
+    run_ensemble,
+)
+from scidiff.sampling.grid import ParameterError, ParameterSets, RangeWarning, check_parameter_sets, parameter_sets
+from scidiff.sampling.store import EnsembleStore, StoreError, create_store
+from scidiff.sampling.workflow import SampleError, sample_ensemble
+
+__all__ = [
+    "EnsembleStore",
+    "GuidanceSpec",
+    "Observations",
+    "ParameterError",
+    "ParameterSets",
+    "RangeWarning",
+    "SampleError",
+    "SamplerSpec",
+    "StoreError",
+    "check_parameter_sets",
+    "create_store",
+    "generate",
+    "member_seed",
+    "member_seeds",
+    "parameter_sets",
+    "run_ensemble",
+    "sample_ensemble",
+]

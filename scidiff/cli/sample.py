@@ -1,0 +1,199 @@
+"""``scidiff-sample``: generate an ensemble from a trained checkpoint into a zarr store.
+
+    scidiff-sample checkpoint=outputs/quickstart/<run> members=8 \\
+        'params.grid={spectral_index: [1.5, 2.5], amplitude: [1.0]}' out=ensemble.zarr
+    scidiff-sample checkpoint=<mlflow run id> params.csv=sets.csv sampler.name=ddpm
+    torchrun --nproc_per_node 4 -m scidiff.cli.sample checkpoint=... out=big.zarr
+
+The config (``configs/sample.yaml``) is composed with Hydra's compose API, so
+nothing is written but ``out`` and the working directory is not changed. It is
+checked first: an unknown key or a wrong type is one line naming the key, exit
+status 2; so are bad inputs (a parameter missing or unknown, a checkpoint that is
+not a scidiff one, an ``out`` holding another run's store). Running the same
+command again resumes an interrupted store. The end prints one line: where the
+store is, members written and skipped, members/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from typing import Any, Literal
+
+from scidiff.cli.train import CONFIG_DIR
+
+USAGE = __doc__
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Top-level keys of ``configs/sample.yaml``."""
+
+    checkpoint: str
+    tracking_uri: str | None
+    params: dict | None
+    members: int
+    batch_size: int
+    batch_invariant: bool
+    seed: int
+    sampler: dict
+    guidance: dict
+    observations: dict | None
+    out: str
+    overwrite: bool
+    device: str
+    progress: bool
+    mlflow: dict | None
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    name: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
+
+
+@dataclasses.dataclass
+class GuidanceConfig:
+    scale: float = 1.0
+    rescale: float = 0.0
+
+
+@dataclasses.dataclass
+class ParamsConfig:
+    grid: dict | None = None
+    list: Any = None
+    csv: str | None = None
+
+
+@dataclasses.dataclass
+class ObservationsConfig:
+    path: str
+    method: Literal["repaint", "dps"] = "repaint"
+    mask: str | None = "mask"
+    num_steps: int | None = None     # repaint: sampling steps (None: all T); dps: steps
+    jump_length: int | None = None   # repaint
+    resample: int | None = None      # repaint
+    step_size: float | None = None   # dps
+
+
+@dataclasses.dataclass
+class MlflowConfig:
+    run: Literal["auto", "checkpoint", "new", "none"] = "auto"
+    tracking_uri: str | None = None
+    experiment_name: str = "scidiff-sample"
+
+
+def compose_config(argv: list[str]):
+    """The composed config (Hydra compose API), errors as one-line ``ConfigError``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from scidiff.cli.errors import ConfigError, from_hydra
+
+    if not (CONFIG_DIR / "sample.yaml").is_file():
+        raise ConfigError(f"configs: {CONFIG_DIR / 'sample.yaml'} not found (set SCIDIFF_CONFIG_DIR)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("sample", overrides=[a for a in argv if not a.startswith("-")])
+    except Exception as exc:  # hydra.errors.*, omegaconf.errors.*: all multi-line
+        raise from_hydra(exc) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_config(cfg) -> dict[str, Any]:
+    """Plain-python config after checking every key and type (``ConfigError`` names the key)."""
+    from omegaconf import OmegaConf
+
+    from scidiff.cli.config_check import check_dataclass
+    from scidiff.cli.errors import ConfigError
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception as exc:
+        from scidiff.cli.errors import from_hydra
+
+        raise from_hydra(exc) from None
+    if isinstance(plain.get("checkpoint"), (int, float)) and not isinstance(plain["checkpoint"], bool):
+        plain["checkpoint"] = str(plain["checkpoint"])
+    if plain.get("checkpoint") in (None, "???"):
+        raise ConfigError("checkpoint: required (checkpoint=<.ckpt file | run directory | runs:/<id> | run id>)")
+    check_dataclass(plain, SampleConfig, "")
+    check_dataclass(plain["sampler"], SamplerConfig, "sampler.")
+    check_dataclass(plain["guidance"], GuidanceConfig, "guidance.")
+    if plain.get("params") is not None:
+        check_dataclass(plain["params"], ParamsConfig, "params.")
+    if plain.get("observations") is not None:
+        if plain["observations"].get("path") in (None, "???"):
+            raise ConfigError("observations.path: required (a zarr or netCDF store of the observed values)")
+        check_dataclass(plain["observations"], ObservationsConfig, "observations.")
+    if plain.get("mlflow") is not None:
+        check_dataclass(plain["mlflow"], MlflowConfig, "mlflow.")
+    for key in ("members", "batch_size"):
+        if plain[key] < 1:
+            raise ConfigError(f"{key}: expected a positive integer, got {plain[key]}")
+    if plain["seed"] < 0:
+        raise ConfigError(f"seed: expected a non-negative integer, got {plain['seed']}")
+    if plain["sampler"]["steps"] < 1:
+        raise ConfigError(f"sampler.steps: expected a positive integer, got {plain['sampler']['steps']}")
+    if not 0.0 <= plain["guidance"]["rescale"] <= 1.0:
+        raise ConfigError(f"guidance.rescale: expected a value in [0, 1], got {plain['guidance']['rescale']}")
+    return plain
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> None:
+    from scidiff.cli.errors import ConfigError, report_and_exit
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--help", "-h") for a in argv):
+        print(USAGE)
+        print(f"config: {CONFIG_DIR / 'sample.yaml'}")
+        return
+    if any(a.startswith("--cfg") for a in argv):
+        from omegaconf import OmegaConf
+
+        try:
+            print(OmegaConf.to_yaml(compose_config(argv)))
+        except ConfigError as exc:
+            report_and_exit(exc, status=2)
+        return
+    try:
+        cfg = check_config(compose_config(argv))
+    except ConfigError as exc:
+        report_and_exit(exc, status=2)
+    _one_line_warnings()
+
+    from scidiff.sampling.grid import ParameterError
+    from scidiff.sampling.observations import ObservationError
+    from scidiff.sampling.store import StoreError
+    from scidiff.sampling.workflow import SampleError, sample_ensemble
+    from scidiff.training.pretrained import CheckpointError
+
+    try:
+        sample_ensemble(cfg, log=lambda line: print(line, flush=True))
+    except (ParameterError, StoreError, SampleError, ObservationError, CheckpointError) as exc:
+        report_and_exit(ConfigError(str(exc)), status=2)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one line; SCIDIFF_TRACEBACK=1 shows the traceback
+        if os.environ.get("SCIDIFF_TRACEBACK"):
+            raise
+        report_and_exit(type(exc)(f"{exc} (set SCIDIFF_TRACEBACK=1 for the traceback)"), None, status=1)
+
+
+if __name__ == "__main__":
+    main()

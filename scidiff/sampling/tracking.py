@@ -1,0 +1,97 @@
+"""Record a sampling run in MLflow: on the checkpoint's training run, or a new run.
+
+``run``:
+  * ``auto``       -- the checkpoint's run when its tracking store is reachable
+    (a SQLite file that exists, or a server), else nothing;
+  * ``checkpoint`` -- the checkpoint's run; unreachable is reported, not fatal;
+  * ``new``        -- a new run in ``experiment_name`` (tagged with the training run);
+  * ``none``       -- no logging.
+
+On the training run the sampling is recorded as tags ``sample.<id>.*`` (``id`` is
+the first 8 hex digits of the store's identity hash; params of a finished run
+cannot be logged twice with other values) and metrics ``sample/*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+MlflowMode = Literal["auto", "checkpoint", "new", "none"]
+MLFLOW_MODES: tuple[str, ...] = get_args(MlflowMode)
+
+
+def reachable(uri: str | None) -> bool:
+    """Whether an MLflow tracking store can be used without creating one by accident."""
+    if not uri:
+        return False
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    if uri.startswith("file:"):
+        return Path(uri[len("file:"):].lstrip("/") if uri.startswith("file://") else uri[5:]).exists()
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+    return Path(uri).exists()
+
+
+def log_sampling(
+    *,
+    mode: MlflowMode,
+    tracking_uri: str | None,
+    experiment_name: str,
+    training_run_id: str | None,
+    identity_sha256: str,
+    store_path: str,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, float],
+) -> str | None:
+    """Log to MLflow as ``mode`` says; returns a one-line description, or ``None`` when nothing was logged."""
+    if mode not in MLFLOW_MODES:
+        raise ValueError(f"mlflow.run: unknown mode {mode!r}; expected one of {MLFLOW_MODES}")
+    if mode == "none":
+        return None
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not reachable(uri):
+        if mode == "auto":
+            return None
+        return f"MLflow store {uri} not reachable: nothing logged"
+    from mlflow.tracking import MlflowClient
+
+    from scidiff.sampling.store import canonical_json
+    from scidiff.training.tracking import flatten
+
+    client = MlflowClient(tracking_uri=uri)
+    tag = f"sample.{identity_sha256[:8]}"
+    if mode in ("auto", "checkpoint"):
+        if not training_run_id:
+            return None if mode == "auto" else "the checkpoint has no MLflow run id: nothing logged"
+        run_id = training_run_id
+        client.set_tag(run_id, f"{tag}.store", store_path)
+        client.set_tag(run_id, f"{tag}.config", canonical_json(config)[:4900])
+        for name, value in metrics.items():
+            client.log_metric(run_id, f"sample/{name}", float(value))
+        return f"logged to MLflow run {run_id} (tags {tag}.*)"
+    exp = client.get_experiment_by_name(experiment_name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name)
+    tags = {"store": store_path, "identity_sha256": identity_sha256}
+    if training_run_id:
+        tags["training_run_id"] = training_run_id
+    run = client.create_run(exp_id, tags=tags, run_name=f"sample/{Path(store_path).name}")
+    run_id = run.info.run_id
+    for key, value in flatten(dict(config)).items():
+        client.log_param(run_id, key, str(value)[:500])
+    for name, value in metrics.items():
+        client.log_metric(run_id, f"sample/{name}", float(value))
+    client.set_terminated(run_id)
+    return f"logged to new MLflow run {run_id} in experiment {experiment_name}"
+
+
+__all__ = ["MLFLOW_MODES", "log_sampling", "reachable"]

@@ -1,0 +1,253 @@
+"""From a sample config to an ensemble store: :func:`sample_ensemble` (what ``scidiff-sample`` runs).
+
+Steps: pick the device and the ranks; load the checkpoint (EMA weights); read and
+check the parameter sets; derive every member's seed; decide what to do with
+``out`` (create it, resume it, refuse, or replace it with ``overwrite``); generate
+this rank's missing members; log to MLflow (rank 0); return a summary.
+
+Resume identity. The store's ``identity`` attribute holds what determines the
+members' values: the checkpoint's hash and weights, the parameter sets (values,
+not where they came from), members, seed, sampler, guidance, batch invariance and
+the observations. A run whose identity hashes the same continues the store;
+another refuses unless ``overwrite=true``. ``batch_size``, ``device``, ``out``
+and the logging options may change between runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import scidiff
+from scidiff.sampling.ensemble import (
+    DistContext,
+    GuidanceSpec,
+    SamplerSpec,
+    distributed_context,
+    member_seeds,
+    run_ensemble,
+)
+from scidiff.sampling.grid import ParameterError, check_parameter_sets, parameter_sets
+from scidiff.sampling.store import (
+    EnsembleStore,
+    StoreError,
+    canonical_json,
+    create_store,
+    identity_sha256,
+    is_ensemble_store,
+    remove_store,
+)
+
+
+class SampleError(ValueError):
+    """A sample config that cannot run (the message names the key)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA (this rank's GPU) when available, else CPU; otherwise as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SampleError(f"device: {name} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def sampler_identity(spec: SamplerSpec) -> dict[str, Any]:
+    if spec.name == "ddpm":  # all T steps, ancestral: steps/eta/spacing do not apply
+        return {"name": "ddpm"}
+    return {"name": spec.name, "steps": spec.steps, "eta": float(spec.eta), "spacing": spec.spacing}
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def plan_store(out: Path, identity: Mapping[str, Any], overwrite: bool) -> str:
+    """What to do with ``out``: ``"create"``, ``"resume"`` or ``"replace"``; raises
+    :class:`StoreError` when it holds something else and ``overwrite`` is false."""
+    if not out.exists():
+        return "create"
+    if not is_ensemble_store(out):
+        if out.is_dir() and not any(out.iterdir()):
+            return "replace"
+        raise StoreError(f"out: {out} exists and is not a scidiff ensemble store; refusing to write there "
+                         f"(choose another out, or remove it yourself)")
+    store = EnsembleStore.open(out)
+    if store.identity_sha256 == identity_sha256(identity):
+        return "replace" if overwrite else "resume"
+    if overwrite:
+        return "replace"
+    diff = ", ".join(_differences(store.identity, identity))
+    raise StoreError(f"out: {out} holds another run's ensemble (differs in: {diff}); "
+                     f"pass overwrite=true to replace it, or choose another out")
+
+
+def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: SamplerSpec, guidance: GuidanceSpec | None,
+              observations: Mapping[str, Any] | None) -> dict[str, Any]:
+    obs = None
+    if observations is not None:
+        obs = {k: (str(Path(v).resolve()) if k == "path" else v) for k, v in observations.items()}
+    return {
+        "checkpoint_sha256": pretrained.sha256,
+        "weights": pretrained.weights,
+        "param_names": list(sets.names),
+        "params": sets.values.tolist(),
+        "members": int(cfg["members"]),
+        "seed": int(cfg["seed"]),
+        "sampler": sampler_identity(sampler),
+        "guidance": None if guidance is None else {"scale": float(guidance.scale), "rescale": float(guidance.rescale)},
+        "batch_invariant": bool(cfg.get("batch_invariant", True)),
+        "observations": obs,
+    }
+
+
+def sample_ensemble(cfg: Mapping[str, Any], *, log: Callable[[str], None] = print,
+                    on_batch: Callable | None = None, dist_ctx: DistContext | None = None) -> dict[str, Any]:
+    """Run a sample config (the keys of ``configs/sample.yaml``, plain python); returns a summary dict.
+
+    Raises:
+        SampleError / ParameterError / StoreError / CheckpointError / ObservationError:
+            one-line messages naming the key or the file.
+    """
+    from scidiff.training.pretrained import load_pretrained
+
+    device = resolve_device(str(cfg.get("device", "auto")), int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = dist_ctx or distributed_context(device)
+    try:
+        return _sample(cfg, device, ctx, log, on_batch, load_pretrained)
+    finally:
+        if dist_ctx is None:
+            ctx.close()
+
+
+def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> dict[str, Any]:
+    from scidiff.sampling.observations import load_observations
+    from scidiff.sampling.tracking import log_sampling
+
+    members = int(cfg["members"])
+    if members < 1:
+        raise SampleError(f"members: expected a positive integer, got {members}")
+    batch_size = int(cfg.get("batch_size", 8))
+    if batch_size < 1:
+        raise SampleError(f"batch_size: expected a positive integer, got {batch_size}")
+    if int(cfg["seed"]) < 0:
+        raise SampleError(f"seed: expected a non-negative integer, got {cfg['seed']}")
+    try:
+        sampler = SamplerSpec(**dict(cfg["sampler"]))
+        guidance = GuidanceSpec(**dict(cfg["guidance"]))
+    except (TypeError, ValueError) as exc:
+        raise SampleError(str(exc)) from None
+
+    pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device)
+    if pretrained.metadata.field_names:
+        raise SampleError(f"checkpoint: {pretrained.checkpoint} is conditioned on fields "
+                          f"{list(pretrained.metadata.field_names)}, which scidiff-sample cannot supply yet")
+    if sampler.name == "ddim" and sampler.steps > pretrained.diffusion.num_timesteps:
+        raise SampleError(f"sampler.steps: {sampler.steps} exceeds the model's T = {pretrained.diffusion.num_timesteps}")
+    sets = check_parameter_sets(parameter_sets(cfg.get("params")), pretrained.param_names,
+                                pretrained.param_ranges())
+    conditional = len(pretrained.param_names) > 0
+    if not conditional and (guidance.scale != 1.0 or guidance.rescale != 0.0):
+        raise SampleError("guidance.scale: the checkpoint is unconditional; guidance needs a conditional model "
+                          "(leave guidance.scale=1.0, guidance.rescale=0.0)")
+    dropout = float((pretrained.config.get("module") or {}).get("cond_dropout") or 0.0)
+    if conditional and guidance.scale != 1.0 and dropout == 0.0:
+        import warnings
+
+        warnings.warn(f"guidance.scale={guidance.scale}: the checkpoint was trained without condition dropout "
+                      f"(module.cond_dropout=0), so its null condition is untrained and guidance mixes in "
+                      f"an untrained prediction", stacklevel=2)
+
+    obs_cfg = cfg.get("observations")
+    observations = None
+    if obs_cfg is not None:
+        obs_cfg = dict(obs_cfg)
+        options = {k: v for k, v in obs_cfg.items() if k not in ("path", "method", "mask") and v is not None}
+        observations = load_observations(obs_cfg["path"], pretrained, len(sets), method=obs_cfg.get("method", "repaint"),
+                                         mask=obs_cfg.get("mask", "mask"), options=options)
+
+    seeds = member_seeds(int(cfg["seed"]), len(sets), members)
+    identity = _identity(cfg, pretrained, sets, sampler, guidance if conditional else None, obs_cfg)
+    out = Path(str(cfg["out"])).expanduser()
+    action = plan_store(out, identity, bool(cfg.get("overwrite", False)))  # every rank checks, read-only
+    if ctx.rank == 0:
+        if action == "replace":
+            remove_store(out)
+        if action in ("create", "replace"):
+            attrs = {
+                "title": "scidiff ensemble",
+                "identity": identity,
+                "sample_config": canonical_json(_json_config(cfg, pretrained)),
+                "checkpoint": str(pretrained.checkpoint),
+                "checkpoint_sha256": pretrained.sha256,
+                "checkpoint_global_step": pretrained.global_step,
+                "weights": pretrained.weights,
+                "scidiff_version": scidiff.__version__,
+                "training_mlflow_run_id": pretrained.mlflow_run_id or "",
+            }
+            create_store(out, metadata=pretrained.metadata, sets=sets, seeds=seeds, attrs=attrs)
+    ctx.barrier()
+    store = EnsembleStore.open(out)
+
+    result = run_ensemble(
+        pretrained, store, sets, seeds, sampler=sampler, guidance=guidance, observations=observations,
+        batch_size=batch_size, batch_invariant=bool(cfg.get("batch_invariant", True)), device=device,
+        dist_ctx=ctx, progress=bool(cfg.get("progress", True)), on_batch=on_batch,
+    )
+    summary: dict[str, Any] = {
+        "out": str(out.resolve()),
+        "action": action,
+        "num_samples": len(sets),
+        "members": members,
+        "written": result.written,
+        "skipped": result.skipped,
+        "seconds": round(result.seconds, 3),
+        "members_per_s": result.members_per_s,
+        "world_size": result.world_size,
+        "device": str(device),
+        "identity_sha256": store.identity_sha256,
+    }
+    if ctx.rank == 0:
+        ml = dict(cfg.get("mlflow") or {})
+        note = None
+        try:
+            note = log_sampling(
+                mode=ml.get("run", "auto"),
+                tracking_uri=ml.get("tracking_uri") or cfg.get("tracking_uri") or pretrained.mlflow_tracking_uri,
+                experiment_name=ml.get("experiment_name", "scidiff-sample"),
+                training_run_id=pretrained.mlflow_run_id,
+                identity_sha256=store.identity_sha256,
+                store_path=summary["out"],
+                config=_json_config(cfg, pretrained),
+                metrics={"members_per_s": result.members_per_s if result.written else 0.0,
+                         "members_written": result.written, "members_skipped": result.skipped,
+                         "seconds": result.seconds},
+            )
+        except Exception as exc:  # MLflow trouble must not lose a finished ensemble
+            note = f"MLflow logging failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        summary["mlflow"] = note
+        rate = f"{result.members_per_s:.2f} members/s" if result.written else "nothing to generate"
+        line = (f"scidiff-sample: {summary['out']} | {len(sets)} parameter sets x {members} members | "
+                f"written {result.written}, skipped {result.skipped} | {rate} "
+                f"({result.world_size} rank{'s' if result.world_size > 1 else ''}, {device})")
+        if note:
+            line += f" | {note}"
+        log(line)
+    return summary
+
+
+def _json_config(cfg: Mapping[str, Any], pretrained) -> dict[str, Any]:
+    out = dict(cfg)
+    out["checkpoint_resolved"] = str(pretrained.checkpoint)
+    return out
+
+
+__all__ = ["ParameterError", "SampleError", "StoreError", "plan_store", "resolve_device", "sample_ensemble"]
