@@ -92,11 +92,12 @@ def check_observations(x: Tensor, observed: Tensor, obs_mask: Tensor) -> tuple[T
         if not bool(((obs_mask == 0) | (obs_mask == 1)).all()):
             raise ValueError("obs_mask must be bool or hold only 0 (unobserved) and 1 (observed)")
         m = obs_mask != 0
-    m = m.to(x.device).expand(x.shape)
-    y = observed.to(device=x.device, dtype=x.dtype).expand(x.shape)
-    bad = m & ~torch.isfinite(y)
+    joint = torch.broadcast_shapes(observed.shape, m.shape)
+    bad = m.expand(joint) & ~torch.isfinite(observed.expand(joint))
     if bool(bad.any()):
         raise ValueError(f"observed is not finite at {int(bad.sum())} points where obs_mask is 1")
+    m = m.to(x.device).expand(x.shape)
+    y = observed.to(device=x.device, dtype=x.dtype).expand(x.shape)
     y = torch.where(m, y, torch.zeros((), dtype=x.dtype, device=x.device))
     return y, m
 
