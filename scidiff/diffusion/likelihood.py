@@ -77,6 +77,8 @@ LN2 = math.log(2.0)
 ReverseVariance = Literal["fixed_small", "fixed_large", "learned_range"]
 REVERSE_VARIANCES: tuple[str, ...] = get_args(ReverseVariance)
 VarianceChoice = ReverseVariance | Tensor | None
+OptimalVarianceMethod = Literal["analytic", "mse"]
+OPTIMAL_VARIANCE_METHODS: tuple[str, ...] = get_args(OptimalVarianceMethod)
 
 
 @dataclass(frozen=True)
@@ -223,19 +225,26 @@ def optimal_variance_from_gamma(
     also below beta~_t + c1_t^2 ((hi - lo) / 2)^2 (their eq. 10). At t = 0, beta~_0 = 0
     and the value is E Var[x_0 | x_{t=0}] / d; it is kept above 1e-20.
     """
-    sch = diffusion.schedule
     gamma = torch.as_tensor(gamma, dtype=torch.float64).cpu()
     if gamma.shape != (diffusion.num_timesteps,):
         raise ValueError(f"gamma must have shape [T] = [{diffusion.num_timesteps}], got {tuple(gamma.shape)}")
+    sigma2 = _optimal_variance(diffusion, 1.0 - gamma.clamp(0.0, 1.0))
+    if data_range is not None:
+        sch = diffusion.schedule
+        lo, hi = data_range
+        beta_tilde = sch.betas * (1.0 - sch.alphas_cumprod_prev) / (1.0 - sch.alphas_cumprod)
+        c1 = sch.betas * sch.alphas_cumprod_prev.sqrt() / (1.0 - sch.alphas_cumprod)
+        sigma2 = torch.minimum(sigma2, beta_tilde + c1**2 * ((hi - lo) / 2.0) ** 2)
+    return sigma2.clamp_min(1e-20)
+
+
+def _optimal_variance(diffusion: GaussianDiffusion, eps_error: Tensor) -> Tensor:
+    """beta~_t + beta_t^2 / (a_t (1 - ab_t)) * eps_error_t, eps_error = E Var[eps | x_t] / d."""
+    sch = diffusion.schedule
     ab, ab_prev, beta = sch.alphas_cumprod, sch.alphas_cumprod_prev, sch.betas
     beta_tilde = beta * (1.0 - ab_prev) / (1.0 - ab)
     gap = beta**2 / ((1.0 - beta) * (1.0 - ab))
-    sigma2 = beta_tilde + gap * (1.0 - gamma.clamp(0.0, 1.0))
-    if data_range is not None:
-        lo, hi = data_range
-        c1 = beta * ab_prev.sqrt() / (1.0 - ab)
-        sigma2 = torch.minimum(sigma2, beta_tilde + c1**2 * ((hi - lo) / 2.0) ** 2)
-    return sigma2.clamp_min(1e-20)
+    return (beta_tilde + gap * eps_error.to(torch.float64)).clamp_min(1e-20)
 
 
 @torch.no_grad()
@@ -250,28 +259,44 @@ def estimate_optimal_variance(
     *,
     weights: Tensor | None = None,
     data_range: tuple[float, float] | None = None,
+    method: OptimalVarianceMethod = "analytic",
     timestep_batch: int = 50,
 ) -> Tensor:
     """Training-free optimal reverse variance sigma*_t^2 ``[T]`` (float64), Analytic-DPM.
 
-    Gamma_t = E ||eps_theta(x_t, t)||^2 / d is estimated by Monte Carlo over the data
-    (one x_t ~ q(x_t | x_0) per sample and timestep; Bao et al. 2022, eq. 8), for any
-    prediction type (eps is recovered with ``GaussianDiffusion.predictions``), and
-    turned into sigma*_t^2 by :func:`optimal_variance_from_gamma`. Pass the result as
-    ``variance=`` to :func:`variational_bound` / :func:`estimate_bound`.
+    ``method="analytic"`` (Bao et al. 2022a, eq. 8): Gamma_t = E ||eps_theta(x_t, t)||^2 / d
+    is estimated by Monte Carlo over the data (one x_t ~ q(x_t | x_0) per sample and
+    timestep), for any prediction type (eps is recovered with
+    ``GaussianDiffusion.predictions``), and turned into sigma*_t^2 by
+    :func:`optimal_variance_from_gamma`.
+
+    ``method="mse"``: 1 - Gamma_t is replaced by the model's denoising error
+    E ||eps - eps_theta(x_t, t)||^2 / d, i.e. sigma_t^2 = beta~_t + c1_t^2 E ||x_0 - x0_theta||^2 / d,
+    the exact minimiser of the bound for the model's own (possibly imperfect) mean
+    (Bao et al. 2022b, "Estimating the Optimal Covariance with Imperfect Mean", eq. 6
+    with a scalar covariance). Both agree for the Bayes-optimal denoiser; "mse" has a
+    far smaller Monte-Carlo error where 1 - Gamma_t is tiny (e.g. the last steps of the
+    cosine schedule, where beta_t / a_t is large) and is not clipped above.
+
+    Pass the result as ``variance=`` to :func:`variational_bound` / :func:`estimate_bound`.
 
     Args:
         data: normalised samples ``[N, C, *S]``, or an iterable of batches: tensors,
             ``(x, cond)`` pairs or dicts with ``"x"`` and optional ``"mask"``/``"cond"``.
         cond, mask: for a tensor ``data`` (mask: 1 = valid).
         timesteps: optional subset ``[K]`` of timesteps to evaluate; Gamma is then
-            interpolated linearly in t (constant beyond the ends). All T by default.
+            interpolated linearly in t (constant beyond the ends: include 0 and T - 1,
+            where it changes fastest). All T by default.
         generator: for the noise draws.
         weights: area weights as for :func:`variational_bound` (Gamma is then the
             weighted mean of eps^2, the optimum of the weighted bound).
-        data_range: optional (lo, hi) of bounded data for the tighter upper bound.
+        data_range: optional (lo, hi) of bounded data for the tighter upper bound
+            (``"analytic"`` only).
+        method: ``"analytic"`` or ``"mse"`` (see above).
         timestep_batch: timesteps per denoiser call (times the batch size).
     """
+    if method not in OPTIMAL_VARIANCE_METHODS:
+        raise ValueError(f"method: unknown value {method!r}; expected one of {OPTIMAL_VARIANCE_METHODS}")
     T = diffusion.num_timesteps
     ts_all = torch.arange(T) if timesteps is None else torch.unique(torch.as_tensor(timesteps).long().cpu())
     if ts_all.numel() == 0 or int(ts_all.min()) < 0 or int(ts_all.max()) >= T:
@@ -289,15 +314,18 @@ def estimate_optimal_variance(
             x_t = diffusion.q_sample(xs, ts, noise)
             pred, _ = diffusion.split_output(denoiser(x_t, ts, rep_cond), x_t)
             _, eps = diffusion.predictions(pred, x_t, ts)
-            sums.append(mean_flat(eps.to(torch.float64) ** 2, rep_w).reshape(b, k).sum(dim=0).cpu())
+            sq = eps**2 if method == "analytic" else (noise - eps) ** 2
+            sums.append(mean_flat(sq.to(torch.float64), rep_w).reshape(b, k).sum(dim=0).cpu())
         total += torch.cat(sums)
         count += x0.shape[0]
     if count == 0:
         raise ValueError("data holds no samples")
-    gamma = total / count
+    mean_sq = total / count
     if ts_all.numel() < T:
-        gamma = _interp(torch.arange(T, dtype=torch.float64), ts_all.to(torch.float64), gamma)
-    return optimal_variance_from_gamma(diffusion, gamma, data_range)
+        mean_sq = _interp(torch.arange(T, dtype=torch.float64), ts_all.to(torch.float64), mean_sq)
+    if method == "analytic":
+        return optimal_variance_from_gamma(diffusion, mean_sq, data_range)
+    return _optimal_variance(diffusion, mean_sq)
 
 
 def _unpack_batch(batch) -> tuple[Tensor, Conditioning | None, Tensor | None]:
@@ -586,6 +614,7 @@ def _finish(terms, prior, total, x0, mask, log_det) -> VariationalBound:
 from scidiff.diffusion.ode_likelihood import ODELikelihood, ode_nll  # noqa: E402
 
 __all__ = [
+    "OPTIMAL_VARIANCE_METHODS",
     "REVERSE_VARIANCES",
     "BoundEstimate",
     "ODELikelihood",
