@@ -1,0 +1,239 @@
+"""Reporting an :class:`~scidiff.evaluation.run.Evaluation`: the evaluation file, MLflow, one line.
+
+**The evaluation file** is netCDF (one self-describing file that ``xarray.open_dataset``
+reads; written with h5netcdf as netCDF-4 when it is installed, else with scipy as
+netCDF-3), written atomically (a temporary file in the same directory, then
+``os.replace``). It holds the same numbers as MLflow:
+
+* ``metric_value(metric)``: every scalar, ``metric`` naming it as logged under
+  ``eval/<split>/`` (``bpd``, ``bpd_se``, ``crps/<var>``, ...);
+* per data sample (dim ``sample``, coordinate ``index`` = flat index in the store):
+  ``bpd`` (physical units), ``bpd_model`` (normalised units), ``log_det_bpd``,
+  ``prior_bpd``, ``reconstruction_bpd``, ``bpd_se`` (importance estimator) and
+  ``bpd__<variance>`` for each extra reverse variance;
+* ``bound_terms(timestep)``: mean per-timestep terms in bits/dim (exact estimator);
+* ``power_data``/``power_samples(channel, wavenumber)``, ``rank_histogram(channel, rank)``
+  and the maps ``crps_map``, ``bias``, ``std_samples``, ``std_data(channel, *spatial)``;
+* attributes: checkpoint, its sha256, split, estimator, units note, scidiff version,
+  the MLflow run.
+
+**MLflow**: metrics ``eval/<split>/<name>`` at the checkpoint's global step, in the
+checkpoint's training run (or a new run), figures and the file as artifacts under
+``eval/<split>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scidiff.evaluation.run import Evaluation, EvaluationError
+
+UNITS_NOTE = (
+    "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
+    "(the normalisation's log-determinant included); bpd_model: the same for the normalised data; "
+    "bound_terms: per-timestep terms of the normalised data. CRPS, bias, std, W1: units of each variable; "
+    "energy_score: normalised units; spectral_error, spread_skill: dimensionless."
+)
+
+
+def _netcdf_engine() -> str:
+    try:
+        import h5netcdf  # noqa: F401
+        import h5py  # noqa: F401
+
+        return "h5netcdf"
+    except ImportError:
+        return "scipy"
+
+
+def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
+    """The evaluation as an ``xarray.Dataset`` (see the module docstring)."""
+    import xarray as xr
+
+    import scidiff
+
+    data_vars: dict[str, Any] = {}
+    names = sorted(ev.scalars)
+    data_vars["metric_value"] = (("metric",), np.array([ev.scalars[n] for n in names], np.float64),
+                                 {"long_name": "evaluation metrics, named as logged under eval/<split>/"})
+    for key, values in ev.per_sample.items():
+        data_vars[key.replace("/", "__")] = (("sample",), np.asarray(values, np.float64),
+                                             {"units": "bit", "long_name": f"{key} per data sample"})
+    if ev.terms is not None:
+        data_vars["bound_terms"] = (("timestep",), ev.terms, {
+            "units": "bit", "long_name": "mean bound term per dimension (normalised data); t = 0 is L_0"})
+    if ev.wavenumber is not None:
+        data_vars["power_data"] = (("channel", "wavenumber"), ev.power_data, {"long_name": "mean radial spectrum of data"})
+        data_vars["power_samples"] = (("channel", "wavenumber"), ev.power_samples,
+                                      {"long_name": "mean radial spectrum of samples"})
+    if ev.rank_histogram is not None:
+        data_vars["rank_histogram"] = (("channel", "rank"), ev.rank_histogram,
+                                       {"long_name": "relative frequency of the data's rank among the members"})
+    spatial = tuple(ev.spatial_dims)
+    for key, arr in ev.maps.items():
+        data_vars[f"{key}_map" if key == "crps" else key] = (("channel", *spatial), arr)
+    coords: dict[str, Any] = {"metric": ("metric", np.array(names, dtype=object)),
+                              "channel": ("channel", np.array(ev.channel_names, dtype=object)),
+                              "index": ("sample", np.asarray(ev.indices, np.int64))}
+    if ev.terms is not None:
+        coords["timestep"] = ("timestep", np.arange(ev.terms.size, dtype=np.int64))
+    if ev.wavenumber is not None:
+        coords["wavenumber"] = ("wavenumber", ev.wavenumber, {"units": "cycles per grid unit"})
+    if ev.rank_histogram is not None:
+        coords["rank"] = ("rank", np.arange(ev.rank_histogram.shape[1], dtype=np.int64))
+    if ev.maps:
+        for name, values in ev.coords.items():
+            if np.ndim(values) == 1 and name in spatial:
+                coords[name] = (name, values)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update({
+        "title": f"scidiff evaluation ({ev.split} split)",
+        "scidiff_version": scidiff.__version__,
+        "units_note": UNITS_NOTE,
+        "channel_units": json.dumps(list(ev.units)),
+        "info": json.dumps(ev.info, default=str),
+        **{k: ("" if v is None else v) for k, v in (attrs or {}).items()},
+    })
+    return ds
+
+
+def write_evaluation_file(ev: Evaluation, path: str | os.PathLike, attrs: dict[str, Any] | None = None) -> Path:
+    """Write the evaluation netCDF atomically (temporary file, then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = to_dataset(ev, attrs)
+    engine = _netcdf_engine()
+    if engine == "scipy":  # netCDF-3 has no variable-length strings
+        ds = ds.assign_coords(metric=ds.metric.astype(str), channel=ds.channel.astype(str))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+    try:
+        ds.to_netcdf(tmp, engine=engine)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_evaluation_metrics(path: str | os.PathLike) -> dict[str, float]:
+    """``{name: value}`` of the scalars in an evaluation file (names as under ``eval/<split>/``)."""
+    import xarray as xr
+
+    with xr.open_dataset(path, engine=_netcdf_engine()) as ds:
+        return {str(k): float(v) for k, v in zip(ds["metric"].values, ds["metric_value"].values)}
+
+
+# ------------------------------------------------------------------------------ MLflow
+def metric_key(split: str, name: str) -> str:
+    return f"eval/{split}/{name}"
+
+
+def resolve_tracking_uri(explicit: str | None, pretrained) -> str:
+    """The store to log to: the config's ``logger.tracking_uri``, else the checkpoint's,
+    else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    from scidiff.training.pretrained import DEFAULT_TRACKING_URI
+
+    return (explicit or getattr(pretrained, "mlflow_tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
+            or DEFAULT_TRACKING_URI)
+
+
+def log_to_mlflow(
+    ev: Evaluation,
+    *,
+    tracking_uri: str,
+    run_id: str | None,
+    new_run: bool,
+    experiment_name: str,
+    step: int,
+    artifacts: Sequence[str | os.PathLike],
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Log the scalars and the artifacts; returns the run id.
+
+    With ``run_id`` and not ``new_run`` the metrics go to that (training) run, which
+    must exist in the store; otherwise a new run ``eval/<split>`` is created in
+    ``experiment_name`` (tagged with the training run it evaluates) and finished.
+    """
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    created = False
+    if run_id is not None and not new_run:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise EvaluationError(
+                f"logger.tracking_uri: MLflow run {run_id} of the checkpoint is not in the store {tracking_uri} "
+                "(set logger.tracking_uri to the training's store, or logger.new_run=true)"
+            ) from None
+    else:
+        exp = client.get_experiment_by_name(experiment_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name)
+        tags = {"scidiff.kind": "evaluation", "mlflow.runName": f"eval/{ev.split}"}
+        if run_id is not None:
+            tags["scidiff.evaluated_run"] = run_id
+        run_id = client.create_run(exp_id, tags=tags).info.run_id
+        created = True
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(ev.split, k), float(v), now, int(step)) for k, v in sorted(ev.scalars.items())
+               if np.isfinite(v)]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
+    if created and params:
+        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), f"eval/{ev.split}")
+    if created:
+        client.set_terminated(run_id)
+    return run_id
+
+
+def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking_uri: str | None) -> str:
+    """One line: the key numbers and where the file and the MLflow run are."""
+    s = ev.scalars
+    parts = [f"scidiff-evaluate {ev.split} ({int(s['num_samples'])} samples)"]
+    if "bpd" in s:
+        se = s.get("bpd_se", float("nan"))
+        parts.append(f"bound {s['bpd']:.4f} ± {se:.4f} bits/dim (physical units; {s['bpd_model']:.4f} normalised)")
+        extra = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in s.items() if k.startswith("bpd/")]
+        if extra:
+            parts.append("variances: " + ", ".join(extra))
+    for key, label in (("crps", "CRPS"), ("spectral_error", "spectral error"), ("spread_skill", "spread-skill")):
+        vals = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in s.items() if k.startswith(key + "/")]
+        if vals:
+            parts.append(f"{label} " + ", ".join(vals))
+    if file is not None:
+        parts.append(f"file {file}")
+    if run_id is not None:
+        from scidiff.training.tracking import store_description
+
+        store, ui = store_description(tracking_uri)
+        parts.append(f"MLflow run {run_id} in {store} | view: {ui}")
+    return " | ".join(parts)
+
+
+__all__ = [
+    "UNITS_NOTE",
+    "log_to_mlflow",
+    "metric_key",
+    "read_evaluation_metrics",
+    "resolve_tracking_uri",
+    "summary_line",
+    "to_dataset",
+    "write_evaluation_file",
+]

@@ -1,0 +1,782 @@
+"""The evaluation loop: the variational bound of held-out data and the metrics of samples.
+
+:func:`evaluate` takes a trained model (:class:`~scidiff.training.pretrained.Pretrained`)
+and one split of its data set, rebuilt from the checkpoint's ``data`` config with the
+checkpoint's normalisation statistics and split indices (never recomputed), and computes
+
+* the variational bound of every data sample (exact over all T terms, or the
+  importance-sampled estimate with its standard error) in bits/dim **in physical
+  units** (the data transform's log-determinant included, masks and area weights
+  honoured), with its per-timestep terms, and again for each requested reverse
+  variance (``fixed_small``, ``fixed_large``, ``learned_range``, ``optimal``);
+* an ensemble of ``members`` DDIM samples per data sample, conditioned on that
+  sample's parameters/fields (or read from a ``scidiff-sample`` store), and its
+  metrics against the data: power spectra and spectral error, fair CRPS,
+  spread-skill ratio, energy score, rank histogram, bias/std maps, Wasserstein-1, and
+  for voxel densities the atom counts.
+
+Randomness is keyed by (seed, store index, member): the number for sample ``j`` is the
+same whatever the batch size or the number of ranks. Under ``torch.distributed`` each
+rank takes every ``world_size``-th sample; the metrics are torchmetrics with sum
+reductions, and per-sample values are gathered, so every rank returns the same
+:class:`Evaluation` (only rank 0 should write or log it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scidiff.conditioning import Conditioning
+from scidiff.diffusion import likelihood, samplers
+from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
+from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
+from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
+from scidiff.evaluation.molecules import AtomCounts
+from scidiff.evaluation.spectra import SpectralError
+
+LN2 = math.log(2.0)
+Estimator = Literal["exact", "importance"]
+SPLITS = ("train", "val", "test")
+VARIANCE_CHOICES = ("fixed_small", "fixed_large", "learned_range", "optimal")
+LAT_NAMES = ("lat", "latitude")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked; the message names the setting or the file."""
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class BoundSettings:
+    """Args:
+    enabled: compute the bound at all.
+    estimator: ``"exact"`` (all T terms, per-timestep terms kept) or ``"importance"``
+        (K = ``num_terms`` sampled denoising terms, unbiased, with a standard error).
+    num_terms: K of the importance estimator.
+    timestep_batch: (sample, timestep) pairs per denoiser call of the exact bound.
+    variance: reverse variances evaluated besides the model's own; ``"optimal"`` is the
+        Analytic-DPM variance estimated from ``optimal_samples`` training samples at
+        ``optimal_timesteps`` timesteps (interpolated in between).
+    """
+
+    enabled: bool = True
+    estimator: Estimator = "exact"
+    num_terms: int = 16
+    timestep_batch: int = 50
+    variance: Sequence[str] = ()
+    optimal_samples: int = 64
+    optimal_timesteps: int = 100
+
+
+@dataclass
+class ODESettings:
+    """Args: enabled (the exact NLL through the probability-flow ODE, Hutchinson trace);
+    num_steps (Heun steps on a fixed grid: every rank does the same work); num_probes."""
+
+    enabled: bool = False
+    num_steps: int = 100
+    num_probes: int = 4
+
+
+@dataclass
+class SamplingSettings:
+    """Args: enabled; steps (DDIM steps); members per data sample; eta; spacing of the DDIM steps."""
+
+    enabled: bool = True
+    steps: int = 50
+    members: int = 4
+    eta: float = 0.0
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
+
+
+@dataclass
+class MetricSettings:
+    """Args:
+    area_weights: ``"auto"`` (cos latitude when a spatial dim is lat/latitude) or ``"none"``.
+    wasserstein_bins: histogram bins of the Wasserstein-1 distance.
+    spectral_max_wavenumber: highest shell of the spectral error (None: Nyquist).
+    atoms: ``"auto"`` (3-D fields in number-density units, ``*-3``), ``"on"`` or ``"off"``.
+    atom_threshold, atom_min_distance: peak finding of the atom counts.
+    """
+
+    area_weights: Literal["auto", "none"] = "auto"
+    wasserstein_bins: int = 1000
+    spectral_max_wavenumber: float | None = None
+    atoms: Literal["auto", "on", "off"] = "auto"
+    atom_threshold: float = 0.1
+    atom_min_distance: int = 1
+
+
+@dataclass
+class EvaluationSettings:
+    split: Literal["train", "val", "test"] = "test"
+    max_samples: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    num_panels: int = 4
+    bound: BoundSettings = field(default_factory=BoundSettings)
+    ode: ODESettings = field(default_factory=ODESettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+
+
+# ------------------------------------------------------------------------------ result
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate` computed, as numpy arrays and floats (physical units).
+
+    Attributes:
+        split: the split evaluated; ``indices`` ``[N]`` the samples' flat store indices.
+        scalars: metric name -> value, names as logged under ``eval/<split>/`` (e.g.
+            ``bpd``, ``bpd_se``, ``crps/<var>``).
+        per_sample: name -> ``[N]`` (``bpd``, ``bpd_model``, ``log_det_bpd``, ``prior_bpd``,
+            ``reconstruction_bpd``, ``bpd_se`` (importance), ``bpd/<variance>``).
+        terms: ``[T]`` mean per-timestep bound terms in bits/dim (model units; column 0 is
+            L_0), for the exact estimator; ``prior_bpd`` the mean prior term.
+        wavenumber ``[K]``, power_data / power_samples ``[C, K]``: mean radial spectra.
+        rank_histogram: ``[C, M + 1]`` relative frequencies.
+        maps: name -> ``[C, *S]`` (``crps``, ``bias``, ``std_samples``, ``std_data``).
+        panels_data / panels_samples: ``[n, C, *S]`` the first data samples and member 0.
+        channel_names, units, spatial_dims, coords: from the checkpoint's metadata.
+        info: provenance (checkpoint, sha256, estimator, ...), plain python.
+    """
+
+    split: str
+    indices: np.ndarray
+    scalars: dict[str, float]
+    per_sample: dict[str, np.ndarray]
+    terms: np.ndarray | None
+    wavenumber: np.ndarray | None
+    power_data: np.ndarray | None
+    power_samples: np.ndarray | None
+    rank_histogram: np.ndarray | None
+    maps: dict[str, np.ndarray]
+    panels_data: np.ndarray | None
+    panels_samples: np.ndarray | None
+    channel_names: tuple[str, ...]
+    units: tuple[str, ...]
+    spatial_dims: tuple[str, ...]
+    coords: dict[str, np.ndarray]
+    info: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- helpers
+def key_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (``numpy.random.SeedSequence``): independent streams
+    for (seed, purpose, store index, member) without collisions between neighbours."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU generator (the same numbers on any device the model runs on)."""
+    return torch.Generator().manual_seed(key_seed(*keys))
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of an initialised ``torch.distributed`` group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_datamodule(pretrained, data_path: str | os.PathLike | None = None):
+    """The checkpoint's :class:`~scidiff.data.FieldDataModule` with its statistics and
+    splits restored (nothing recomputed); ``data_path`` replaces the store's path."""
+    import hydra.utils as hu
+
+    cfg = pretrained.config.get("data")
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise EvaluationError(f"checkpoint: {pretrained.checkpoint} has no data config to rebuild the data set from")
+    path = os.fspath(data_path) if data_path is not None else cfg.get("path")
+    if path is None or not os.path.exists(path):
+        key = "data_path" if data_path is not None else "data_path (the checkpoint's data.path)"
+        raise EvaluationError(f"{key}: dataset {path} does not exist (pass data_path=<store>)")
+    overrides = {"path": path, "num_workers": 0, "statistics_path": None}
+    try:
+        dm = hu.instantiate(dict(cfg), **overrides)
+    except Exception as exc:  # noqa: BLE001 - instantiate wraps everything; report one line
+        cause = exc.__cause__ or exc
+        raise EvaluationError(f"data: cannot open {path} with the checkpoint's data config ({cause})") from None
+    state = {"statistics": pretrained.statistics.state_dict(),
+             "split_indices": {k: list(v) for k, v in pretrained.split_indices.items()}}
+    dm.load_state_dict(state)
+    if dm.split_indices is None:  # an old checkpoint without indices: the split is recomputed, not the statistics
+        dm.setup()
+    if tuple(dm.metadata.channel_names) != tuple(pretrained.metadata.channel_names):
+        raise EvaluationError(
+            f"data_path: {path} has channels {list(dm.metadata.channel_names)}, the checkpoint was trained on "
+            f"{list(pretrained.metadata.channel_names)}"
+        )
+    if tuple(dm.metadata.spatial_shape) != tuple(pretrained.metadata.spatial_shape):
+        raise EvaluationError(
+            f"data_path: {path} has grid {tuple(dm.metadata.spatial_shape)}, the checkpoint was trained on "
+            f"{tuple(pretrained.metadata.spatial_shape)}"
+        )
+    return dm
+
+
+def grid_spacing(metadata) -> tuple[float, ...]:
+    """Spacing per spatial axis from 1-D coordinates on the spatial dims (1 where unknown)."""
+    out = []
+    for dim, n in zip(metadata.spatial_dims, metadata.spatial_shape):
+        c = metadata.coords.get(dim)
+        if c is not None and np.ndim(c) == 1 and len(c) == n and n > 1 and np.issubdtype(np.asarray(c).dtype, np.number):
+            d = float(np.abs(np.diff(np.asarray(c, np.float64))).mean())
+            out.append(d if d > 0 else 1.0)
+        else:
+            out.append(1.0)
+    return tuple(out)
+
+
+def area_weights(metadata, mode: str) -> Tensor | None:
+    """cos(latitude) weights ``[*S]`` (float64) on a lat/lon grid, else None."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        raise EvaluationError(f"metrics.area_weights: expected auto or none, got {mode!r}")
+    for axis, dim in enumerate(metadata.spatial_dims):
+        lat = metadata.coords.get(dim)
+        if dim.lower() in LAT_NAMES and lat is not None and np.ndim(lat) == 1:
+            w = np.cos(np.deg2rad(np.asarray(lat, np.float64))).clip(min=0.0)
+            shape = [1] * len(metadata.spatial_shape)
+            shape[axis] = -1
+            return torch.from_numpy(w).reshape(shape).expand(*metadata.spatial_shape).contiguous()
+    return None
+
+
+def _atoms_enabled(metadata, mode: str) -> bool:
+    if mode == "on":
+        if len(metadata.spatial_shape) != 3:
+            raise EvaluationError("metrics.atoms: on needs 3-D voxel fields")
+        return True
+    if mode == "off":
+        return False
+    return len(metadata.spatial_shape) == 3 and all(str(u).endswith("-3") for u in metadata.units)
+
+
+def _value_ranges(pretrained) -> list[tuple[float, float]]:
+    """Per-channel physical value range of the Wasserstein histograms: the training range
+    widened by half its span on each side (in the transform's warped space)."""
+    from scidiff.data.transforms import unwarp
+
+    out = []
+    for s in pretrained.statistics.x:
+        span = max(s.max - s.min, 1e-12 * max(1.0, abs(s.max)))
+        lo, hi = (float(unwarp(torch.tensor(v, dtype=torch.float64), s.pointwise, s.log_offset))
+                  for v in (s.min - 0.5 * span, s.max + 0.5 * span))
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            lo, hi = (float(unwarp(torch.tensor(v, dtype=torch.float64), s.pointwise, s.log_offset))
+                      for v in (s.min, s.max))
+        out.append((lo, hi))
+    return out
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# -------------------------------------------------------------------------- ensembles
+class EnsembleSource:
+    """Members read from a ``scidiff-sample`` zarr store (dims ``(sample, member, *spatial)``,
+    one variable per channel, physical units), matched to data samples.
+
+    Matching: a ``data_index`` (or ``index``) coordinate along ``sample`` gives each
+    ensemble sample's flat index in the data store; without it, ensemble sample ``j``
+    is the ``j``-th sample of the evaluated split. Conditioning parameters stored along
+    ``sample`` must equal the data's (else the data do not match the ensemble).
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata, members: int | None = None) -> None:
+        import xarray as xr
+
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise EvaluationError(f"ensemble: store {self.path} does not exist")
+        try:
+            self.ds = xr.open_zarr(self.path)
+        except Exception as exc:  # noqa: BLE001
+            raise EvaluationError(f"ensemble: {self.path} is not a readable zarr store ({type(exc).__name__})") from None
+        names = list(metadata.channel_names)
+        missing = [n for n in names if n not in self.ds.data_vars]
+        if missing:
+            raise EvaluationError(f"ensemble: {self.path} lacks the variables {missing} of the checkpoint's channels")
+        want = ("sample", "member", *metadata.spatial_dims)
+        for n in names:
+            if tuple(self.ds[n].dims) != want:
+                raise EvaluationError(f"ensemble: variable {n!r} in {self.path} has dims {self.ds[n].dims}, expected {want}")
+        self.names = names
+        self.num_members = int(self.ds.sizes["member"])
+        if members is not None and members < self.num_members:
+            self.num_members = int(members)
+        self.index_coord = next((c for c in ("data_index", "index") if c in self.ds.coords or c in self.ds.data_vars), None)
+        self.param_names = [p for p in metadata.param_names if p in self.ds.coords or p in self.ds.data_vars]
+
+    @property
+    def size(self) -> int:
+        return int(self.ds.sizes["sample"])
+
+    def data_indices(self) -> np.ndarray | None:
+        if self.index_coord is None:
+            return None
+        return np.asarray(self.ds[self.index_coord].values, np.int64).reshape(-1)
+
+    def read(self, positions: np.ndarray) -> Tensor:
+        """Members ``[B, M, C, *S]`` (float64, physical) of ensemble samples ``positions``."""
+        arrays = [np.asarray(self.ds[n].isel(sample=positions, member=slice(0, self.num_members)).values, np.float64)
+                  for n in self.names]
+        return torch.from_numpy(np.stack(arrays, axis=2))
+
+    def check_params(self, positions: np.ndarray, params: np.ndarray | None, names: Sequence[str],
+                     store_indices: np.ndarray) -> None:
+        if params is None:
+            return
+        for p in self.param_names:
+            stored = np.asarray(self.ds[p].isel(sample=positions).values, np.float64)
+            data = params[:, list(names).index(p)]
+            bad = ~np.isclose(stored, data, rtol=1e-4, atol=1e-6)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise EvaluationError(
+                    f"ensemble: sample {int(positions[j])} of {self.path} has {p}={stored[j]:.6g} but the data sample "
+                    f"{int(store_indices[j])} it is matched with has {p}={data[j]:.6g} (give the matching data)"
+                )
+
+
+# ------------------------------------------------------------------------------ bound
+def _bound_variants(pretrained, settings: BoundSettings) -> list[str]:
+    variants = []
+    for v in settings.variance:
+        if v not in VARIANCE_CHOICES:
+            raise EvaluationError(f"bound.variance: unknown variance {v!r}; expected some of {list(VARIANCE_CHOICES)}")
+        if v == "learned_range" and not pretrained.diffusion.learns_variance:
+            raise EvaluationError("bound.variance: learned_range needs a model trained with variance=learned_range")
+        if v not in variants and v != pretrained.diffusion.variance:
+            variants.append(v)
+    return variants
+
+
+def _optimal_variance(pretrained, dm, settings: BoundSettings, eval_settings: EvaluationSettings,
+                      device: torch.device, weights: Tensor | None) -> Tensor:
+    """Analytic-DPM reverse variance from up to ``optimal_samples`` training samples."""
+    if not hasattr(likelihood, "estimate_optimal_variance"):
+        raise EvaluationError("bound.variance: 'optimal' needs likelihood.estimate_optimal_variance (not available)")
+    train = dm.datasets["train"]
+    n = min(len(train), settings.optimal_samples)
+    if n == 0:
+        raise EvaluationError("bound.variance: 'optimal' is estimated on the training split, which is empty")
+    T = pretrained.diffusion.num_timesteps
+    k = min(T, max(2, settings.optimal_timesteps))
+    timesteps = torch.unique(torch.linspace(0, T - 1, k).round().long())
+    batches = []
+    for start in range(0, n, eval_settings.batch_size):
+        batch = train.read_batch(train.indices[start:min(n, start + eval_settings.batch_size)])
+        batches.append({"x": batch["x"].to(device), "mask": _to(batch.get("mask"), device),
+                        "cond": _cond(batch, device)})
+    return likelihood.estimate_optimal_variance(
+        pretrained.denoiser, pretrained.diffusion, batches, timesteps=timesteps,
+        generator=generator(eval_settings.seed, 3), weights=None if weights is None else weights.to(device),
+        timestep_batch=settings.timestep_batch,
+    )
+
+
+def _to(t: Tensor | None, device) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _cond(batch: Mapping[str, Tensor], device) -> Conditioning | None:
+    params, fields = batch.get("params"), batch.get("fields")
+    if params is None and fields is None:
+        return None
+    return Conditioning(params=_to(params, device), fields=_to(fields, device))
+
+
+def _sample_bound(pretrained, x, cond, mask, log_det, weights, variance, settings: BoundSettings,
+                  gen: torch.Generator):
+    """The bound of one sample ``x`` ``[1, C, *S]``: (bits/dim physical, se or nan, prior, L_0, terms or None)."""
+    kw = dict(variance=variance, weights=weights, log_det=log_det, generator=gen)
+    if settings.estimator == "exact":
+        b = likelihood.variational_bound(pretrained.denoiser, pretrained.diffusion, x, cond, mask,
+                                         timestep_batch=settings.timestep_batch, **kw)
+        return b.bits_per_dim, torch.full_like(b.bits_per_dim, float("nan")), b.prior, b.terms[:, 0], b.terms
+    est = likelihood.estimate_bound(pretrained.denoiser, pretrained.diffusion, x, cond, mask,
+                                    num_terms=settings.num_terms, **kw)
+    return est.bits_per_dim, est.standard_error_bits, est.prior, est.reconstruction, None
+
+
+# ------------------------------------------------------------------------------- loop
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvaluationError(f"device: {device!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
+
+
+def split_indices(dm, settings: EvaluationSettings, ensemble: EnsembleSource | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(store indices to evaluate, matching ensemble positions or None)."""
+    positions = None
+    if ensemble is not None and ensemble.data_indices() is not None:
+        indices = ensemble.data_indices()
+        positions = np.arange(indices.size)
+        total = int(np.prod(dm.metadata.sample_shape))
+        if indices.size and (indices.min() < 0 or indices.max() >= total):
+            raise EvaluationError(f"ensemble: {ensemble.index_coord} holds indices outside the data store's {total} samples")
+    else:
+        indices = np.asarray(dm.split_indices[settings.split], np.int64)
+    if settings.max_samples is not None:
+        indices = indices[: settings.max_samples]
+        positions = None if positions is None else positions[: settings.max_samples]
+    if indices.size == 0:
+        raise EvaluationError(f"split: the {settings.split!r} split of this data set is empty (choose another split)")
+    if ensemble is not None and positions is None:
+        if ensemble.size < indices.size:
+            raise EvaluationError(
+                f"ensemble: {ensemble.path} has {ensemble.size} samples, fewer than the {indices.size} data samples "
+                f"of split {settings.split!r} (set max_samples or give the matching data)"
+            )
+        positions = np.arange(indices.size)
+    return indices, positions
+
+
+def evaluate(
+    pretrained,
+    settings: EvaluationSettings | None = None,
+    *,
+    data_path: str | os.PathLike | None = None,
+    ensemble: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate ``pretrained`` on one split of its data set (see the module docstring).
+
+    Args:
+        pretrained: from :func:`scidiff.training.pretrained.load_pretrained`.
+        settings: what to compute (:class:`EvaluationSettings`).
+        data_path: another location of the data store (same layout).
+        ensemble: a ``scidiff-sample`` zarr store whose members replace generation.
+        device: ``"auto"`` (the rank's GPU, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+        progress: a tqdm bar on rank 0.
+
+    Returns:
+        :class:`Evaluation`, identical on every rank.
+    """
+    s = settings or EvaluationSettings()
+    if s.split not in SPLITS:
+        raise EvaluationError(f"split: expected one of {list(SPLITS)}, got {s.split!r}")
+    if s.batch_size < 1:
+        raise EvaluationError(f"batch_size: must be >= 1, got {s.batch_size}")
+    rank, world = dist_info()
+    dev = _resolve_device(device)
+    pretrained.to(dev)
+    meta = pretrained.metadata
+    dm = build_datamodule(pretrained, data_path)
+    source = None if ensemble is None else EnsembleSource(ensemble, meta, s.sampling.members)
+    sampling = s.sampling.enabled or source is not None
+    members = source.num_members if source is not None else s.sampling.members
+    if sampling and members < 2:
+        raise EvaluationError(f"sampling.members: CRPS and the spread-skill ratio need >= 2 members, got {members}")
+    if not s.bound.enabled and not sampling and not s.ode.enabled:
+        raise EvaluationError("bound.enabled, ode.enabled and sampling.enabled are all false: nothing to evaluate")
+    indices, positions = split_indices(dm, s, source)
+    reader = dm.datasets[s.split]  # read_batch takes flat store indices, whatever the split
+    mine = np.arange(rank, indices.size, world)
+    c, shape = meta.num_channels, tuple(meta.spatial_shape)
+    xt = pretrained.x_transform
+    weights = area_weights(meta, s.metrics.area_weights)
+    w_metric = None if weights is None else weights.reshape(1, 1, *shape)
+    variants = _bound_variants(pretrained, s.bound) if s.bound.enabled else []
+
+    # ---- metrics (sum states: exact under DDP)
+    bpd = {"": BitsPerDim(), "model": BitsPerDim()}
+    for v in variants:
+        bpd[v] = BitsPerDim()
+    if s.ode.enabled:
+        bpd["ode"] = BitsPerDim()
+    terms = BoundTerms(pretrained.diffusion.num_timesteps) if s.bound.enabled and s.bound.estimator == "exact" else None
+    mets: dict[str, Any] = {}
+    if sampling:
+        spacing = grid_spacing(meta)
+        mets = {
+            "crps": CRPS(c), "crps_map": CRPS(c, spatial_shape=shape), "spread_skill": SpreadSkillRatio(c),
+            "energy": EnergyScore(), "rank": RankHistogram(c, members), "maps": BiasStdMaps(c, shape),
+            "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=s.metrics.wasserstein_bins),
+            "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=s.metrics.spectral_max_wavenumber),
+        }
+        if _atoms_enabled(meta, s.metrics.atoms):
+            vox = float(np.prod(spacing))
+            for name in ("atoms_samples", "atoms_data"):
+                mets[name] = AtomCounts(c, s.metrics.atom_threshold, voxel_volume=vox,
+                                        min_distance=s.metrics.atom_min_distance)
+    for m in [*bpd.values(), *mets.values(), *([terms] if terms is not None else [])]:
+        m.to(dev)
+
+    variance_tables: dict[str, Any] = {v: v for v in variants}
+    if "optimal" in variance_tables:
+        variance_tables["optimal"] = _optimal_variance(pretrained, dm, s.bound, s, dev, weights)
+
+    rows: dict[str, list[np.ndarray]] = {}
+    panels_data: list[Tensor] = []
+    panels_samples: list[Tensor] = []
+    t_bound = t_sample = 0.0
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=mine.size, desc=f"scidiff-evaluate {s.split}", unit="sample", dynamic_ncols=True)
+
+    def add_row(name: str, value: Tensor) -> None:
+        rows.setdefault(name, []).append(value.detach().to(torch.float64).cpu().numpy())
+
+    with torch.no_grad():
+        for start in range(0, mine.size, s.batch_size):
+            pos = mine[start:start + s.batch_size]
+            store_idx = indices[pos]
+            batch = reader.read_batch(store_idx)
+            x = batch["x"].to(dev)
+            mask = _to(batch.get("mask"), dev)
+            cond = _cond(batch, dev)
+            x_phys = xt.inverse(x.to(torch.float64))
+            add_row("index", torch.from_numpy(store_idx))
+            log_det = xt.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
+            if s.bound.enabled:
+                tic = time.perf_counter()
+                dims = mask.expand_as(x).flatten(1).sum(1).double() if mask is not None else \
+                    torch.full((x.shape[0],), float(x[0].numel()), dtype=torch.float64, device=dev)
+                log_det_bpd = log_det / dims / LN2
+                add_row("log_det_bpd", log_det_bpd)
+                for variant in ["", *variants]:
+                    out = []
+                    for i, j in enumerate(store_idx):
+                        sub = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
+                        m_i = None if mask is None else mask[i:i + 1]
+                        out.append(_sample_bound(
+                            pretrained, x[i:i + 1], sub, m_i, log_det[i:i + 1], weights,
+                            variance_tables.get(variant), s.bound, generator(s.seed, 1, int(j)),
+                        ))
+                    phys = torch.cat([o[0] for o in out]).double()
+                    se = torch.cat([o[1] for o in out]).double()
+                    bpd[variant].update(phys * dims * LN2, dims)
+                    suffix = f"/{variant}" if variant else ""
+                    add_row("bpd" + suffix, phys)
+                    if s.bound.estimator == "importance":
+                        add_row("bpd_se" + suffix, se)
+                    if not variant:
+                        model_bpd = phys + log_det_bpd
+                        bpd["model"].update(model_bpd * dims * LN2, dims)
+                        add_row("bpd_model", model_bpd)
+                        add_row("prior_bpd", torch.cat([o[2] for o in out]) / LN2)
+                        add_row("reconstruction_bpd", torch.cat([o[3] for o in out]) / LN2)
+                        if terms is not None:
+                            terms.update(torch.cat([o[4] for o in out]) / LN2)
+                t_bound += time.perf_counter() - tic
+            if s.ode.enabled:
+                out = []
+                for i, j in enumerate(store_idx):
+                    sub = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
+                    out.append(likelihood.ode_nll(
+                        pretrained.denoiser, pretrained.diffusion, x[i:i + 1], sub,
+                        None if mask is None else mask[i:i + 1], num_steps=s.ode.num_steps,
+                        num_probes=s.ode.num_probes, weights=weights, log_det=log_det[i:i + 1],
+                        generator=generator(s.seed, 4, int(j)),
+                    ))
+                ode_bits = torch.cat([o.bits_per_dim for o in out]).double()
+                ode_dims = torch.cat([o.dims for o in out]).double()
+                bpd["ode"].update(ode_bits * ode_dims * LN2, ode_dims)
+                add_row("ode_bpd", ode_bits)
+                add_row("ode_bpd_se", torch.cat([o.standard_error_bits for o in out]).double())
+            if sampling:
+                tic = time.perf_counter()
+                if source is not None:
+                    ens_pos = positions[pos]
+                    phys_params = None
+                    if batch.get("params") is not None:
+                        phys_params = dm.inverse_params(batch["params"]).double().numpy()
+                    source.check_params(ens_pos, phys_params, meta.param_names, store_idx)
+                    ens_phys = source.read(ens_pos).to(dev)
+                    ens = xt(ens_phys.flatten(0, 1)).reshape(ens_phys.shape)
+                else:
+                    ens = _generate(pretrained, x, cond, store_idx, s, dev).to(torch.float64)
+                    ens_phys = xt.inverse(ens.flatten(0, 1)).reshape(ens.shape)
+                _update_sample_metrics(mets, ens_phys, ens, x_phys, x.to(torch.float64), mask, w_metric)
+                if rank == 0 and sum(len(p) for p in panels_data) < s.num_panels:
+                    panels_data.append(x_phys.cpu())
+                    panels_samples.append(ens_phys[:, 0].cpu())
+                t_sample += time.perf_counter() - tic
+            if bar is not None:
+                bar.update(len(pos))
+    if bar is not None:
+        bar.close()
+
+    # ---- gather per-sample rows (ordered by position in the split) and compute (collectives)
+    local = {k: np.concatenate(v) for k, v in rows.items()}
+    local["position"] = mine.astype(np.int64)
+    parts = _gather(local, world)
+    merged = {k: np.concatenate([p[k] for p in parts if k in p]) for k in parts[0]}
+    order = np.argsort(merged.pop("position"), kind="stable")
+    per_sample = {k: v[order] for k, v in merged.items()}
+    store_order = per_sample.pop("index").astype(np.int64)
+    timing = _gather((t_bound, t_sample, int(mine.size)), world)
+
+    scalars: dict[str, float] = {"num_samples": float(indices.size)}
+    terms_out = None
+    if s.bound.enabled:
+        scalars["bpd"] = float(bpd[""].compute())
+        scalars["bpd_se"] = float(bpd[""].standard_error())
+        scalars["bpd_model"] = float(bpd["model"].compute())
+        scalars["log_det_bpd"] = scalars["bpd_model"] - scalars["bpd"]  # log|det dT/dx| per dim, bits
+        scalars["prior_bpd"] = float(per_sample["prior_bpd"].mean())
+        scalars["reconstruction_bpd"] = float(per_sample["reconstruction_bpd"].mean())
+        if s.bound.estimator == "importance":
+            se = per_sample["bpd_se"]
+            scalars["bpd_mc_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
+        for v in variants:
+            scalars[f"bpd/{v}"] = float(bpd[v].compute())
+            scalars[f"bpd_se/{v}"] = float(bpd[v].standard_error())
+        if terms is not None:
+            terms_out = terms.compute().cpu().numpy()
+        slowest = max(t[0] / max(t[2], 1) for t in timing)
+        scalars["bound_seconds_per_1000"] = 1000.0 * slowest
+    if s.ode.enabled:
+        scalars["ode_bpd"] = float(bpd["ode"].compute())
+        scalars["ode_bpd_se"] = float(bpd["ode"].standard_error())
+        se = per_sample["ode_bpd_se"]
+        scalars["ode_bpd_probe_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
+    spectra = (None, None, None)
+    rank_hist = None
+    maps: dict[str, np.ndarray] = {}
+    if sampling:
+        names = [_clean(n) for n in meta.channel_names]
+        scalars["members"] = float(members)
+        per_channel = {
+            "crps": mets["crps"].compute(), "spread_skill": mets["spread_skill"].compute(),
+            "spectral_error": mets["spectral"].compute(), "w1": mets["w1"].compute(),
+        }
+        moments = mets["maps"].compute()
+        per_channel["bias_rms"] = _nanrms(moments.bias)
+        per_channel["std_ratio"] = _nanmean(moments.std_ratio)
+        rank_hist = mets["rank"].compute().cpu().numpy()
+        per_channel["rank_deviation"] = torch.from_numpy(
+            np.abs(rank_hist - 1.0 / (members + 1)).sum(axis=1) * (members + 1) / 2.0)
+        for key, values in per_channel.items():
+            for name, value in zip(names, values.reshape(-1).tolist()):
+                scalars[f"{key}/{name}"] = float(value)
+        scalars["energy_score"] = float(mets["energy"].compute())
+        oor_s, oor_d = mets["w1"].out_of_range()
+        for name, a, b in zip(names, oor_s.tolist(), oor_d.tolist()):
+            scalars[f"w1_out_of_range/{name}"] = float(max(a, b))
+        samples_spec, data_spec = mets["spectral"].spectra()
+        spectra = (data_spec.wavenumber.cpu().numpy(), data_spec.power.cpu().numpy(), samples_spec.power.cpu().numpy())
+        maps = {"crps": mets["crps_map"].compute().cpu().numpy(), "bias": moments.bias.cpu().numpy(),
+                "std_samples": moments.std_samples.cpu().numpy(), "std_data": moments.std_data.cpu().numpy()}
+        if "atoms_samples" in mets:
+            a_s, a_d = mets["atoms_samples"].compute(), mets["atoms_data"].compute()
+            for i, name in enumerate(names):
+                scalars[f"atoms/{name}/peaks_samples"] = float(a_s.peaks_mean[i])
+                scalars[f"atoms/{name}/peaks_data"] = float(a_d.peaks_mean[i])
+                scalars[f"atoms/{name}/integrated_samples"] = float(a_s.integrated_mean[i])
+                scalars[f"atoms/{name}/integrated_data"] = float(a_d.integrated_mean[i])
+        slowest = max(t[1] / max(t[2], 1) for t in timing)
+        scalars["sampling_seconds_per_1000"] = 1000.0 * slowest
+    pd = torch.cat(panels_data)[: s.num_panels].numpy() if panels_data else None
+    ps = torch.cat(panels_samples)[: s.num_panels].numpy() if panels_samples else None
+    dm.teardown()
+    info = {
+        "checkpoint": str(pretrained.checkpoint), "sha256": pretrained.sha256, "global_step": pretrained.global_step,
+        "weights": pretrained.weights, "data_path": dm.path, "split": s.split, "estimator": s.bound.estimator
+        if s.bound.enabled else "none", "variances": [pretrained.diffusion.variance, *variants],
+        "num_terms": s.bound.num_terms, "members": members if sampling else 0,
+        "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
+            f"DDIM {s.sampling.steps} steps, eta {s.sampling.eta}" if sampling else "none"),
+        "area_weights": "cos(latitude)" if weights is not None else "none", "world_size": world,
+        "seed": s.seed, "device": str(dev),
+    }
+    return Evaluation(
+        split=s.split, indices=store_order, scalars=scalars, per_sample=per_sample, terms=terms_out,
+        wavenumber=spectra[0], power_data=spectra[1], power_samples=spectra[2], rank_histogram=rank_hist,
+        maps=maps, panels_data=pd, panels_samples=ps, channel_names=tuple(meta.channel_names),
+        units=tuple(meta.units), spatial_dims=tuple(meta.spatial_dims),
+        coords={k: np.asarray(v) for k, v in meta.coords.items()
+                if tuple(meta.coord_dims.get(k, ())) and set(meta.coord_dims[k]) <= set(meta.spatial_dims)},
+        info=info,
+    )
+
+
+def _clean(name: str) -> str:
+    """An MLflow-safe metric name part (letters, digits, _ - . space)."""
+    return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in str(name))
+
+
+def _nanrms(maps: Tensor) -> Tensor:
+    flat = maps.reshape(maps.shape[0], -1)
+    return torch.sqrt(torch.nanmean(flat**2, dim=1))
+
+
+def _nanmean(maps: Tensor) -> Tensor:
+    return torch.nanmean(maps.reshape(maps.shape[0], -1), dim=1)
+
+
+def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.ndarray, s: EvaluationSettings,
+              dev: torch.device) -> Tensor:
+    """``members`` DDIM samples per data sample, ``[B, M, C, *S]`` normalised; member k of
+    store sample j uses the generator keyed (seed, 2, j, k)."""
+    b, m = x.shape[0], s.sampling.members
+    gens = [generator(s.seed, 2, int(j), k) for j in store_idx for k in range(m)]
+    shape = (b * m, *x.shape[1:])
+    x_T = samplers.randn_like(torch.empty(shape, dtype=x.dtype, device=dev), gens)
+    rep = None if cond is None else cond.map(lambda v: v.repeat_interleave(m, dim=0))
+    net = pretrained.denoiser
+    out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
+                               spacing=s.sampling.spacing, cond=rep, generator=gens)
+    return out.reshape(b, m, *x.shape[1:])
+
+
+def _update_sample_metrics(mets, ens_phys, ens_model, x_phys, x_model, mask, weights) -> None:
+    mets["crps"].update(ens_phys, x_phys, mask, weights)
+    mets["crps_map"].update(ens_phys, x_phys, mask)
+    mets["spread_skill"].update(ens_phys, x_phys, mask, weights)
+    mets["energy"].update(ens_model, x_model, mask, weights)  # normalised: channels of different units
+    mets["rank"].update(ens_phys, x_phys, mask, weights)
+    mets["maps"].update(ens_phys, x_phys, mask)
+    mets["w1"].update(ens_phys, x_phys, mask, weights)
+    if mask is None:
+        mets["spectral"].update(ens_phys, x_phys)
+    else:  # masks may differ between samples: each sample's members with its own mask
+        for i in range(x_phys.shape[0]):
+            mets["spectral"].update(ens_phys[i], x_phys[i:i + 1], mask[i:i + 1])
+    if "atoms_samples" in mets:
+        mets["atoms_samples"].update(ens_phys.flatten(0, 1))
+        mets["atoms_data"].update(x_phys)
+
+
+__all__ = [
+    "BoundSettings",
+    "EnsembleSource",
+    "Evaluation",
+    "EvaluationError",
+    "EvaluationSettings",
+    "MetricSettings",
+    "ODESettings",
+    "SamplingSettings",
+    "area_weights",
+    "build_datamodule",
+    "evaluate",
+    "grid_spacing",
+    "key_seed",
+]
