@@ -117,6 +117,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
     from scidiff.training import AtomicCheckpointIO, ResumableDataModule, safe_torch_load
     from scidiff.training.callbacks import RunArtifacts
+    from scidiff.training.tracking import store_lock
 
     inner = hu.instantiate(cfg.data)
     datamodule = ResumableDataModule(inner)
@@ -144,7 +145,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         kwargs = {}
         if issubclass(hu.get_class(cfg.logger._target_), MLFlowLogger) and previous.get("mlflow_run_id"):
             kwargs["run_id"] = previous["mlflow_run_id"]
-        logger = hu.instantiate(cfg.logger, **kwargs)
+        with store_lock(cfg.logger.get("tracking_uri")):  # ranks of torchrun/srun open it together
+            logger = hu.instantiate(cfg.logger, **kwargs)
     callbacks = [hu.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RunArtifacts(config=config, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                                   resumed=ckpt is not None))

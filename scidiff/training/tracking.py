@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,26 @@ def store_description(tracking_uri: str) -> tuple[str, str]:
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri, f"open {tracking_uri}"
     return tracking_uri, f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str | None) -> Iterator[None]:
+    """Hold an exclusive lock beside an embedded SQLite store while opening it.
+
+    Opening a new SQLite store creates its tables (an Alembic migration); processes
+    that open the same new store at once (every rank of a ``torchrun`` job builds
+    its logger) race on it and one fails. Inside this context only one process at a
+    time opens the store, so the first creates the tables and the others find them.
+    Other stores (servers, file stores) need no lock.
+    """
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -12,7 +12,6 @@ import torch
 from tests.training.conftest import QUIET, run_train
 
 
-@pytest.mark.skip(reason="failed under load on the last pre-submit run (unverified); re-enable after investigation")
 def test_two_process_ddp_on_cpu(tmp_path, data_dir):
     args = ["experiment=quickstart", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
             "trainer.max_steps=4", "trainer.val_check_interval=2", "run_name=ddp",
