@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from scidiff.training.plots import samples_figure  # noqa: E402
 
@@ -58,8 +59,10 @@ def spectra_figure(wavenumber: np.ndarray, power_data: np.ndarray, power_samples
         ax.loglog(wavenumber[ok], power_data[ch][ok], "k-", lw=1.2, label="data")
         ok = np.isfinite(power_samples[ch]) & (power_samples[ch] > 0)
         ax.loglog(wavenumber[ok], power_samples[ch][ok], "C1--", lw=1.2, label="samples")
-        ax.set_xlabel("|k| (cycles per grid unit)")
-        ax.set_ylabel("P(k)")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("|k| (cycles per unit length of the grid)")
+        unit = units[ch] if ch < len(units) and units[ch] else "field unit"
+        ax.set_ylabel(f"P(k) [({unit})^2 x length^d]")
         ax.set_title(_label(names, units, ch), fontsize=9)
         ax.legend(fontsize=7)
     if title:

@@ -487,7 +487,7 @@ def evaluate(
     pretrained.to(dev)
     meta = pretrained.metadata
     dm = build_datamodule(pretrained, data_path)
-    source = None if ensemble is None else EnsembleSource(ensemble, meta, s.sampling.members)
+    source = None if ensemble is None else EnsembleSource(ensemble, meta)  # all its members
     sampling = s.sampling.enabled or source is not None
     members = source.num_members if source is not None else s.sampling.members
     if sampling and members < 2:

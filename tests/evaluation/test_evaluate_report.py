@@ -1,0 +1,232 @@
+"""The evaluation loop and its report, on a tiny store with physical units far from the
+model's (a temperature-like field, 280 K +- 50 K) and a tiny deterministic denoiser.
+
+What can be wrong and is pinned here: the bound in physical units differs from the
+model's by exactly the log-determinant of the checkpoint's normalisation (computed
+here from the store with numpy, and from statistics the data module must *not*
+recompute); per-sample numbers do not depend on the batch size or the rank sharding;
+ensembles read from a store give the CRPS of an independent formula; the evaluation
+file holds the numbers of the result and is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from scidiff.data import FieldDataModule, FractionSplit
+from scidiff.diffusion import GaussianDiffusion, NoiseSchedule
+from scidiff.evaluation import run as evrun
+from scidiff.evaluation.plots import evaluation_figures
+from scidiff.evaluation.report import read_evaluation_metrics, to_dataset, write_evaluation_file
+from scidiff.evaluation.run import (
+    BoundSettings,
+    EvaluationError,
+    EvaluationSettings,
+    SamplingSettings,
+    evaluate,
+)
+from scidiff.training.pretrained import Pretrained
+
+N, H, W = 16, 8, 12  # non-square on purpose
+MEAN, STD = 280.0, 50.0  # kelvin
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((N, H, W))
+    smooth = (white + np.roll(white, 1, axis=1) + np.roll(white, 1, axis=2)) / math.sqrt(3.0)
+    smooth[:4] *= 0.6  # the first samples are calmer: statistics of samples 0-3 and 0-7 differ
+    ds = xr.Dataset(
+        {"tas": (("sample", "y", "x"), MEAN + STD * smooth, {"units": "K"}),
+         "forcing": (("sample",), rng.uniform(1.0, 4.0, N), {"units": "W m-2"})},
+        coords={"sample": np.arange(N), "y": np.arange(H) * 2.0, "x": np.arange(W) * 2.0},
+    )
+    path = tmp_path_factory.mktemp("store") / "tas.zarr"
+    ds.to_zarr(path)
+    return path
+
+
+def data_config(path: Path) -> dict:
+    return {
+        "_target_": "scidiff.data.FieldDataModule", "_convert_": "all", "path": str(path),
+        "variables": [{"name": "tas", "transform": "zscore"}], "spatial_dims": ["y", "x"],
+        "sample_dims": "sample", "params": [{"name": "forcing", "transform": "zscore"}],
+        "split": {"_target_": "scidiff.data.FractionSplit", "train": 0.5, "val": 0.25, "test": 0.25},
+        "batch_size": 4, "mask": "never", "num_workers": 0,
+    }
+
+
+class TinyDenoiser(nn.Module):
+    """Deterministic eps-predictor: a periodic 3x3 convolution plus a parameter shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular")
+        self.lin = nn.Linear(1, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, t, cond=None):
+        out = self.conv(x)
+        if cond is not None and cond.params is not None:
+            out = out + self.lin(cond.params).reshape(-1, 1, 1, 1)
+        return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(store, tmp_path_factory) -> Pretrained:
+    """Statistics of the first 4 samples only: the data config's split (train = 8 samples)
+    would give other ones, so a recomputation would show in the log-determinant."""
+    cfg = {k: v for k, v in data_config(store).items() if not k.startswith("_") and k != "split"}
+    stats_dm = FieldDataModule(**cfg, split=FractionSplit(0.25, 0.25, 0.5))
+    stats_dm.setup()
+    split_dm = FieldDataModule(**cfg, split=FractionSplit(0.5, 0.25, 0.25))
+    split_dm.setup()
+    diffusion = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=40))
+    return Pretrained(
+        denoiser=TinyDenoiser().eval().requires_grad_(False), diffusion=diffusion, metadata=stats_dm.metadata,
+        statistics=stats_dm.statistics, config={"data": data_config(store)},
+        checkpoint=tmp_path_factory.mktemp("ckpt") / "fake.ckpt", sha256="0" * 64, global_step=7, weights="raw",
+        split_indices={k: v.tolist() for k, v in split_dm.split_indices.items()},
+    )
+
+
+def settings(**kw) -> EvaluationSettings:
+    base = dict(split="val", batch_size=4, bound=BoundSettings(estimator="exact", timestep_batch=40),
+                sampling=SamplingSettings(steps=4, members=3))
+    base.update(kw)
+    return EvaluationSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def exact(pretrained) -> evrun.Evaluation:
+    return evaluate(pretrained, settings(), device="cpu", progress=False)
+
+
+def test_physical_bits_differ_by_the_checkpoints_log_det(exact, store):
+    """zscore with the std s of the checkpoint's training samples (0..3): log|det dT/dx| per
+    dimension is -ln s, so bits/dim in kelvin = bits/dim normalised + log2 s, per sample."""
+    values = xr.open_zarr(store)["tas"].values
+    s = values[:4].std()  # population std, as the statistics
+    assert abs(s - values[:8].std()) > 0.01 * s  # a recomputation on the config's split would differ
+    shift = math.log2(s)
+    ps = exact.per_sample
+    np.testing.assert_allclose(ps["bpd"] - ps["bpd_model"], shift, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(exact.scalars["bpd"] - exact.scalars["bpd_model"], shift, atol=1e-9)
+    np.testing.assert_allclose(exact.scalars["log_det_bpd"], -shift, atol=1e-9)
+    assert shift > 4  # a 30 K spread: physical and normalised bits/dim are far apart
+    # the exact bound is the sum of its terms: prior + sum_t L_t (model units), per sample mean
+    assert exact.terms.shape == (40,)
+    np.testing.assert_allclose(exact.terms.sum() + exact.scalars["prior_bpd"], ps["bpd_model"].mean(), rtol=1e-6)
+    np.testing.assert_array_equal(exact.indices, [8, 9, 10, 11])
+
+
+def test_per_sample_numbers_do_not_depend_on_batches_or_ranks(pretrained, exact, monkeypatch):
+    """Noise is keyed by (seed, store index, member): batch size 1 and a 2-rank sharding
+    (each rank's rows) reproduce the one-batch numbers."""
+    ones = evaluate(pretrained, settings(batch_size=1), device="cpu", progress=False)
+    for key in ("bpd", "bpd_model", "prior_bpd", "reconstruction_bpd"):
+        np.testing.assert_allclose(ones.per_sample[key], exact.per_sample[key], rtol=1e-6, atol=1e-9)
+    for key in ("crps/tas", "spread_skill/tas", "energy_score", "spectral_error/tas"):
+        assert ones.scalars[key] == pytest.approx(exact.scalars[key], rel=1e-6)
+    rows = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(evrun, "dist_info", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(evrun, "_gather", lambda obj, world: [obj])  # this rank's rows only
+        part = evaluate(pretrained, settings(sampling=SamplingSettings(enabled=False)), device="cpu", progress=False)
+        rows.update(dict(zip(part.indices.tolist(), part.per_sample["bpd"].tolist())))
+    assert sorted(rows) == exact.indices.tolist()
+    np.testing.assert_allclose([rows[i] for i in exact.indices.tolist()], exact.per_sample["bpd"], rtol=1e-6)
+
+
+def test_importance_estimate_and_variances(pretrained, exact):
+    """The importance estimate is within a few standard errors of the exact bound of
+    the same samples; fixed_large gives another, finite bound."""
+    est = evaluate(pretrained, settings(bound=BoundSettings(estimator="importance", num_terms=200,
+                                                           variance=("fixed_large",)),
+                                        sampling=SamplingSettings(enabled=False)), device="cpu", progress=False)
+    diff = est.per_sample["bpd"] - exact.per_sample["bpd"]
+    assert np.all(np.abs(diff) <= 5 * est.per_sample["bpd_se"] + 1e-6)
+    assert est.terms is None and np.all(est.per_sample["bpd_se"] > 0)
+    assert math.isfinite(est.scalars["bpd/fixed_large"]) and est.scalars["bpd/fixed_large"] != est.scalars["bpd"]
+    with pytest.raises(EvaluationError, match="bound.variance: unknown variance 'fixed_huge'"):
+        evaluate(pretrained, settings(bound=BoundSettings(variance=("fixed_huge",))), device="cpu", progress=False)
+
+
+def test_ensemble_store_replaces_generation(pretrained, store, tmp_path):
+    """Members from a zarr store (dims sample, member, y, x): the CRPS equals the fair
+    CRPS by its pairwise definition, computed here with numpy."""
+    data = xr.open_zarr(store)
+    idx = np.arange(8, 12)
+    obs = data["tas"].values[idx]
+    rng = np.random.default_rng(1)
+    members = obs[:, None] + rng.normal(0.0, 20.0, (4, 5, H, W))
+    ens = xr.Dataset({"tas": (("sample", "member", "y", "x"), members)},
+                     coords={"forcing": ("sample", data["forcing"].values[idx]), "member": np.arange(5)})
+    ens.to_zarr(tmp_path / "ens.zarr")
+    out = evaluate(pretrained, settings(bound=BoundSettings(enabled=False)), ensemble=tmp_path / "ens.zarr",
+                   device="cpu", progress=False)
+    m = members.shape[1]
+    skill = np.abs(members - obs[:, None]).mean(axis=1)
+    spread = np.abs(members[:, :, None] - members[:, None, :]).sum(axis=(1, 2)) / (2 * m * (m - 1))
+    # rel 1e-6: the data pass through float32 normalised units
+    assert out.scalars["crps/tas"] == pytest.approx((skill - spread).mean(), rel=1e-6)
+    assert out.rank_histogram.shape == (1, m + 1) and out.scalars["members"] == m
+    # members whose parameters are not the data's: named, refused
+    ens.assign_coords(forcing=("sample", data["forcing"].values[idx] + 1.0)).to_zarr(tmp_path / "bad.zarr")
+    with pytest.raises(EvaluationError, match=r"ensemble: sample 0 of .*bad.zarr has forcing="):
+        evaluate(pretrained, settings(bound=BoundSettings(enabled=False)), ensemble=tmp_path / "bad.zarr",
+                 device="cpu", progress=False)
+
+
+def test_evaluation_file_holds_the_numbers_and_is_replaced_atomically(exact, tmp_path):
+    path = write_evaluation_file(exact, tmp_path / "evaluation.nc", {"mlflow_run_id": "abc"})
+    metrics = read_evaluation_metrics(path)
+    assert metrics.keys() == exact.scalars.keys()
+    for k, v in exact.scalars.items():
+        assert metrics[k] == pytest.approx(v, rel=1e-12, nan_ok=True), k
+    with xr.open_dataset(path) as ds:
+        np.testing.assert_array_equal(ds["index"].values, exact.indices)
+        np.testing.assert_allclose(ds["bpd"].values, exact.per_sample["bpd"])
+        np.testing.assert_allclose(ds["bound_terms"].values, exact.terms)
+        assert ds["crps_map"].dims == ("channel", "y", "x") and ds.attrs["mlflow_run_id"] == "abc"
+        assert ds["power_data"].shape == ds["power_samples"].shape
+    first = path.stat().st_ino
+    write_evaluation_file(exact, path)
+    assert path.stat().st_ino != first  # a new file renamed over the old one
+    assert [p.name for p in tmp_path.iterdir()] == ["evaluation.nc"]  # no temporary left behind
+
+
+def test_figures_and_area_weights(exact, tmp_path):
+    paths = evaluation_figures(exact, tmp_path)
+    assert {p.name for p in paths} == {"samples.png", "power_spectra.png", "bound_terms.png",
+                                      "rank_histogram.png", "maps.png"}
+    assert all(p.stat().st_size > 5000 for p in paths)
+    assert "bound_terms" in to_dataset(exact)
+
+    class Meta:
+        spatial_dims = ("lat", "lon")
+        spatial_shape = (3, 4)
+        coords = {"lat": np.array([-60.0, 0.0, 60.0]), "lon": np.arange(4) * 90.0}
+
+    w = evrun.area_weights(Meta, "auto")
+    np.testing.assert_allclose(w[:, 0].numpy(), [0.5, 1.0, 0.5], atol=1e-12)
+    assert w.shape == (3, 4) and evrun.area_weights(Meta, "none") is None
