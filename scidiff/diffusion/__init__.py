@@ -14,4 +14,13 @@ from scidiff.diffusion import analytic, guidance, likelihood, ode_likelihood, sa
 from scidiff.diffusion.process import GaussianDiffusion, PMeanVariance
 from scidiff.diffusion.schedules import NoiseSchedule
 
-__all__ = ["GaussianDiffusion", "NoiseSchedule", "PMeanVariance", "analytic", "guidance", "likelihood", "ode_likelihood", "samplers"]
+__all__ = [
+    "GaussianDiffusion",
+    "NoiseSchedule",
+    "PMeanVariance",
+    "analytic",
+    "guidance",
+    "likelihood",
+    "ode_likelihood",
+    "samplers",
+]

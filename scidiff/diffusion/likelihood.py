@@ -196,7 +196,7 @@ def reverse_step(
     (its variance channels are ignored); ``"learned_range"`` needs them.
     """
     variance = _check_variance(diffusion, variance)
-    if variance is None or variance == diffusion.variance:
+    if variance is None or (isinstance(variance, str) and variance == diffusion.variance):
         p = diffusion.p_mean_variance(model_output, x_t, t)
         return p.mean, p.log_variance
     t = diffusion.check_timesteps(t, x_t)
@@ -365,7 +365,9 @@ def _per_channel(value, x0: Tensor, name: str) -> Tensor:
     if v.ndim == 0:
         return v
     if v.shape != (x0.shape[1],):
-        raise ValueError(f"{name} must be a scalar or one value per channel [C] = [{x0.shape[1]}], got {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be a scalar or one value per channel [C] = [{x0.shape[1]}], got {tuple(v.shape)}"
+        )
     return v.reshape(1, -1, *([1] * (x0.ndim - 2)))
 
 
@@ -572,7 +574,8 @@ def estimate_bound(
     opts = dict(variance=variance, weights=weights, decoder="gaussian" if dequantize else decoder,
                 bin_width=bin_width, data_range=data_range)
     ts = torch.multinomial(pi, num_terms, replacement=True, generator=generator)
-    recon = timestep_terms(denoiser, diffusion, x0, torch.zeros(1, dtype=torch.long), cond, mask, generator, **opts)[:, 0]
+    t0 = torch.zeros(1, dtype=torch.long)
+    recon = timestep_terms(denoiser, diffusion, x0, t0, cond, mask, generator, **opts)[:, 0]
     sampled = timestep_terms(denoiser, diffusion, x0, ts, cond, mask, generator, **opts)
     weighted = sampled / pi[ts].to(sampled)
     denoising = weighted.mean(dim=1)

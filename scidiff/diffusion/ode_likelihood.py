@@ -172,7 +172,8 @@ def ode_nll(
 
     def drift(xb: Tensor, i: int) -> tuple[Tensor, Tensor]:
         """d xbar / d sigma = eps and its weighted divergence ``[K, B]`` at grid point i."""
-        return _eps_and_divergence(denoiser, diffusion, xb, int(grid[i]), cond, w_full, k, probe, exact_trace, generator)
+        t = int(grid[i])
+        return _eps_and_divergence(denoiser, diffusion, xb, t, cond, w_full, k, probe, exact_trace, generator)
 
     f, div = drift(xbar, 0)
     for i in range(grid.numel() - 1):

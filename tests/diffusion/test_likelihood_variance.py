@@ -150,8 +150,8 @@ def test_estimated_optimal_variance_matches_closed_form(prediction, method, sche
     torch.testing.assert_close(sigma2, exact, rtol=0.02, atol=0.0)
     # a batch iterable (dicts, tensors) and a subset of timesteps (with both ends) interpolate to the same table
     batches = [{"x": data[:128]}, data[128:]]
-    coarse = likelihood.estimate_optimal_variance(den, diff, batches, timesteps=torch.arange(0, 201, 5).clamp(max=199), generator=g,
-                                                  method=method)
+    ends = torch.arange(0, 201, 5).clamp(max=199)
+    coarse = likelihood.estimate_optimal_variance(den, diff, batches, timesteps=ends, generator=g, method=method)
     torch.testing.assert_close(coarse, exact, rtol=0.05, atol=0.0)
 
 
