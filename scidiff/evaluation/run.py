@@ -335,6 +335,14 @@ class EnsembleSource:
 
     def read(self, positions: np.ndarray) -> Tensor:
         """Members ``[B, M, C, *S]`` (float64, physical) of ensemble samples ``positions``."""
+        if "done" in self.ds:  # scidiff-sample marks each member once it is on disk
+            done = np.asarray(self.ds["done"].isel(sample=positions, member=slice(0, self.num_members)).values)
+            if not done.all():
+                j, k = np.argwhere(~done)[0]
+                raise EvaluationError(
+                    f"ensemble: member {int(k)} of sample {int(positions[j])} in {self.path} is not written yet "
+                    "(finish the scidiff-sample run first)"
+                )
         arrays = [np.asarray(self.ds[n].isel(sample=positions, member=slice(0, self.num_members)).values, np.float64)
                   for n in self.names]
         return torch.from_numpy(np.stack(arrays, axis=2))

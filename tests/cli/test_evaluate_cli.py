@@ -1,0 +1,104 @@
+"""scidiff-evaluate end to end on the shared tiny conditional GRF run: the MLflow store read
+back through the client, the evaluation file against the logged numbers, bits/dim in
+physical units against an independent log-determinant, one-line errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from scidiff.cli.evaluate import main
+
+ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TINY = ["split=val", "max_samples=3", "batch_size=3", "bound.estimator=importance", "bound.num_terms=4",
+        "sampling.steps=5", "sampling.members=3", "progress=false", "metrics.wasserstein_bins=200"]
+
+
+def run_evaluate(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), **ENV}
+    return subprocess.run([sys.executable, "-m", "scidiff.cli.evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_evaluate_logs_to_the_training_run(trained_run, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = trained_run / "outputs" / "quickstart" / "tiny"
+    before = sorted(p.name for p in trained_run.iterdir())
+    proc = run_evaluate([f"checkpoint={run_dir}", *TINY], trained_run, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    out = run_dir / "eval" / "val"
+    assert line.startswith("scidiff-evaluate val (3 samples) | bound ") and "bits/dim" in line
+    assert f"file {(out / 'evaluation.nc').resolve()}" in line and "MLflow run" in line and "CRPS field" in line
+    assert not (out / "error.log").exists()
+    assert sorted(p.name for p in trained_run.iterdir()) == before  # no run directory in the working directory
+    assert sorted(p.name for p in (trained_run / "outputs").iterdir()) == ["quickstart"]
+
+    # the metrics are in the training run (the one the checkpoint names), at its step
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id in line
+    logged = {k[len("eval/val/"):]: v for k, v in run.data.metrics.items() if k.startswith("eval/val/")}
+    for key in ("bpd", "bpd_se", "bpd_model", "bpd_mc_se", "log_det_bpd", "crps/field", "spread_skill/field",
+                "spectral_error/field", "energy_score", "w1/field", "bias_rms/field", "num_samples"):
+        assert key in logged, key
+    assert logged["num_samples"] == 3 and logged["crps/field"] > 0
+    history = client.get_metric_history(run.info.run_id, "eval/val/bpd")
+    assert [m.step for m in history] == [30]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")}
+    assert {f"eval/val/{n}" for n in ("samples.png", "power_spectra.png", "rank_histogram.png", "maps.png",
+                                      "evaluation.nc")} <= artifacts
+
+    # the file holds the logged numbers (MLflow keeps float64)
+    with xr.open_dataset(out / "evaluation.nc") as ds:
+        in_file = dict(zip(ds["metric"].values.tolist(), ds["metric_value"].values.tolist()))
+        assert ds.attrs["mlflow_run_id"] == run.info.run_id
+        bpd, bpd_model = ds["bpd"].values, ds["bpd_model"].values
+        index = ds["index"].values
+    assert {k for k, v in in_file.items() if math.isfinite(v)} == set(logged)
+    for key, value in logged.items():
+        assert in_file[key] == pytest.approx(value, rel=1e-12), key
+
+    # physical units: the quickstart normalises with the training split's mean and std
+    # (zscore), so bits/dim in physical units = normalised + log2(std), per sample
+    from scidiff.training.pretrained import load_pretrained
+
+    train = np.asarray(load_pretrained(run_dir).split_indices["train"])
+    field = xr.open_zarr(data_dir / "grf_tiny.zarr")["field"].values
+    shift = math.log2(field[train].astype(np.float64).std())  # population std, as the statistics
+    np.testing.assert_allclose(bpd - bpd_model, shift, atol=1e-9)
+    assert logged["bpd"] - logged["bpd_model"] == pytest.approx(shift, abs=1e-9)
+    assert np.all(np.isin(index, load_pretrained(run_dir).split_indices["val"]))
+
+
+def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
+    run_dir = trained_run / "outputs" / "quickstart" / "tiny"
+    proc = run_evaluate([f"checkpoint={run_dir}", "bound.estimater=exact"], tmp_path, data_dir, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "bound.estimater" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+
+    cases = [
+        ([f"checkpoint={run_dir}", "sampling.members=many"], "sampling.members"),
+        ([f"checkpoint={run_dir}", "bound.estimator=exactly"], "bound.estimator"),
+        ([f"checkpoint={run_dir}", "sampling.members=1"], "sampling.members: must be >= 2"),
+        ([f"checkpoint={tmp_path / 'missing.ckpt'}"], "missing.ckpt does not exist"),
+        (["split=val"], "checkpoint: required"),
+        ([f"checkpoint={run_dir}", "nonsense=1"], "nonsense"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, args
+        assert err.startswith("error: ") and err.strip().count("\n") == 0 and expected in err, (args, err)
