@@ -43,6 +43,10 @@ from scidiff.sampling.store import (
 )
 
 
+# keyword options of scidiff.diffusion.inpainting's samplers that a config may set
+METHOD_OPTIONS = {"repaint": ("num_steps", "jump_length", "resample"), "dps": ("num_steps", "step_size")}
+
+
 class SampleError(ValueError):
     """A sample config that cannot run (the message names the key)."""
 
@@ -170,8 +174,19 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
     observations = None
     if obs_cfg is not None:
         obs_cfg = dict(obs_cfg)
+        method = obs_cfg.get("method", "repaint")
         options = {k: v for k, v in obs_cfg.items() if k not in ("path", "method", "mask") and v is not None}
-        observations = load_observations(obs_cfg["path"], pretrained, len(sets), method=obs_cfg.get("method", "repaint"),
+        accepted = METHOD_OPTIONS.get(method)
+        if accepted is None:
+            raise SampleError(f"observations.method: unknown method {method!r}; expected one of "
+                              f"{', '.join(METHOD_OPTIONS)}")
+        for key in options:
+            if key not in accepted:
+                raise SampleError(f"observations.{key}: not an option of method {method} "
+                                  f"(its options: {', '.join(accepted)})")
+        if sampler.name == "ddim":
+            options["spacing"] = sampler.spacing
+        observations = load_observations(obs_cfg["path"], pretrained, len(sets), method=method,
                                          mask=obs_cfg.get("mask", "mask"), options=options)
 
     seeds = member_seeds(int(cfg["seed"]), len(sets), members)
