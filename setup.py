@@ -1,5 +1,7 @@
 """Package discovery that pyproject.toml alone cannot express.
 
+The Hydra config tree (top-level ``configs/``) is installed as package data under
+``scidiff/_configs``, so the console scripts find it outside a source checkout.
 The bundled dataset generators live in the top-level ``datasets/`` folder (see
 DESIGN.md) and are installed as ``scidiff_datasets``: a top-level package named
 ``datasets`` would shadow Hugging Face's library of that name.
@@ -11,7 +13,7 @@ generator_packages = ["scidiff_datasets"] + [
     f"scidiff_datasets.{name}" for name in find_packages("datasets")
 ]
 setup(
-    packages=find_packages(include=["scidiff", "scidiff.*"]) + generator_packages,
-    package_dir={"scidiff_datasets": "datasets"},
-    package_data={"scidiff_datasets": ["*.txt", "*.csv", "*.smi"]},
+    packages=find_packages(include=["scidiff", "scidiff.*"]) + generator_packages + ["scidiff._configs"],
+    package_dir={"scidiff_datasets": "datasets", "scidiff._configs": "configs"},
+    package_data={"scidiff_datasets": ["*.txt", "*.csv", "*.smi"], "scidiff._configs": ["**/*.yaml", "**/*.md"]},
 )

@@ -19,7 +19,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(os.environ.get("SCIDIFF_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: ``$SCIDIFF_CONFIG_DIR``, else the source checkout's
+    ``configs/`` (editable installs), else the copy installed with the package."""
+    if os.environ.get("SCIDIFF_CONFIG_DIR"):
+        return Path(os.environ["SCIDIFF_CONFIG_DIR"])
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "_configs"
+
+
+CONFIG_DIR = config_dir()
 
 
 def _overrides(argv: list[str]) -> list[str]:
