@@ -14,6 +14,9 @@ Modules:
     likelihood   BitsPerDim, BoundTerms (per-timestep variational bound terms)
     molecules    AtomCounts of voxel densities (integrated density and peak finding)
     weighting    point weights (mask x area weights) and the point-mean base class
+    run          ``evaluate``: the bound and the sample metrics of a trained model on a split
+    report       the evaluation file (netCDF), MLflow logging, the summary line
+    plots        figures of an evaluation (import ``scidiff.evaluation.plots``; matplotlib)
 """
 
 from scidiff.evaluation.ensemble import (
@@ -41,6 +44,17 @@ from scidiff.evaluation.spectra import (
     radial_bins,
     radial_power_spectrum,
 )
+from scidiff.evaluation.report import log_to_mlflow, read_evaluation_metrics, write_evaluation_file
+from scidiff.evaluation.run import (
+    BoundSettings,
+    Evaluation,
+    EvaluationError,
+    EvaluationSettings,
+    MetricSettings,
+    ODESettings,
+    SamplingSettings,
+    evaluate,
+)
 from scidiff.evaluation.weighting import point_weights
 
 __all__ = [
@@ -49,22 +63,33 @@ __all__ = [
     "AtomCounts",
     "BiasStdMaps",
     "BitsPerDim",
+    "BoundSettings",
     "BoundTerms",
     "EnergyScore",
+    "Evaluation",
+    "EvaluationError",
+    "EvaluationSettings",
+    "MetricSettings",
     "MomentMaps",
+    "ODESettings",
     "PowerSpectrum",
     "RadialSpectrum",
     "RankHistogram",
+    "SamplingSettings",
     "SpectralError",
     "SpreadSkillRatio",
     "Wasserstein1",
     "count_peaks",
     "crps_ensemble",
     "energy_score",
+    "evaluate",
     "find_peaks",
     "gaussian_crps",
     "integrated_density",
+    "log_to_mlflow",
     "point_weights",
     "radial_bins",
     "radial_power_spectrum",
+    "read_evaluation_metrics",
+    "write_evaluation_file",
 ]

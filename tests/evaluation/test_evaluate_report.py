@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +32,7 @@ from scidiff.evaluation.run import (
     BoundSettings,
     EvaluationError,
     EvaluationSettings,
+    ODESettings,
     SamplingSettings,
     evaluate,
 )
@@ -93,6 +97,10 @@ class TinyDenoiser(nn.Module):
 
 @pytest.fixture(scope="module")
 def pretrained(store, tmp_path_factory) -> Pretrained:
+    return make_pretrained(store, tmp_path_factory.mktemp("ckpt"))
+
+
+def make_pretrained(store: Path, ckpt_dir: Path) -> Pretrained:
     """Statistics of the first 4 samples only: the data config's split (train = 8 samples)
     would give other ones, so a recomputation would show in the log-determinant."""
     cfg = {k: v for k, v in data_config(store).items() if not k.startswith("_") and k != "split"}
@@ -104,7 +112,7 @@ def pretrained(store, tmp_path_factory) -> Pretrained:
     return Pretrained(
         denoiser=TinyDenoiser().eval().requires_grad_(False), diffusion=diffusion, metadata=stats_dm.metadata,
         statistics=stats_dm.statistics, config={"data": data_config(store)},
-        checkpoint=tmp_path_factory.mktemp("ckpt") / "fake.ckpt", sha256="0" * 64, global_step=7, weights="raw",
+        checkpoint=ckpt_dir / "fake.ckpt", sha256="0" * 64, global_step=7, weights="raw",
         split_indices={k: v.tolist() for k, v in split_dm.split_indices.items()},
     )
 
@@ -167,6 +175,14 @@ def test_importance_estimate_and_variances(pretrained, exact):
     assert np.all(np.abs(diff) <= 5 * est.per_sample["bpd_se"] + 1e-6)
     assert est.terms is None and np.all(est.per_sample["bpd_se"] > 0)
     assert math.isfinite(est.scalars["bpd/fixed_large"]) and est.scalars["bpd/fixed_large"] != est.scalars["bpd"]
+    # the Analytic-DPM variance (from training samples) and the ODE NLL run through the same loop
+    more = evaluate(pretrained, settings(bound=BoundSettings(variance=("optimal",), optimal_samples=4,
+                                                            optimal_timesteps=10, timestep_batch=40),
+                                         ode=ODESettings(enabled=True, num_steps=4, num_probes=2),
+                                         sampling=SamplingSettings(enabled=False)), device="cpu", progress=False)
+    assert math.isfinite(more.scalars["bpd/optimal"]) and more.scalars["bpd/optimal"] != more.scalars["bpd"]
+    assert np.all(np.isfinite(more.per_sample["ode_bpd"])) and np.all(more.per_sample["ode_bpd_se"] > 0)
+    assert more.scalars["ode_bpd"] == pytest.approx(more.per_sample["ode_bpd"].mean(), rel=1e-9)
     with pytest.raises(EvaluationError, match="bound.variance: unknown variance 'fixed_huge'"):
         evaluate(pretrained, settings(bound=BoundSettings(variance=("fixed_huge",))), device="cpu", progress=False)
 
@@ -230,3 +246,34 @@ def test_figures_and_area_weights(exact, tmp_path):
     w = evrun.area_weights(Meta, "auto")
     np.testing.assert_allclose(w[:, 0].numpy(), [0.5, 1.0, 0.5], atol=1e-12)
     assert w.shape == (3, 4) and evrun.area_weights(Meta, "none") is None
+
+
+def _ddp_worker(rank: int, world: int, rendezvous: str, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        ev = evaluate(make_pretrained(Path(store), Path(out_dir)), settings(), device="cpu", progress=False)
+        torch.save({"scalars": ev.scalars, "per_sample": ev.per_sample, "indices": ev.indices, "terms": ev.terms,
+                    "rank_histogram": ev.rank_histogram, "power_samples": ev.power_samples, "crps": ev.maps["crps"]},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process(exact, store, tmp_path):
+    """Two gloo ranks, each with half the samples: every rank returns the one-process
+    result (per-sample rows gathered in split order, metric states summed)."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(store), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        np.testing.assert_array_equal(got["indices"], exact.indices)
+        for key, values in exact.per_sample.items():
+            np.testing.assert_allclose(got["per_sample"][key], values, rtol=1e-6, atol=1e-9, err_msg=key)
+        assert got["scalars"].keys() == exact.scalars.keys()
+        for key, value in exact.scalars.items():
+            if "seconds" not in key:
+                assert got["scalars"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+        np.testing.assert_allclose(got["terms"], exact.terms, rtol=1e-6)
+        np.testing.assert_allclose(got["rank_histogram"], exact.rank_histogram, rtol=1e-9)
+        np.testing.assert_allclose(got["power_samples"], exact.power_samples, rtol=1e-6)
+        np.testing.assert_allclose(got["crps"], exact.maps["crps"], rtol=1e-6)
