@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ def train(cfg) -> dict[str, Any]:
 
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()
+    # the EMA copy is frozen in eval mode on purpose (no dropout in the average)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     ensure_data(cfg)
