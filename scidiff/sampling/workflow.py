@@ -155,7 +155,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
         raise SampleError(f"checkpoint: {pretrained.checkpoint} is conditioned on fields "
                           f"{list(pretrained.metadata.field_names)}, which scidiff-sample cannot supply yet")
     if sampler.name == "ddim" and sampler.steps > pretrained.diffusion.num_timesteps:
-        raise SampleError(f"sampler.steps: {sampler.steps} exceeds the model's T = {pretrained.diffusion.num_timesteps}")
+        raise SampleError(f"sampler.steps: {sampler.steps} exceeds the model's "
+                          f"T = {pretrained.diffusion.num_timesteps}")
     sets = check_parameter_sets(parameter_sets(cfg.get("params")), pretrained.param_names,
                                 pretrained.param_ranges())
     conditional = len(pretrained.param_names) > 0
