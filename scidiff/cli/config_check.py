@@ -35,6 +35,7 @@ class TrainConfig:
     experiment_name: str
     seed: int
     resume: str | None
+    boundary: Any
     generate_data: dict | None
     module: dict
     optimizer: dict
@@ -57,6 +58,7 @@ class GenerateData:
     path: str | None = None         # the store it writes; generated only when data.path is this path
 
 
+BOUNDARIES = ("zeros", "circular", "reflect")
 _SPECIAL = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
@@ -163,9 +165,14 @@ def check_dataclass(values: Mapping[str, Any], schema: type, path: str) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key of a composed training config."""
-    top = {k: (cfg[k] if not isinstance(cfg[k], (DictConfig, ListConfig)) else dict(cfg[k]))
+    top = {k: (dict(v) if isinstance(v := cfg[k], DictConfig) else list(v) if isinstance(v, ListConfig) else v)
            for k in cfg.keys() if k != "hydra"}
     check_dataclass(top, TrainConfig, "")
+    boundary = top.get("boundary")
+    modes = boundary if isinstance(boundary, list) else [boundary]
+    if any(m not in BOUNDARIES for m in modes):
+        raise ConfigError(f"boundary: expected one of {list(BOUNDARIES)} or a list of them (one per spatial axis), "
+                          f"got {boundary!r}")
     if cfg.get("generate_data") is not None:
         check_dataclass(OmegaConf.to_container(cfg.generate_data, resolve=True), GenerateData, "generate_data.")
     if cfg.resume is not None and cfg.resume != "auto" and not Path(cfg.resume).is_file():

@@ -75,6 +75,7 @@ def test_quickstart_logs_to_mlflow(tmp_path, data_dir):
         ("data.path=/nonexistent/store.zarr", "data.path: dataset /nonexistent/store.zarr does not exist"),
         ("denoiser=transformer9", "denoiser=transformer9: no such config"),
         ("resume=/nonexistent.ckpt", "resume: checkpoint file /nonexistent.ckpt does not exist"),
+        ("boundary=[zeros,periodic]", "boundary: expected one of"),
     ],
 )
 def test_bad_config_fails_with_one_line(override, expected, tmp_path, data_dir):

@@ -35,6 +35,7 @@ CASES = (
     + [[f"logger={g}", "experiment=quickstart"] for g in _options("logger")]
     + [[f"callbacks={c}", "experiment=quickstart"] for c in _options("callbacks")]
     + [[f"denoiser={d}", "experiment=quickstart"] for d in ("unet_tiny", "dit_tiny")]
+    + [[f"experiment={e}", "denoiser=dit"] for e in _options("experiment")]   # boundary is the UNet's only
 )
 
 
