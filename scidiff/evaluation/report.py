@@ -141,11 +141,41 @@ def metric_key(split: str, name: str) -> str:
 
 def resolve_tracking_uri(explicit: str | None, pretrained) -> str:
     """The store to log to: the config's ``logger.tracking_uri``, else the checkpoint's,
-    else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+
+    The checkpoint's default store is a SQLite file relative to the directory training
+    ran in; when the checkpoint still lies in its run directory (``<training dir>/<run_dir>/
+    checkpoints/``) the path is resolved against that directory, so evaluating from
+    elsewhere still logs to the training's store.
+    """
     from scidiff.training.pretrained import DEFAULT_TRACKING_URI
 
-    return (explicit or getattr(pretrained, "mlflow_tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
-            or DEFAULT_TRACKING_URI)
+    if explicit:
+        return explicit
+    uri = getattr(pretrained, "mlflow_tracking_uri", None)
+    if uri is None:
+        return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    cfg = getattr(pretrained, "config", None) or {}
+    names = [cfg.get(k) for k in ("output_root", "task_name", "run_name")]
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute() and all(isinstance(n, str) for n in names) \
+            and not Path(names[0]).is_absolute():
+        parts = Path(*names).parts  # the run directory relative to the training's working directory
+        ckpt_run = Path(pretrained.checkpoint).resolve().parent.parent
+        if len(ckpt_run.parts) > len(parts) and ckpt_run.parts[-len(parts):] == parts:
+            base = Path(*ckpt_run.parts[:-len(parts)])
+            return prefix + str(base / uri[len(prefix):])
+    return uri
+
+
+def _check_store(tracking_uri: str) -> None:
+    """A SQLite store that does not exist would be created empty: refuse (the run is elsewhere)."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).exists():
+        raise EvaluationError(
+            f"logger.tracking_uri: the MLflow store {tracking_uri} does not exist (give the training's store, "
+            "or logger.new_run=true to start one)"
+        )
 
 
 def log_to_mlflow(
@@ -169,6 +199,8 @@ def log_to_mlflow(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    if run_id is not None and not new_run:
+        _check_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     created = False
     if run_id is not None and not new_run:
@@ -213,6 +245,8 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
         extra = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in s.items() if k.startswith("bpd/")]
         if extra:
             parts.append("variances: " + ", ".join(extra))
+    if "ode_bpd" in s:
+        parts.append(f"ODE NLL {s['ode_bpd']:.4f} ± {s['ode_bpd_se']:.4f} bits/dim")
     for key, label in (("crps", "CRPS"), ("spectral_error", "spectral error"), ("spread_skill", "spread-skill")):
         vals = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in s.items() if k.startswith(key + "/")]
         if vals:

@@ -27,19 +27,22 @@ def run_evaluate(args: list[str], cwd: Path, data_dir: Path, timeout: float = 24
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_evaluate_logs_to_the_training_run(trained_run, data_dir):
+def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
+    """Run from another directory: the checkpoint's store (sqlite:///mlflow.db, relative to
+    the training's directory) is found, and nothing is written where the command runs."""
     from mlflow.tracking import MlflowClient
 
     run_dir = trained_run / "outputs" / "quickstart" / "tiny"
     before = sorted(p.name for p in trained_run.iterdir())
-    proc = run_evaluate([f"checkpoint={run_dir}", *TINY], trained_run, data_dir)
+    proc = run_evaluate([f"checkpoint={run_dir}", *TINY], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     out = run_dir / "eval" / "val"
     assert line.startswith("scidiff-evaluate val (3 samples) | bound ") and "bits/dim" in line
     assert f"file {(out / 'evaluation.nc').resolve()}" in line and "MLflow run" in line and "CRPS field" in line
     assert not (out / "error.log").exists()
-    assert sorted(p.name for p in trained_run.iterdir()) == before  # no run directory in the working directory
+    assert list(tmp_path.iterdir()) == []  # no run directory, no store, no log where the command ran
+    assert sorted(p.name for p in trained_run.iterdir()) == before
     assert sorted(p.name for p in (trained_run / "outputs").iterdir()) == ["quickstart"]
 
     # the metrics are in the training run (the one the checkpoint names), at its step

@@ -27,7 +27,7 @@ from scidiff.data import FieldDataModule, FractionSplit
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule
 from scidiff.evaluation import run as evrun
 from scidiff.evaluation.plots import evaluation_figures
-from scidiff.evaluation.report import read_evaluation_metrics, to_dataset, write_evaluation_file
+from scidiff.evaluation.report import log_to_mlflow, read_evaluation_metrics, to_dataset, write_evaluation_file
 from scidiff.evaluation.run import (
     BoundSettings,
     EvaluationError,
@@ -277,3 +277,27 @@ def test_two_process_ddp_equals_one_process(exact, store, tmp_path):
         np.testing.assert_allclose(got["rank_histogram"], exact.rank_histogram, rtol=1e-9)
         np.testing.assert_allclose(got["power_samples"], exact.power_samples, rtol=1e-6)
         np.testing.assert_allclose(got["crps"], exact.maps["crps"], rtol=1e-6)
+
+
+def test_mlflow_new_run_and_missing_store(exact, tmp_path):
+    """A new run is tagged with the run it evaluates and holds eval/<split>/ metrics at the
+    checkpoint's step; a store that does not exist is refused, not created empty."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    fig = tmp_path / "note.txt"
+    fig.write_text("figure")
+    run_id = log_to_mlflow(exact, tracking_uri=uri, run_id="f" * 32, new_run=True, experiment_name="evals",
+                           step=7, artifacts=[fig], params={"split": "val"})
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["scidiff.evaluated_run"] == "f" * 32 and run.info.status == "FINISHED"
+    assert run.data.params["split"] == "val"
+    assert run.data.metrics["eval/val/bpd"] == exact.scalars["bpd"]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/val/crps/tas")] == [7]
+    assert [a.path for a in client.list_artifacts(run_id, "eval/val")] == ["eval/val/note.txt"]
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    with pytest.raises(EvaluationError, match="logger.tracking_uri: the MLflow store .*elsewhere/mlflow.db does not exist"):
+        log_to_mlflow(exact, tracking_uri=f"sqlite:///{missing}", run_id="f" * 32, new_run=False,
+                      experiment_name="evals", step=7, artifacts=[])
+    assert not missing.parent.exists()
