@@ -3,13 +3,15 @@
     scidiff-sample checkpoint=outputs/quickstart/<run> members=8 \\
         'params.grid={spectral_index: [1.5, 2.5], amplitude: [1.0]}' out=ensemble.zarr
     scidiff-sample checkpoint=<mlflow run id> params.csv=sets.csv sampler.name=ddpm
+    scidiff-sample checkpoint=outputs/climate_downscale/<run> conditions.path=coarse_tas.zarr members=8
     torchrun --nproc_per_node 4 -m scidiff.cli.sample checkpoint=... out=big.zarr
 
 The config (``configs/sample.yaml``) is composed with Hydra's compose API, so
 nothing is written but ``out`` and the working directory is not changed. It is
 checked first: an unknown key or a wrong type is one line naming the key, exit
 status 2; so are bad inputs (a parameter missing or unknown, a checkpoint that is
-not a scidiff one, an ``out`` holding another run's store). Running the same
+not a scidiff one, a condition store lacking a variable or on another grid, an
+``out`` holding another run's store). Running the same
 command again resumes an interrupted store. The end prints one line: where the
 store is, members written and skipped, members/s.
 """
@@ -20,6 +22,7 @@ import dataclasses
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from scidiff.cli.train import CONFIG_DIR
@@ -41,6 +44,7 @@ class SampleConfig:
     sampler: dict
     guidance: dict
     observations: dict | None
+    conditions: dict | None
     out: str
     overwrite: bool
     device: str
@@ -78,6 +82,12 @@ class ObservationsConfig:
     jump_length: int | None = None   # repaint
     resample: int | None = None      # repaint
     step_size: float | None = None   # dps
+
+
+@dataclasses.dataclass
+class ConditionsConfig:
+    path: str
+    isel: dict | None = None         # {dim: index | [indices]}: samples of the input to use
 
 
 @dataclasses.dataclass
@@ -132,6 +142,18 @@ def check_config(cfg) -> dict[str, Any]:
         if plain["observations"].get("path") in (None, "???"):
             raise ConfigError("observations.path: required (a zarr or netCDF store of the observed values)")
         check_dataclass(plain["observations"], ObservationsConfig, "observations.")
+    if plain.get("conditions") is not None:
+        if not isinstance(plain["conditions"], dict):
+            raise ConfigError(f"conditions: expected a mapping {{path: <zarr or netCDF store>, isel: ...}}, "
+                              f"got {plain['conditions']!r}")
+        if plain["conditions"].get("path") in (None, "???"):
+            if any(v is not None for k, v in plain["conditions"].items() if k != "path"):
+                raise ConfigError("conditions.path: required (a zarr or netCDF store of the condition fields)")
+            plain["conditions"] = None  # the default {path: null, isel: null}: no conditions
+        else:
+            check_dataclass(plain["conditions"], ConditionsConfig, "conditions.")
+            if "://" not in str(plain["conditions"]["path"]) and not Path(plain["conditions"]["path"]).exists():
+                raise ConfigError(f"conditions.path: {plain['conditions']['path']} does not exist")
     if plain.get("mlflow") is not None:
         check_dataclass(plain["mlflow"], MlflowConfig, "mlflow.")
     for key in ("members", "batch_size"):
@@ -177,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         report_and_exit(exc, status=2)
     _one_line_warnings()
 
+    from scidiff.sampling.conditions import ConditionError
     from scidiff.sampling.grid import ParameterError
     from scidiff.sampling.observations import ObservationError
     from scidiff.sampling.store import StoreError
@@ -185,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sample_ensemble(cfg, log=lambda line: print(line, flush=True))
-    except (ParameterError, StoreError, SampleError, ObservationError, CheckpointError) as exc:
+    except (ParameterError, StoreError, SampleError, ObservationError, ConditionError, CheckpointError) as exc:
         report_and_exit(ConfigError(str(exc)), status=2)
     except KeyboardInterrupt:
         raise

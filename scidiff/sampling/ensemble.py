@@ -1,7 +1,7 @@
 """Ensemble generation: members for each parameter set, written to an :class:`EnsembleStore`.
 
 Reproducibility. Member ``k`` of parameter set ``j`` is a function of
-``(checkpoint, parameters_j, sampler, guidance, seed_jk)`` only:
+``(checkpoint, parameters_j, condition fields_j, sampler, guidance, seed_jk)`` only:
 
 * ``seed_jk = member_seed(base_seed, j, k)`` (numpy ``SeedSequence`` of
   ``(base_seed, j, k)``), so seeds do not depend on how many sets or members the
@@ -121,6 +121,29 @@ class Observations:
         return self.observed[idx], self.mask[idx]
 
 
+@dataclass(frozen=True)
+class FieldConditions:
+    """Spatial condition fields in *model* units for the ``N`` samples of a run.
+
+    ``fields`` is ``[Nc, Cf, *S]`` (one row per condition input, see
+    :mod:`scidiff.sampling.conditions`) and ``index[j]`` the row sample ``j`` uses, so
+    a parameter grid crossed with the inputs does not copy the fields.
+    """
+
+    fields: Tensor
+    index: np.ndarray  # [N] int64
+
+    def __post_init__(self) -> None:
+        if self.fields.ndim < 3:
+            raise ValueError(f"fields must be [Nc, Cf, *S], got shape {tuple(self.fields.shape)}")
+        if self.index.size and (self.index.min() < 0 or self.index.max() >= self.fields.shape[0]):
+            raise ValueError(f"index must lie in [0, {self.fields.shape[0]})")
+
+    def take(self, samples: Sequence[int]) -> Tensor:
+        """``[b, Cf, *S]`` for members of the given samples."""
+        return self.fields[torch.as_tensor(self.index[list(samples)], dtype=torch.long)]
+
+
 # ------------------------------------------------------------------------ seeds
 def member_seed(base_seed: int, sample: int, member: int) -> int:
     """The seed of member ``member`` of parameter set ``sample``: a 63-bit integer from
@@ -176,6 +199,7 @@ def generate(
     sampler: SamplerSpec,
     guidance: GuidanceSpec,
     observations: tuple[Tensor, Tensor, Observations] | None = None,
+    fields: Tensor | None = None,
     batch_invariant: bool = True,
     device: torch.device | str = "cpu",
 ) -> Tensor:
@@ -188,6 +212,9 @@ def generate(
         seeds: one seed per member (:func:`member_seed`).
         observations: ``(observed, mask, spec)`` with ``[b, C, *S]`` tensors in model
             units, for inpainting; ``None`` for free generation.
+        fields: condition fields ``[b, Cf, *S]`` in model units (:class:`FieldConditions`);
+            ``None`` for a model without field conditioning. Guidance's null condition
+            drops them with the parameters (``Conditioning.drop``).
     """
     device = torch.device(device)
     gens = member_generators(seeds)
@@ -195,8 +222,14 @@ def generate(
     # x_T ~ N(0, I), each member from its own generator, drawn first.
     x_T = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
     cond = None
+    model_params = None
     if params is not None and params.shape[1] > 0:
-        cond = Conditioning(params=pretrained.params_to_model(params.to(torch.float64)).to(device, torch.float32))
+        model_params = pretrained.params_to_model(params.to(torch.float64)).to(device, torch.float32)
+    if fields is not None and fields.shape[0] != len(gens):
+        raise ValueError(f"fields has {fields.shape[0]} rows for {len(gens)} members")
+    if model_params is not None or fields is not None:
+        cond = Conditioning(params=model_params,
+                            fields=None if fields is None else fields.to(device, torch.float32))
     den = guided_denoiser(pretrained.denoiser, guidance, cond is not None, batch_invariant)
     diffusion = pretrained.diffusion
     if observations is not None:
@@ -307,6 +340,7 @@ def run_ensemble(
     sampler: SamplerSpec,
     guidance: GuidanceSpec,
     observations: Observations | None = None,
+    fields: FieldConditions | None = None,
     batch_size: int = 8,
     batch_invariant: bool = True,
     device: torch.device | str = "cpu",
@@ -319,6 +353,7 @@ def run_ensemble(
     Args:
         sets: the ``N`` parameter sets (physical units, the checkpoint's order).
         seeds: ``[N, M]`` member seeds (as stored in the store's ``seed``).
+        fields: the condition fields of the ``N`` samples (model units), or ``None``.
         batch_size: members per sampling loop (and per write); does not change the
             members with ``batch_invariant`` (see the module docstring).
         on_batch: called with each written batch's ``(sample, member)`` pairs.
@@ -330,6 +365,8 @@ def run_ensemble(
     if (n, m) != (store.num_samples, store.num_members) or n != len(sets):
         raise ValueError(f"store {store.path} is {store.num_samples} x {store.num_members}, seeds {seeds.shape}, "
                          f"{len(sets)} parameter sets")
+    if fields is not None and fields.index.shape != (n,):
+        raise ValueError(f"fields.index has shape {fields.index.shape} for {n} samples")
     mine = rank_members(n, m, ctx.rank, ctx.world_size)
     done = store.done()
     todo = [(j, k) for j, k in mine if not done[j, k]]
@@ -352,7 +389,8 @@ def run_ensemble(
                 observed, mask = observations.take(js)
                 obs = (observed, mask, observations)
             x = generate(pretrained, params, [int(seeds[j, k]) for j, k in batch], sampler=sampler,
-                         guidance=guidance, observations=obs, batch_invariant=batch_invariant, device=device)
+                         guidance=guidance, observations=obs, fields=None if fields is None else fields.take(js),
+                         batch_invariant=batch_invariant, device=device)
             store.write_members(js, [k for _, k in batch], x.numpy())
             if on_batch is not None:
                 on_batch(batch)
@@ -370,6 +408,7 @@ def run_ensemble(
 __all__ = [
     "DistContext",
     "EnsembleResult",
+    "FieldConditions",
     "GuidanceSpec",
     "Observations",
     "PerMember",

@@ -7,6 +7,9 @@ Layout, for ``N`` parameter sets and ``M`` members per set::
     done(sample, member)                  bool, True once the member's data is on disk
     sample(sample), member(member)        0..N-1, 0..M-1
     <parameter>(sample)                   coordinate, physical units (attrs units)
+    <input coordinate>(sample)            with condition fields: the condition input's
+                                          coordinates along its sample dims (e.g. time)
+                                          and condition_index, its row for each sample
     seed(sample, member)                  coordinate, the member's random seed
     <spatial coords>                      e.g. lat(lat), lon(lon), y, x, or 2-D curvilinear
 
@@ -140,6 +143,7 @@ def create_store(
     sets: ParameterSets,
     seeds: np.ndarray,
     attrs: Mapping[str, Any],
+    sample_coords: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]] | None = None,
 ) -> EnsembleStore:
     """Create an empty ensemble store at ``path`` (which must not exist).
 
@@ -149,6 +153,8 @@ def create_store(
         seeds: ``[N, M]`` int64, each member's seed.
         attrs: global attributes; must include ``identity`` (a mapping) -- its hash is
             added as ``identity_sha256``.
+        sample_coords: more coordinates along ``sample``, ``{name: ([N] values, attrs)}``
+            (e.g. the condition input's ``time``).
     """
     import dask.array as da
     import xarray as xr
@@ -161,7 +167,8 @@ def create_store(
     if n != len(sets):
         raise ValueError(f"seeds has {n} rows for {len(sets)} parameter sets")
     names = tuple(metadata.channel_names)
-    clash = sorted(set(names) & (set(RESERVED) | set(sets.names) | set(metadata.coords)))
+    extra = dict(sample_coords or {})
+    clash = sorted(set(names) & (set(RESERVED) | set(sets.names) | set(metadata.coords) | set(extra)))
     if clash or len(set(names)) != len(names):
         raise StoreError(f"out: variable names {list(names)} clash with coordinate names {clash or 'each other'}")
     spatial = tuple(metadata.spatial_dims)
@@ -188,6 +195,12 @@ def create_store(
     for i, pname in enumerate(sets.names):
         unit = metadata.param_units[metadata.param_names.index(pname)] if pname in metadata.param_names else ""
         coords[pname] = ("sample", sets.values[:, i], {"units": unit, "long_name": f"conditioning parameter {pname}"})
+    for cname, (values, cattrs) in extra.items():
+        if cname in coords or cname in sets.names or cname in metadata.coords:
+            raise StoreError(f"out: coordinate {cname!r} of the condition input clashes with the store's own")
+        if len(values) != n:
+            raise ValueError(f"sample coordinate {cname!r} has {len(values)} values for {n} samples")
+        coords[cname] = ("sample", np.asarray(values), dict(cattrs))
     for cname, values in metadata.coords.items():
         cdims = tuple(metadata.coord_dims.get(cname, (cname,)))
         if not set(cdims) <= set(spatial):

@@ -7,10 +7,26 @@ this rank's missing members; log to MLflow (rank 0); return a summary.
 
 Resume identity. The store's ``identity`` attribute holds what determines the
 members' values: the checkpoint's hash and weights, the parameter sets (values,
-not where they came from), members, seed, sampler, guidance, batch invariance and
-the observations. A run whose identity hashes the same continues the store;
-another refuses unless ``overwrite=true``. ``batch_size``, ``device``, ``out``
-and the logging options may change between runs.
+not where they came from), members, seed, sampler, guidance, batch invariance,
+the observations and, with condition fields, the condition input (its path and
+the sha256 of the arrays read from it, so an edited file is a new run). A run
+whose identity hashes the same continues the store; another refuses unless
+``overwrite=true``. ``batch_size``, ``device``, ``out`` and the logging options
+may change between runs.
+
+Condition fields (``conditions``, for a checkpoint trained with ``data.fields``).
+The condition input has ``Nc`` samples (its sample dims flattened; 1 when it holds
+static maps only) and the store one ``sample`` per sample ``j`` below, carrying the
+input's coordinates along its sample dims (``time``, ...; renamed
+``condition_<name>`` when the name is taken) and ``condition_index`` (the input's
+row). Parameters, for a checkpoint that also takes them:
+
+* ``params`` not given: read from the input (a variable or coordinate along its
+  sample dims, or a scalar): ``N = Nc``, sample ``j`` = input row ``j``;
+* ``params.grid|list|csv`` given and the input holds none of the parameters: every
+  parameter set for every input row, ``N = Nc * P``, sample ``j = i * P + p``
+  (input row ``i``, parameter set ``p``; parameters vary fastest);
+* both (the input holds a parameter and ``params`` gives values): ambiguous, refused.
 """
 
 from __future__ import annotations
@@ -23,15 +39,18 @@ from typing import Any
 import torch
 
 import scidiff
+import numpy as np
+
 from scidiff.sampling.ensemble import (
     DistContext,
+    FieldConditions,
     GuidanceSpec,
     SamplerSpec,
     distributed_context,
     member_seeds,
     run_ensemble,
 )
-from scidiff.sampling.grid import ParameterError, check_parameter_sets, parameter_sets
+from scidiff.sampling.grid import ParameterError, ParameterSets, check_parameter_sets, parameter_sets
 from scidiff.sampling.store import (
     EnsembleStore,
     StoreError,
@@ -95,11 +114,14 @@ def plan_store(out: Path, identity: Mapping[str, Any], overwrite: bool) -> str:
 
 
 def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: SamplerSpec, guidance: GuidanceSpec | None,
-              observations: Mapping[str, Any] | None) -> dict[str, Any]:
+              observations: Mapping[str, Any] | None, conditions=None) -> dict[str, Any]:
     obs = None
     if observations is not None:
         obs = {k: (str(Path(v).resolve()) if k == "path" else v) for k, v in observations.items()}
-    return {
+    extra = {}
+    if conditions is not None:  # absent otherwise, so stores of runs without conditions keep their hash
+        extra["conditions"] = {"path": conditions.path, "sha256": conditions.sha256}
+    return {**extra,
         "checkpoint_sha256": pretrained.sha256,
         "weights": pretrained.weights,
         "param_names": list(sets.names),
@@ -151,15 +173,18 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
         raise SampleError(str(exc)) from None
 
     pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device)
-    if pretrained.metadata.field_names:
-        raise SampleError(f"checkpoint: {pretrained.checkpoint} is conditioned on fields "
-                          f"{list(pretrained.metadata.field_names)}, which scidiff-sample cannot supply yet")
     if sampler.name == "ddim" and sampler.steps > pretrained.diffusion.num_timesteps:
         raise SampleError(f"sampler.steps: {sampler.steps} exceeds the model's "
                           f"T = {pretrained.diffusion.num_timesteps}")
-    sets = check_parameter_sets(parameter_sets(cfg.get("params")), pretrained.param_names,
-                                pretrained.param_ranges())
-    conditional = len(pretrained.param_names) > 0
+    conditions = _load_conditions(cfg.get("conditions"), pretrained)
+    requested = parameter_sets(cfg.get("params"))
+    fields = None
+    if conditions is None:
+        sets = check_parameter_sets(requested, pretrained.param_names, pretrained.param_ranges())
+    else:
+        sets, index = combine_conditions(conditions, requested, pretrained)
+        fields = FieldConditions(conditions.fields, index)
+    conditional = len(pretrained.param_names) > 0 or conditions is not None
     if not conditional and (guidance.scale != 1.0 or guidance.rescale != 0.0):
         raise SampleError("guidance.scale: the checkpoint is unconditional; guidance needs a conditional model "
                           "(leave guidance.scale=1.0, guidance.rescale=0.0)")
@@ -191,7 +216,7 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
                                          mask=obs_cfg.get("mask", "mask"), options=options)
 
     seeds = member_seeds(int(cfg["seed"]), len(sets), members)
-    identity = _identity(cfg, pretrained, sets, sampler, guidance if conditional else None, obs_cfg)
+    identity = _identity(cfg, pretrained, sets, sampler, guidance if conditional else None, obs_cfg, conditions)
     out = Path(str(cfg["out"])).expanduser()
     action = plan_store(out, identity, bool(cfg.get("overwrite", False)))  # every rank checks, read-only
     if ctx.rank == 0:
@@ -209,13 +234,15 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
                 "scidiff_version": scidiff.__version__,
                 "training_mlflow_run_id": pretrained.mlflow_run_id or "",
             }
-            create_store(out, metadata=pretrained.metadata, sets=sets, seeds=seeds, attrs=attrs)
+            create_store(out, metadata=pretrained.metadata, sets=sets, seeds=seeds, attrs=attrs,
+                         sample_coords=None if fields is None else _sample_coords(conditions, fields.index,
+                                                                                  pretrained, sets))
     ctx.barrier()
     store = EnsembleStore.open(out)
 
     result = run_ensemble(
         pretrained, store, sets, seeds, sampler=sampler, guidance=guidance, observations=observations,
-        batch_size=batch_size, batch_invariant=bool(cfg.get("batch_invariant", True)), device=device,
+        fields=fields, batch_size=batch_size, batch_invariant=bool(cfg.get("batch_invariant", True)), device=device,
         dist_ctx=ctx, progress=bool(cfg.get("progress", True)), on_batch=on_batch,
     )
     summary: dict[str, Any] = {
@@ -251,13 +278,90 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
             note = f"MLflow logging failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         summary["mlflow"] = note
         rate = f"{result.members_per_s:.2f} members/s" if result.written else "nothing to generate"
-        line = (f"scidiff-sample: {summary['out']} | {len(sets)} parameter sets x {members} members | "
+        what = (f"{len(sets)} parameter sets" if conditions is None else
+                 f"{len(sets)} samples ({len(conditions)} condition inputs x {len(sets) // len(conditions)} "
+                 f"parameter sets)")
+        line = (f"scidiff-sample: {summary['out']} | {what} x {members} members | "
                 f"written {result.written}, skipped {result.skipped} | {rate} "
                 f"({result.world_size} rank{'s' if result.world_size > 1 else ''}, {device})")
         if note:
             line += f" | {note}"
         log(line)
     return summary
+
+
+def _needed_variables(pretrained) -> list[str]:
+    """The store variables a field-conditioned checkpoint needs as conditions."""
+    from scidiff.sampling.conditions import coarsen_factors
+
+    meta = pretrained.metadata
+    names = [c.name for c in pretrained.statistics.fields]
+    if any(coarsen_factors(n) for n in meta.field_names):
+        names += [v for v in dict.fromkeys(meta.channel_variables)]
+    return names
+
+
+def _load_conditions(spec: Mapping[str, Any] | None, pretrained):
+    """The ``conditions`` node read for ``pretrained`` (``None`` when neither needs them)."""
+    from scidiff.sampling.conditions import load_conditions
+
+    fields = list(pretrained.metadata.field_names)
+    if spec is not None and all(v is None for v in dict(spec).values()):
+        spec = None  # the config's default {path: null, isel: null}
+    if spec is None:
+        if fields:
+            raise SampleError(f"conditions: the checkpoint {pretrained.checkpoint} is conditioned on the fields "
+                              f"{fields}; give conditions.path=<zarr or netCDF store with the variables "
+                              f"{_needed_variables(pretrained)} in physical units>")
+        return None
+    spec = dict(spec)
+    if spec.get("path") in (None, "???"):
+        raise SampleError("conditions.path: required (a zarr or netCDF store of the condition fields)")
+    return load_conditions(str(spec["path"]), pretrained, isel=spec.get("isel"))
+
+
+def combine_conditions(conditions, requested: ParameterSets | None, pretrained) -> tuple[ParameterSets, np.ndarray]:
+    """The ``N`` samples of a run with condition fields: ``(parameter sets [N], input row [N])``
+    by the rule of the module docstring."""
+    names = tuple(pretrained.param_names)
+    nc = len(conditions)
+    from_input = [p for p in names if p in conditions.params]
+    if not names:
+        check_parameter_sets(requested, names, {})  # raises when params name any parameter
+        return ParameterSets(names=(), values=np.zeros((nc, 0))), np.arange(nc)
+    if requested is not None and from_input:
+        raise ParameterError(f"params: {from_input} are given both by params and as variables of "
+                             f"conditions.path {conditions.path}; remove one (from the input: one set per input "
+                             f"sample; from params: every set for every input sample)")
+    if requested is None:
+        missing = [p for p in names if p not in conditions.params]
+        if missing:
+            raise ParameterError(f"params: the checkpoint is conditioned on {list(names)}; conditions.path "
+                                 f"{conditions.path} lacks {missing} (give all of them there, or none there and "
+                                 f"all in params.grid, params.list or params.csv)")
+        values = np.stack([np.asarray(conditions.params[p], np.float64) for p in names], axis=1)
+        sets = check_parameter_sets(ParameterSets(names=names, values=values), names, pretrained.param_ranges(),
+                                    key="conditions.path")
+        return sets, np.arange(nc)
+    sets = check_parameter_sets(requested, names, pretrained.param_ranges())
+    p = len(sets)
+    return (ParameterSets(names=names, values=np.tile(sets.values, (nc, 1))),
+            np.repeat(np.arange(nc), p))
+
+
+def _sample_coords(conditions, index: np.ndarray, pretrained, sets: ParameterSets) -> dict[str, Any]:
+    """The condition input's sample coordinates along the store's ``sample``, and ``condition_index``."""
+    from scidiff.sampling.store import RESERVED
+
+    meta = pretrained.metadata
+    taken = {*RESERVED, *sets.names, *meta.coords, *meta.channel_names, "condition_index"}
+    out: dict[str, Any] = {"condition_index": (index, {"long_name": f"sample (flattened "
+                                                       f"{', '.join(conditions.sample_dims) or 'none'}) of the "
+                                                       f"condition input {conditions.path}"})}
+    for name, (values, attrs) in conditions.coords.items():
+        key = f"condition_{name}" if name in taken else name
+        out[key] = (np.asarray(values)[index], dict(attrs))
+    return out
 
 
 def _json_config(cfg: Mapping[str, Any], pretrained) -> dict[str, Any]:
