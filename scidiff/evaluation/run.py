@@ -505,49 +505,19 @@ def evaluate(
     indices, positions = split_indices(dm, s, source)
     reader = dm.datasets[s.split]  # read_batch takes flat store indices, whatever the split
     mine = np.arange(rank, indices.size, world)
-    c, shape = meta.num_channels, tuple(meta.spatial_shape)
     xt = pretrained.x_transform
     weights = area_weights(meta, s.metrics.area_weights)
-    w_metric = None if weights is None else weights.reshape(1, 1, *shape)
-    variants = _bound_variants(pretrained, s.bound) if s.bound.enabled else []
 
-    # ---- metrics (sum states: exact under DDP)
-    bpd = {"": BitsPerDim(), "model": BitsPerDim()}
-    for v in variants:
-        bpd[v] = BitsPerDim()
-    if s.ode.enabled:
-        bpd["ode"] = BitsPerDim()
-    terms = BoundTerms(pretrained.diffusion.num_timesteps) if s.bound.enabled and s.bound.estimator == "exact" else None
-    mets: dict[str, Any] = {}
-    if sampling:
-        spacing = grid_spacing(meta)
-        mets = {
-            "crps": CRPS(c), "crps_map": CRPS(c, spatial_shape=shape), "spread_skill": SpreadSkillRatio(c),
-            "energy": EnergyScore(), "rank": RankHistogram(c, members), "maps": BiasStdMaps(c, shape),
-            "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=s.metrics.wasserstein_bins),
-            "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=s.metrics.spectral_max_wavenumber),
-        }
-        if _atoms_enabled(meta, s.metrics.atoms):
-            vox = float(np.prod(spacing))
-            for name in ("atoms_samples", "atoms_data"):
-                mets[name] = AtomCounts(c, s.metrics.atom_threshold, voxel_volume=vox,
-                                        min_distance=s.metrics.atom_min_distance)
-    for m in [*bpd.values(), *mets.values(), *([terms] if terms is not None else [])]:
-        m.to(dev)
-
-    variance_tables: dict[str, Any] = {v: v for v in variants}
-    if "optimal" in variance_tables:
-        variance_tables["optimal"] = _optimal_variance(pretrained, dm, s.bound, s, dev, weights)
-
+    likelihoods = _Likelihoods(pretrained, dm, s, dev, weights)
+    metrics = _SampleMetrics(pretrained, members, s.metrics, dev) if sampling else None
     rows: dict[str, list[np.ndarray]] = {}
-    panels_data: list[Tensor] = []
-    panels_samples: list[Tensor] = []
-    t_bound = t_sample = 0.0
+    panels: list[tuple[Tensor, Tensor]] = []
+    t_sample = 0.0
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=mine.size, desc=f"scidiff-evaluate {s.split}", unit="sample", dynamic_ncols=True)
+        bar = tqdm(total=mine.size, desc=f"scidiff-evaluate {s.split} (rank 0)", unit="sample", dynamic_ncols=True)
 
     def add_row(name: str, value: Tensor) -> None:
         rows.setdefault(name, []).append(value.detach().to(torch.float64).cpu().numpy())
@@ -562,77 +532,27 @@ def evaluate(
             cond = _cond(batch, dev)
             x_phys = xt.inverse(x.to(torch.float64))
             add_row("index", torch.from_numpy(store_idx))
-            log_det = xt.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
-            if s.bound.enabled:
-                tic = time.perf_counter()
-                dims = mask.expand_as(x).flatten(1).sum(1).double() if mask is not None else \
-                    torch.full((x.shape[0],), float(x[0].numel()), dtype=torch.float64, device=dev)
-                log_det_bpd = log_det / dims / LN2
-                add_row("log_det_bpd", log_det_bpd)
-                for variant in ["", *variants]:
-                    out = []
-                    for i, j in enumerate(store_idx):
-                        sub = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
-                        m_i = None if mask is None else mask[i:i + 1]
-                        out.append(_sample_bound(
-                            pretrained, x[i:i + 1], sub, m_i, log_det[i:i + 1], weights,
-                            variance_tables.get(variant), s.bound, generator(s.seed, 1, int(j)),
-                        ))
-                    phys = torch.cat([o[0] for o in out]).double()
-                    se = torch.cat([o[1] for o in out]).double()
-                    bpd[variant].update(phys * dims * LN2, dims)
-                    suffix = f"/{variant}" if variant else ""
-                    add_row("bpd" + suffix, phys)
-                    if s.bound.estimator == "importance":
-                        add_row("bpd_se" + suffix, se)
-                    if not variant:
-                        model_bpd = phys + log_det_bpd
-                        bpd["model"].update(model_bpd * dims * LN2, dims)
-                        add_row("bpd_model", model_bpd)
-                        add_row("prior_bpd", torch.cat([o[2] for o in out]) / LN2)
-                        add_row("reconstruction_bpd", torch.cat([o[3] for o in out]) / LN2)
-                        if terms is not None:
-                            terms.update(torch.cat([o[4] for o in out]) / LN2)
-                t_bound += time.perf_counter() - tic
-            if s.ode.enabled:
-                out = []
-                for i, j in enumerate(store_idx):
-                    sub = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
-                    out.append(likelihood.ode_nll(
-                        pretrained.denoiser, pretrained.diffusion, x[i:i + 1], sub,
-                        None if mask is None else mask[i:i + 1], num_steps=s.ode.num_steps,
-                        num_probes=s.ode.num_probes, weights=weights, log_det=log_det[i:i + 1],
-                        generator=generator(s.seed, 4, int(j)),
-                    ))
-                ode_bits = torch.cat([o.bits_per_dim for o in out]).double()
-                ode_dims = torch.cat([o.dims for o in out]).double()
-                bpd["ode"].update(ode_bits * ode_dims * LN2, ode_dims)
-                add_row("ode_bpd", ode_bits)
-                add_row("ode_bpd_se", torch.cat([o.standard_error_bits for o in out]).double())
-            if sampling:
+            likelihoods.update(x, x_phys, cond, mask, store_idx, add_row)
+            if metrics is not None:
                 tic = time.perf_counter()
                 if source is not None:
-                    ens_pos = positions[pos]
-                    phys_params = None
-                    if batch.get("params") is not None:
-                        phys_params = dm.inverse_params(batch["params"]).double().numpy()
-                    source.check_params(ens_pos, phys_params, meta.param_names, store_idx)
-                    ens_phys = source.read(ens_pos).to(dev)
+                    params = None if batch.get("params") is None else dm.inverse_params(batch["params"]).double().numpy()
+                    source.check_params(positions[pos], params, meta.param_names, store_idx)
+                    ens_phys = source.read(positions[pos]).to(dev)
                     ens = xt(ens_phys.flatten(0, 1)).reshape(ens_phys.shape)
                 else:
                     ens = _generate(pretrained, x, cond, store_idx, s, dev).to(torch.float64)
                     ens_phys = xt.inverse(ens.flatten(0, 1)).reshape(ens.shape)
-                _update_sample_metrics(mets, ens_phys, ens, x_phys, x.to(torch.float64), mask, w_metric)
-                if rank == 0 and sum(len(p) for p in panels_data) < s.num_panels:
-                    panels_data.append(x_phys.cpu())
-                    panels_samples.append(ens_phys[:, 0].cpu())
+                metrics.update(ens_phys, ens, x_phys, x.to(torch.float64), mask, weights)
+                if rank == 0 and sum(len(p[0]) for p in panels) < s.num_panels:
+                    panels.append((x_phys.cpu(), ens_phys[:, 0].cpu()))
                 t_sample += time.perf_counter() - tic
             if bar is not None:
                 bar.update(len(pos))
     if bar is not None:
         bar.close()
 
-    # ---- gather per-sample rows (ordered by position in the split) and compute (collectives)
+    # ---- per-sample rows of every rank, in split order; then the metrics (collectives)
     local = {k: np.concatenate(v) for k, v in rows.items()}
     local["position"] = mine.astype(np.int64)
     parts = _gather(local, world)
@@ -640,90 +560,203 @@ def evaluate(
     order = np.argsort(merged.pop("position"), kind="stable")
     per_sample = {k: v[order] for k, v in merged.items()}
     store_order = per_sample.pop("index").astype(np.int64)
-    timing = _gather((t_bound, t_sample, int(mine.size)), world)
+    timing = _gather((likelihoods.seconds, t_sample, int(mine.size)), world)
 
     scalars: dict[str, float] = {"num_samples": float(indices.size)}
-    terms_out = None
+    scalars.update(likelihoods.results(per_sample))
     if s.bound.enabled:
-        scalars["bpd"] = float(bpd[""].compute())
-        scalars["bpd_se"] = float(bpd[""].standard_error())
-        scalars["bpd_model"] = float(bpd["model"].compute())
-        scalars["log_det_bpd"] = scalars["bpd_model"] - scalars["bpd"]  # log|det dT/dx| per dim, bits
-        scalars["prior_bpd"] = float(per_sample["prior_bpd"].mean())
-        scalars["reconstruction_bpd"] = float(per_sample["reconstruction_bpd"].mean())
-        if s.bound.estimator == "importance":
-            se = per_sample["bpd_se"]
-            scalars["bpd_mc_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
-        for v in variants:
-            scalars[f"bpd/{v}"] = float(bpd[v].compute())
-            scalars[f"bpd_se/{v}"] = float(bpd[v].standard_error())
-        if terms is not None:
-            terms_out = terms.compute().cpu().numpy()
-        slowest = max(t[0] / max(t[2], 1) for t in timing)
-        scalars["bound_seconds_per_1000"] = 1000.0 * slowest
-    if s.ode.enabled:
-        scalars["ode_bpd"] = float(bpd["ode"].compute())
-        scalars["ode_bpd_se"] = float(bpd["ode"].standard_error())
-        se = per_sample["ode_bpd_se"]
-        scalars["ode_bpd_probe_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
-    spectra = (None, None, None)
-    rank_hist = None
-    maps: dict[str, np.ndarray] = {}
-    if sampling:
-        names = [_clean(n) for n in meta.channel_names]
-        scalars["members"] = float(members)
-        per_channel = {
-            "crps": mets["crps"].compute(), "spread_skill": mets["spread_skill"].compute(),
-            "spectral_error": mets["spectral"].compute(), "w1": mets["w1"].compute(),
-        }
-        moments = mets["maps"].compute()
-        per_channel["bias_rms"] = _nanrms(moments.bias)
-        per_channel["std_ratio"] = _nanmean(moments.std_ratio)
-        rank_hist = mets["rank"].compute().cpu().numpy()
-        per_channel["rank_deviation"] = torch.from_numpy(
-            np.abs(rank_hist - 1.0 / (members + 1)).sum(axis=1) * (members + 1) / 2.0)
-        for key, values in per_channel.items():
-            for name, value in zip(names, values.reshape(-1).tolist()):
-                scalars[f"{key}/{name}"] = float(value)
-        scalars["energy_score"] = float(mets["energy"].compute())
-        oor_s, oor_d = mets["w1"].out_of_range()
-        for name, a, b in zip(names, oor_s.tolist(), oor_d.tolist()):
-            scalars[f"w1_out_of_range/{name}"] = float(max(a, b))
-        samples_spec, data_spec = mets["spectral"].spectra()
-        spectra = (data_spec.wavenumber.cpu().numpy(), data_spec.power.cpu().numpy(), samples_spec.power.cpu().numpy())
-        maps = {"crps": mets["crps_map"].compute().cpu().numpy(), "bias": moments.bias.cpu().numpy(),
-                "std_samples": moments.std_samples.cpu().numpy(), "std_data": moments.std_data.cpu().numpy()}
-        if "atoms_samples" in mets:
-            a_s, a_d = mets["atoms_samples"].compute(), mets["atoms_data"].compute()
-            for i, name in enumerate(names):
-                scalars[f"atoms/{name}/peaks_samples"] = float(a_s.peaks_mean[i])
-                scalars[f"atoms/{name}/peaks_data"] = float(a_d.peaks_mean[i])
-                scalars[f"atoms/{name}/integrated_samples"] = float(a_s.integrated_mean[i])
-                scalars[f"atoms/{name}/integrated_data"] = float(a_d.integrated_mean[i])
-        slowest = max(t[1] / max(t[2], 1) for t in timing)
-        scalars["sampling_seconds_per_1000"] = 1000.0 * slowest
-    pd = torch.cat(panels_data)[: s.num_panels].numpy() if panels_data else None
-    ps = torch.cat(panels_samples)[: s.num_panels].numpy() if panels_samples else None
+        scalars["bound_seconds_per_1000"] = 1000.0 * max(t[0] / max(t[2], 1) for t in timing)
+    spectra, rank_hist, maps = (None, None, None), None, {}
+    if metrics is not None:
+        more, spectra, rank_hist, maps = metrics.results()
+        scalars.update(more)
+        scalars["sampling_seconds_per_1000"] = 1000.0 * max(t[1] / max(t[2], 1) for t in timing)
     dm.teardown()
     info = {
         "checkpoint": str(pretrained.checkpoint), "sha256": pretrained.sha256, "global_step": pretrained.global_step,
-        "weights": pretrained.weights, "data_path": dm.path, "split": s.split, "estimator": s.bound.estimator
-        if s.bound.enabled else "none", "variances": [pretrained.diffusion.variance, *variants],
-        "num_terms": s.bound.num_terms, "members": members if sampling else 0,
+        "weights": pretrained.weights, "data_path": dm.path, "split": s.split,
+        "estimator": s.bound.estimator if s.bound.enabled else "none",
+        "variances": [pretrained.diffusion.variance, *likelihoods.variants], "num_terms": s.bound.num_terms,
+        "members": members if sampling else 0,
         "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
             f"DDIM {s.sampling.steps} steps, eta {s.sampling.eta}" if sampling else "none"),
         "area_weights": "cos(latitude)" if weights is not None else "none", "world_size": world,
         "seed": s.seed, "device": str(dev),
     }
     return Evaluation(
-        split=s.split, indices=store_order, scalars=scalars, per_sample=per_sample, terms=terms_out,
+        split=s.split, indices=store_order, scalars=scalars, per_sample=per_sample, terms=likelihoods.terms_result,
         wavenumber=spectra[0], power_data=spectra[1], power_samples=spectra[2], rank_histogram=rank_hist,
-        maps=maps, panels_data=pd, panels_samples=ps, channel_names=tuple(meta.channel_names),
-        units=tuple(meta.units), spatial_dims=tuple(meta.spatial_dims),
+        maps=maps, panels_data=torch.cat([p[0] for p in panels])[: s.num_panels].numpy() if panels else None,
+        panels_samples=torch.cat([p[1] for p in panels])[: s.num_panels].numpy() if panels else None,
+        channel_names=tuple(meta.channel_names), units=tuple(meta.units), spatial_dims=tuple(meta.spatial_dims),
         coords={k: np.asarray(v) for k, v in meta.coords.items()
                 if tuple(meta.coord_dims.get(k, ())) and set(meta.coord_dims[k]) <= set(meta.spatial_dims)},
         info=info,
     )
+
+
+class _Likelihoods:
+    """The bound of every data sample (with each extra reverse variance) and the ODE NLL,
+    one call per sample with the generator keyed by its store index; dataset totals in
+    :class:`BitsPerDim` metrics (sum states), the mean terms in :class:`BoundTerms`."""
+
+    def __init__(self, pretrained, dm, s: EvaluationSettings, device: torch.device, weights: Tensor | None) -> None:
+        self.p, self.s, self.weights = pretrained, s, weights
+        self.variants = _bound_variants(pretrained, s.bound) if s.bound.enabled else []
+        names = (["", "model", *self.variants] if s.bound.enabled else []) + (["ode"] if s.ode.enabled else [])
+        self.bpd = {n: BitsPerDim().to(device) for n in names}
+        exact = s.bound.enabled and s.bound.estimator == "exact"
+        self.terms = BoundTerms(pretrained.diffusion.num_timesteps).to(device) if exact else None
+        self.tables: dict[str, Any] = {v: v for v in self.variants}
+        if "optimal" in self.tables:
+            self.tables["optimal"] = _optimal_variance(pretrained, dm, s.bound, s, device, weights)
+        self.seconds = 0.0
+        self.terms_result: np.ndarray | None = None
+
+    def update(self, x, x_phys, cond, mask, store_idx, add_row) -> None:
+        s = self.s
+        if not (s.bound.enabled or s.ode.enabled):
+            return
+        tic = time.perf_counter()
+        log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
+        dims = (mask.expand_as(x).flatten(1).sum(1) if mask is not None
+                else torch.full((x.shape[0],), float(x[0].numel()), device=x.device)).to(torch.float64)
+
+        def one(i: int):
+            return (x[i:i + 1], None if cond is None else cond.map(lambda v: v[i:i + 1]),
+                    None if mask is None else mask[i:i + 1], log_det[i:i + 1])
+
+        if s.bound.enabled:
+            log_det_bpd = log_det / dims / LN2
+            add_row("log_det_bpd", log_det_bpd)
+            for variant in ["", *self.variants]:
+                out = [_sample_bound(self.p, *one(i), self.weights, self.tables.get(variant), s.bound,
+                                     generator(s.seed, 1, int(j))) for i, j in enumerate(store_idx)]
+                phys = torch.cat([o[0] for o in out]).double()
+                self.bpd[variant].update(phys * dims * LN2, dims)
+                suffix = f"/{variant}" if variant else ""
+                add_row("bpd" + suffix, phys)
+                if s.bound.estimator == "importance":
+                    add_row("bpd_se" + suffix, torch.cat([o[1] for o in out]))
+                if not variant:
+                    model_bpd = phys + log_det_bpd
+                    self.bpd["model"].update(model_bpd * dims * LN2, dims)
+                    add_row("bpd_model", model_bpd)
+                    add_row("prior_bpd", torch.cat([o[2] for o in out]) / LN2)
+                    add_row("reconstruction_bpd", torch.cat([o[3] for o in out]) / LN2)
+                    if self.terms is not None:
+                        self.terms.update(torch.cat([o[4] for o in out]) / LN2)
+        if s.ode.enabled:
+            out = []
+            for i, j in enumerate(store_idx):
+                xi, ci, mi, li = one(i)
+                out.append(likelihood.ode_nll(
+                    self.p.denoiser, self.p.diffusion, xi, ci, mi, num_steps=s.ode.num_steps,
+                    num_probes=s.ode.num_probes, weights=self.weights, log_det=li, generator=generator(s.seed, 4, int(j)),
+                ))
+            bits = torch.cat([o.bits_per_dim for o in out]).double()
+            self.bpd["ode"].update(bits * dims * LN2, dims)
+            add_row("ode_bpd", bits)
+            add_row("ode_bpd_se", torch.cat([o.standard_error_bits for o in out]))
+        self.seconds += time.perf_counter() - tic
+
+    def results(self, per_sample: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Scalars (collectives under DDP: call on every rank)."""
+        out: dict[str, float] = {}
+        if self.s.bound.enabled:
+            out["bpd"] = float(self.bpd[""].compute())
+            out["bpd_se"] = float(self.bpd[""].standard_error())
+            out["bpd_model"] = float(self.bpd["model"].compute())
+            out["log_det_bpd"] = out["bpd_model"] - out["bpd"]  # log|det dT/dx| per dimension, bits
+            out["prior_bpd"] = float(per_sample["prior_bpd"].mean())
+            out["reconstruction_bpd"] = float(per_sample["reconstruction_bpd"].mean())
+            if self.s.bound.estimator == "importance":  # Monte-Carlo error of the mean for these samples
+                se = per_sample["bpd_se"]
+                out["bpd_mc_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
+            for v in self.variants:
+                out[f"bpd/{v}"] = float(self.bpd[v].compute())
+                out[f"bpd_se/{v}"] = float(self.bpd[v].standard_error())
+            if self.terms is not None:
+                self.terms_result = self.terms.compute().cpu().numpy()
+        if self.s.ode.enabled:
+            out["ode_bpd"] = float(self.bpd["ode"].compute())
+            out["ode_bpd_se"] = float(self.bpd["ode"].standard_error())
+            se = per_sample["ode_bpd_se"]
+            out["ode_bpd_probe_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
+        return out
+
+
+class _SampleMetrics:
+    """Ensembles ``[B, M, C, *S]`` against data ``[B, C, *S]``, physical units (energy score:
+    normalised units); every metric a torchmetrics ``Metric`` with sum states."""
+
+    def __init__(self, pretrained, members: int, settings: MetricSettings, device: torch.device) -> None:
+        meta = pretrained.metadata
+        c, shape = meta.num_channels, tuple(meta.spatial_shape)
+        spacing = grid_spacing(meta)
+        self.members = members
+        self.names = [_clean(n) for n in meta.channel_names]
+        self.m: dict[str, Any] = {
+            "crps": CRPS(c), "crps_map": CRPS(c, spatial_shape=shape), "spread_skill": SpreadSkillRatio(c),
+            "energy": EnergyScore(), "rank": RankHistogram(c, members), "maps": BiasStdMaps(c, shape),
+            "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=settings.wasserstein_bins),
+            "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=settings.spectral_max_wavenumber),
+        }
+        if _atoms_enabled(meta, settings.atoms):
+            for name in ("atoms_samples", "atoms_data"):
+                self.m[name] = AtomCounts(c, settings.atom_threshold, voxel_volume=float(np.prod(spacing)),
+                                          min_distance=settings.atom_min_distance)
+        for metric in self.m.values():
+            metric.to(device)
+
+    def update(self, ens_phys, ens_model, x_phys, x_model, mask, weights) -> None:
+        m = self.m
+        w = None if weights is None else weights.reshape(1, 1, *weights.shape).to(x_phys.device)
+        m["crps"].update(ens_phys, x_phys, mask, w)
+        m["crps_map"].update(ens_phys, x_phys, mask)
+        m["spread_skill"].update(ens_phys, x_phys, mask, w)
+        m["energy"].update(ens_model, x_model, mask, w)  # normalised: channels of different units
+        m["rank"].update(ens_phys, x_phys, mask, w)
+        m["maps"].update(ens_phys, x_phys, mask)
+        m["w1"].update(ens_phys, x_phys, mask, w)
+        if mask is None:
+            m["spectral"].update(ens_phys, x_phys)
+        else:  # masks may differ between samples: each sample's members with its own mask
+            for i in range(x_phys.shape[0]):
+                m["spectral"].update(ens_phys[i], x_phys[i:i + 1], mask[i:i + 1])
+        if "atoms_samples" in m:
+            m["atoms_samples"].update(ens_phys.flatten(0, 1))
+            m["atoms_data"].update(x_phys)
+
+    def results(self):
+        """(scalars, (wavenumber, power_data, power_samples), rank histogram, maps); collectives."""
+        m, names, members = self.m, self.names, self.members
+        moments = m["maps"].compute()
+        rank_hist = m["rank"].compute().cpu().numpy()
+        per_channel = {
+            "crps": m["crps"].compute(), "spread_skill": m["spread_skill"].compute(),
+            "spectral_error": m["spectral"].compute(), "w1": m["w1"].compute(),
+            "bias_rms": _nanrms(moments.bias), "std_ratio": _nanmean(moments.std_ratio),
+            # total variation distance of the rank histogram from the flat one (0 = calibrated)
+            "rank_deviation": torch.from_numpy(0.5 * np.abs(rank_hist - 1.0 / (members + 1)).sum(axis=1)),
+        }
+        scalars = {"members": float(members), "energy_score": float(m["energy"].compute())}
+        for key, values in per_channel.items():
+            for name, value in zip(names, values.reshape(-1).tolist()):
+                scalars[f"{key}/{name}"] = float(value)
+        for name, a, b in zip(names, *(v.tolist() for v in m["w1"].out_of_range())):
+            scalars[f"w1_out_of_range/{name}"] = float(max(a, b))
+        samples_spec, data_spec = m["spectral"].spectra()
+        spectra = (data_spec.wavenumber.cpu().numpy(), data_spec.power.cpu().numpy(), samples_spec.power.cpu().numpy())
+        maps = {"crps": m["crps_map"].compute().cpu().numpy(), "bias": moments.bias.cpu().numpy(),
+                "std_samples": moments.std_samples.cpu().numpy(), "std_data": moments.std_data.cpu().numpy()}
+        if "atoms_samples" in m:
+            found = {"samples": m["atoms_samples"].compute(), "data": m["atoms_data"].compute()}
+            for i, name in enumerate(names):
+                for group, summary in found.items():
+                    scalars[f"atoms/{name}/peaks_{group}"] = float(summary.peaks_mean[i])
+                    scalars[f"atoms/{name}/integrated_{group}"] = float(summary.integrated_mean[i])
+        return scalars, spectra, rank_hist, maps
 
 
 def _clean(name: str) -> str:
@@ -753,24 +786,6 @@ def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.nd
     out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
                                spacing=s.sampling.spacing, cond=rep, generator=gens)
     return out.reshape(b, m, *x.shape[1:])
-
-
-def _update_sample_metrics(mets, ens_phys, ens_model, x_phys, x_model, mask, weights) -> None:
-    mets["crps"].update(ens_phys, x_phys, mask, weights)
-    mets["crps_map"].update(ens_phys, x_phys, mask)
-    mets["spread_skill"].update(ens_phys, x_phys, mask, weights)
-    mets["energy"].update(ens_model, x_model, mask, weights)  # normalised: channels of different units
-    mets["rank"].update(ens_phys, x_phys, mask, weights)
-    mets["maps"].update(ens_phys, x_phys, mask)
-    mets["w1"].update(ens_phys, x_phys, mask, weights)
-    if mask is None:
-        mets["spectral"].update(ens_phys, x_phys)
-    else:  # masks may differ between samples: each sample's members with its own mask
-        for i in range(x_phys.shape[0]):
-            mets["spectral"].update(ens_phys[i], x_phys[i:i + 1], mask[i:i + 1])
-    if "atoms_samples" in mets:
-        mets["atoms_samples"].update(ens_phys.flatten(0, 1))
-        mets["atoms_data"].update(x_phys)
 
 
 __all__ = [
