@@ -17,8 +17,9 @@ Input store: one variable per channel of the checkpoint, named as the channel
 (no ``sample`` dim: one field), in physical units, NaN = missing (filled with 0 in
 model units as in training and left out of the error). A conditional model also
 needs each parameter (a data variable or coordinate along ``sample``, or a scalar
-for all) and each conditioning-field variable; coarsened-target fields
-(``<channel>@coarse4x4``) are recomputed from the input itself.
+for all) and each conditioning-field variable (read and normalised as
+``scidiff-sample``'s ``conditions``: :mod:`scidiff.sampling.conditions`);
+coarsened-target fields (``<channel>@coarse4x4``) are recomputed from the input itself.
 
 Output store ``out`` (zarr, opens with ``xarray.open_zarr``):
 
@@ -149,18 +150,20 @@ class Inputs:
 
     x: Any  # torch [N, C, *S] float32, NaN = missing
     params: Any  # torch [N, P] float32 or None
-    var_fields: dict[str, Any]  # conditioning-field channel -> torch [N, *S] float32
+    fields: Any  # torch [N, Cf, *S] float32: the condition fields in model units, or None
     sample_coord: Any  # numpy [N]
     spatial_coords: dict[str, Any]  # name -> xarray Variable on spatial dims
 
 
 def read_inputs(path: str, pretrained) -> Inputs:
-    """Read ``path`` for ``pretrained``'s channels, parameters and field variables."""
+    """Read ``path`` for ``pretrained``'s channels, parameters and condition fields
+    (through :class:`scidiff.sampling.conditions.StoreReader`, as ``scidiff-sample`` does)."""
     import numpy as np
     import torch
     import xarray as xr
 
     from scidiff.data.dataset import open_store
+    from scidiff.sampling.conditions import ConditionError, StoreReader, condition_fields, read_condition_inputs
 
     meta = pretrained.metadata
     spatial = tuple(meta.spatial_dims)
@@ -173,53 +176,32 @@ def read_inputs(path: str, pretrained) -> Inputs:
         if missing:
             raise InputError(f"input: {path} lacks the variable(s) {missing} the model generates "
                              f"(it has {sorted(ds.data_vars)})")
-        n = int(ds.sizes["sample"]) if "sample" in ds.dims else 1
-
-        def field(name: str, static_ok: bool) -> np.ndarray:
-            da = ds[name]
-            extra = [d for d in da.dims if d not in (*spatial, "sample")]
-            lacking = [d for d in spatial if d not in da.dims]
-            if extra or lacking:
-                raise InputError(f"input: {path}: {name} has dims {tuple(da.dims)}; expected (sample, "
-                                 f"{', '.join(spatial)})")
-            for d, size in zip(spatial, meta.spatial_shape):
-                if da.sizes[d] != size:
-                    raise InputError(f"input: {path}: {name} has {d}={da.sizes[d]}, the model's is {size}")
-            if "sample" not in da.dims:
-                if not static_ok and n > 1:
-                    raise InputError(f"input: {path}: {name} lacks the sample dim the other variables have")
-                return np.broadcast_to(np.asarray(da.transpose(*spatial).values, np.float32)[None],
-                                       (n, *meta.spatial_shape))
-            return np.asarray(da.transpose("sample", *spatial).values, np.float32)
-
-        x = np.stack([field(c, static_ok=False) for c in meta.channel_names], axis=1)
+        reader = StoreReader(ds, path, "input", meta, ("sample",))
+        n = reader.num_samples
+        x = np.concatenate([reader.field(c, what="a channel the model generates", static_ok=False)
+                            for c in meta.channel_names], axis=1)
+        x = torch.from_numpy(np.ascontiguousarray(x))
         params = None
         if meta.param_names:
             absent = [p for p in meta.param_names if p not in ds.variables]
             if absent:
                 raise InputError(f"input: {path} lacks the parameter(s) {absent} the model is conditioned on "
                                  f"(give them as variables or coordinates along sample)")
-            cols = []
-            for p in meta.param_names:
-                da = ds[p]
-                if da.dims not in ((), ("sample",)):
-                    raise InputError(f"input: {path}: parameter {p} has dims {tuple(da.dims)}; expected (sample,)")
-                cols.append(np.broadcast_to(np.asarray(da.values, np.float32), (n,)))
-            params = torch.from_numpy(np.stack(cols, axis=1).copy())
-        var_names = [c.name for c in pretrained.statistics.fields]
-        var_fields = {}
-        for name in var_names:
-            if name not in ds.variables:
-                raise InputError(f"input: {path} lacks the conditioning field {name!r} the model needs "
-                                 f"(copy it from the training store {meta.path})")
-            var_fields[name] = torch.from_numpy(np.ascontiguousarray(field(name, static_ok=True)))
+            cols = [reader.scalars(p, what="parameter") for p in meta.param_names]
+            params = torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
+        fields = None
+        if meta.field_names:
+            variables, _ = read_condition_inputs(reader, pretrained, target=False)
+            with torch.no_grad():  # coarsened channels: block means of the input itself
+                fields = condition_fields(pretrained, variables, x)
         sample_coord = np.asarray(ds["sample"].values) if "sample" in ds.coords else np.arange(n)
         spatial_coords = {str(k): xr.Variable(c.dims, np.asarray(c.values), attrs=dict(c.attrs))
                           for k, c in ds.coords.items() if c.dims and set(c.dims) <= set(spatial)}
+    except ConditionError as exc:
+        raise InputError(str(exc)) from None
     finally:
         ds.close()
-    return Inputs(x=torch.from_numpy(np.ascontiguousarray(x)), params=params, var_fields=var_fields,
-                  sample_coord=sample_coord, spatial_coords=spatial_coords)
+    return Inputs(x=x, params=params, fields=fields, sample_coord=sample_coord, spatial_coords=spatial_coords)
 
 
 def model_inputs(pretrained, inputs: Inputs):
@@ -227,37 +209,12 @@ def model_inputs(pretrained, inputs: Inputs):
     import torch
 
     from scidiff.conditioning import Conditioning
-    from scidiff.data.dataset import coarsen_repeat
 
-    meta = pretrained.metadata
     valid = torch.isfinite(inputs.x)
     y = pretrained.to_model(inputs.x)
     y = torch.where(valid, y, torch.zeros((), dtype=y.dtype))
     params = pretrained.params_to_model(inputs.params) if inputs.params is not None else None
-    fields = None
-    if meta.field_names:
-        if inputs.var_fields:
-            stacked = torch.stack([inputs.var_fields[c.name] for c in pretrained.statistics.fields], dim=1)
-            var_model = torch.nan_to_num(pretrained.statistics.field_transform()(stacked), nan=0.0, posinf=0.0,
-                                         neginf=0.0)
-            by_name = {c.name: var_model[:, i] for i, c in enumerate(pretrained.statistics.fields)}
-        else:
-            by_name = {}
-        coarse: dict[tuple[int, ...], Any] = {}
-        channels = []
-        for name in meta.field_names:
-            if name in by_name:
-                channels.append(by_name[name])
-                continue
-            base, sep, tag = name.partition("@coarse")
-            if not sep or base not in meta.channel_names:
-                raise InputError(f"checkpoint: conditioning field {name!r} is neither a field variable nor a "
-                                 f"coarsened channel")
-            factors = tuple(int(f) for f in tag.split("x"))
-            if factors not in coarse:
-                coarse[factors] = coarsen_repeat(y, valid.to(y.dtype), factors)
-            channels.append(coarse[factors][:, meta.channel_names.index(base)])
-        fields = torch.stack(channels, dim=1)
+    fields = inputs.fields
     cond = None if params is None and fields is None else Conditioning(params=params, fields=fields)
     return y, valid, cond
 

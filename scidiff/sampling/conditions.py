@@ -191,7 +191,8 @@ def condition_fields(pretrained, variables: Tensor | None, target: Tensor | None
     by_name: dict[str, Tensor] = {}
     if pretrained.statistics.fields:
         if variables is None:
-            raise ValueError(f"the checkpoint needs the field variables {[c.name for c in pretrained.statistics.fields]}")
+            names = [c.name for c in pretrained.statistics.fields]
+            raise ValueError(f"the checkpoint needs the field variables {names}")
         model = pretrained.statistics.field_transform()(variables.to(torch.float32))
         model = torch.nan_to_num(model, nan=0.0, posinf=0.0, neginf=0.0)  # as FieldDataset.read_batch
         by_name = {c.name: model[:, i] for i, c in enumerate(pretrained.statistics.fields)}
@@ -219,10 +220,11 @@ def condition_fields(pretrained, variables: Tensor | None, target: Tensor | None
     return torch.stack(channels, dim=1).to(torch.float32)
 
 
-def read_condition_inputs(reader: StoreReader, pretrained) -> tuple[Tensor | None, Tensor | None]:
+def read_condition_inputs(reader: StoreReader, pretrained, *,
+                          target: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """``(variables, target)`` in physical units for :func:`condition_fields`, read with ``reader``:
     the field variables of the checkpoint (its ``data.fields`` names and selections) and, when
-    it has coarsened channels, the target variables they are derived from."""
+    it has coarsened channels and ``target`` is true, the target variables they are derived from."""
     meta = pretrained.metadata
     stats_names = [c.name for c in pretrained.statistics.fields]
     variables = None
@@ -230,15 +232,15 @@ def read_condition_inputs(reader: StoreReader, pretrained) -> tuple[Tensor | Non
         arrays = []
         for spec in _specs(pretrained, "fields"):
             n = sum(1 for s in stats_names if s == spec["name"] or s.startswith(spec["name"] + "["))
-            arrays.append(reader.field(spec["name"], what=f"condition field of the checkpoint", select=spec["select"],
+            arrays.append(reader.field(spec["name"], what="condition field of the checkpoint", select=spec["select"],
                                        channels=n))
         variables = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays, axis=1)))
         if variables.shape[1] != len(stats_names):
             raise ConditionError(f"{reader.key}: {reader.path} gives {variables.shape[1]} field channels, the "
                                  f"checkpoint's are {stats_names}")
-    target = None
+    fine = None
     factors = {f for name in meta.field_names if (f := coarsen_factors(name)) is not None}
-    if factors:
+    if factors and target:
         only = next(iter(factors))[1] if len(factors) == 1 else None
         arrays = []
         for spec in _specs(pretrained, "variables"):
@@ -246,8 +248,8 @@ def read_condition_inputs(reader: StoreReader, pretrained) -> tuple[Tensor | Non
             arrays.append(reader.field(spec["name"], what="the fine field the checkpoint's coarse condition "
                                        f"{sorted(n for n in meta.field_names if '@coarse' in n)} is derived from",
                                        select=spec["select"], channels=n, coarse=only))
-        target = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays, axis=1)))
-    return variables, target
+        fine = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays, axis=1)))
+    return variables, fine
 
 
 # ------------------------------------------------------------- scidiff-sample
