@@ -301,3 +301,78 @@ def test_mlflow_new_run_and_missing_store(exact, tmp_path):
         log_to_mlflow(exact, tracking_uri=f"sqlite:///{missing}", run_id="f" * 32, new_run=False,
                       experiment_name="evals", step=7, artifacts=[])
     assert not missing.parent.exists()
+
+
+class ConvDenoiser(nn.Module):
+    """Deterministic eps-predictor for fields of any rank (1-3 spatial dims)."""
+
+    def __init__(self, channels: int, rank: int) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
+        self.conv = conv(channels, channels, 3, padding=1)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, t, cond=None):
+        return self.conv(x)
+
+
+LAYOUTS = {
+    # name: (spatial dims and sizes, variables and units, NaN points)
+    "profile_1d": ({"z": 24}, {"theta": "K"}, False),
+    "lat_lon_masked": ({"lat": 6, "lon": 10}, {"sst": "degC"}, True),
+    "voxels_3d": ({"z": 6, "y": 5, "x": 4}, {"density_C": "angstrom-3", "density_O": "angstrom-3"}, False),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_any_rank_masks_and_area_weights(layout, tmp_path):
+    """1-D profiles, a lat/lon grid with missing points (masked, cos-latitude weights) and
+    3-D voxels (atom counts): the bound keeps its exact physical-units shift per variable
+    and every metric is finite."""
+    dims, variables, holes = LAYOUTS[layout]
+    rng = np.random.default_rng(2)
+    n = 8
+    shape = tuple(dims.values())
+    coords = {d: np.linspace(-60.0, 60.0, k) if d == "lat" else np.arange(k) * 0.5 for d, k in dims.items()}
+    data = {}
+    for v, unit in variables.items():
+        values = 10.0 + 3.0 * rng.standard_normal((n, *shape))
+        if unit == "angstrom-3":
+            values = np.abs(values) / 30.0
+        if holes:
+            values[:, :2, :3] = np.nan  # "land": missing in every sample
+        data[v] = (("sample", *dims), values, {"units": unit})
+    xr.Dataset(data, coords={"sample": np.arange(n), **coords}).to_zarr(tmp_path / "store.zarr")
+    cfg = {"_target_": "scidiff.data.FieldDataModule", "_convert_": "all", "path": str(tmp_path / "store.zarr"),
+           "variables": [{"name": v, "transform": "zscore"} for v in variables], "spatial_dims": list(dims),
+           "split": {"_target_": "scidiff.data.FractionSplit", "train": 0.5, "val": 0.5, "test": 0.0},
+           "mask": "always" if holes else "never", "num_workers": 0}
+    dm = FieldDataModule(**{k: v for k, v in cfg.items() if not k.startswith("_") and k != "split"},
+                         split=FractionSplit(0.5, 0.5, 0.0))
+    dm.setup()
+    pre = Pretrained(
+        denoiser=ConvDenoiser(len(variables), len(dims)).eval().requires_grad_(False),
+        diffusion=GaussianDiffusion(NoiseSchedule.from_name("cosine", num_timesteps=20)), metadata=dm.metadata,
+        statistics=dm.statistics, config={"data": cfg}, checkpoint=tmp_path / "x.ckpt", sha256="0" * 64,
+        global_step=1, weights="raw", split_indices={k: v.tolist() for k, v in dm.split_indices.items()},
+    )
+    ev = evaluate(pre, settings(bound=BoundSettings(timestep_batch=20), sampling=SamplingSettings(steps=2, members=2)),
+                  device="cpu", progress=False)
+    # per dimension, the log-determinant is the mean over variables of -ln(std) over valid points
+    train = [xr.open_zarr(tmp_path / "store.zarr")[v].values[:4].astype(np.float64) for v in variables]
+    valid = [np.isfinite(t[0]).sum() for t in train]
+    shift = sum(k * math.log2(np.nanstd(t)) for k, t in zip(valid, train)) / sum(valid)
+    np.testing.assert_allclose(ev.per_sample["bpd"] - ev.per_sample["bpd_model"], shift, atol=1e-9)
+    assert ev.info["area_weights"] == ("cos(latitude)" if layout == "lat_lon_masked" else "none")
+    assert all(math.isfinite(v) for k, v in ev.scalars.items()), ev.scalars
+    assert ev.maps["crps"].shape == (len(variables), *shape)
+    if layout == "voxels_3d":
+        assert {f"atoms/{v}/peaks_data" for v in variables} <= set(ev.scalars)
+    if holes:  # the missing points carry no score
+        assert np.isnan(ev.maps["crps"][0, :2, :3]).all() and np.isfinite(ev.maps["crps"][0, 2:]).all()
+    figures = {p.name for p in evaluation_figures(ev, tmp_path / "figures")}
+    assert {"samples.png", "power_spectra.png", "bound_terms.png", "rank_histogram.png"} <= figures
+    assert ("maps.png" in figures) == (len(dims) == 2)
