@@ -37,6 +37,7 @@ from torch import Tensor
 
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion import likelihood, samplers
+from scidiff.diffusion.guidance import ClassifierFreeGuidance
 from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
 from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
 from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
@@ -89,13 +90,17 @@ class ODESettings:
 
 @dataclass
 class SamplingSettings:
-    """Args: enabled; steps (DDIM steps); members per data sample; eta; spacing of the DDIM steps."""
+    """Args: enabled; steps (DDIM steps); members per data sample; eta; spacing of the DDIM
+    steps; guidance_scale w of classifier-free guidance (1: the conditional model, no
+    guidance; needs a model trained with condition dropout otherwise) and its rescale phi."""
 
     enabled: bool = True
     steps: int = 50
     members: int = 4
     eta: float = 0.0
     spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
 
 
 @dataclass
@@ -783,6 +788,8 @@ def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.nd
     x_T = samplers.randn_like(torch.empty(shape, dtype=x.dtype, device=dev), gens)
     rep = None if cond is None else cond.map(lambda v: v.repeat_interleave(m, dim=0))
     net = pretrained.denoiser
+    if cond is not None and (s.sampling.guidance_scale != 1.0 or s.sampling.guidance_rescale != 0.0):
+        net = ClassifierFreeGuidance(net, scale=s.sampling.guidance_scale, rescale=s.sampling.guidance_rescale)
     out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
                                spacing=s.sampling.spacing, cond=rep, generator=gens)
     return out.reshape(b, m, *x.shape[1:])

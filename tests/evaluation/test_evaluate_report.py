@@ -91,7 +91,10 @@ class TinyDenoiser(nn.Module):
     def forward(self, x, t, cond=None):
         out = self.conv(x)
         if cond is not None and cond.params is not None:
-            out = out + self.lin(cond.params).reshape(-1, 1, 1, 1)
+            shift = self.lin(cond.params).reshape(-1, 1, 1, 1)
+            if cond.drop is not None:  # the null condition (classifier-free guidance)
+                shift = shift * (~cond.drop).reshape(-1, 1, 1, 1)
+            out = out + shift
         return out
 
 
@@ -376,3 +379,17 @@ def test_any_rank_masks_and_area_weights(layout, tmp_path):
     figures = {p.name for p in evaluation_figures(ev, tmp_path / "figures")}
     assert {"samples.png", "power_spectra.png", "bound_terms.png", "rank_histogram.png"} <= figures
     assert ("maps.png" in figures) == (len(dims) == 2)
+
+
+def test_guidance_scale_changes_the_members(pretrained, exact):
+    """w = 1 is the conditional model (the default numbers); w = 3 extrapolates away from
+    the null condition, so the members and their scores change."""
+    only_samples = dict(bound=BoundSettings(enabled=False))
+    plain = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(steps=4, members=3,
+                                                                                   guidance_scale=1.0)),
+                     device="cpu", progress=False)
+    guided = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(steps=4, members=3,
+                                                                                    guidance_scale=3.0)),
+                      device="cpu", progress=False)
+    assert plain.scalars["crps/tas"] == exact.scalars["crps/tas"]
+    assert guided.scalars["crps/tas"] != pytest.approx(plain.scalars["crps/tas"], rel=1e-3)
