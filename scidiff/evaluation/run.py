@@ -495,6 +495,8 @@ def evaluate(
         raise EvaluationError(f"split: expected one of {list(SPLITS)}, got {s.split!r}")
     if s.batch_size < 1:
         raise EvaluationError(f"batch_size: must be >= 1, got {s.batch_size}")
+    if s.bound.estimator not in ("exact", "importance"):
+        raise EvaluationError(f"bound.estimator: expected exact or importance, got {s.bound.estimator!r}")
     rank, world = dist_info()
     dev = _resolve_device(device)
     pretrained.to(dev)
