@@ -8,6 +8,8 @@
   output"): ``(sample, member, *spatial)`` in physical units, one chunk per member,
   a ``done`` flag per member written after its data;
 * :mod:`~scidiff.sampling.observations` -- sparse observations for inpainting;
+* :mod:`~scidiff.sampling.conditions` -- spatial condition fields (coarse fields,
+  static maps, sst) read from a store and normalised as in training;
 * :mod:`~scidiff.sampling.tracking`  -- the run recorded in MLflow;
 * :mod:`~scidiff.sampling.workflow`  -- :func:`sample_ensemble`, what
   ``scidiff-sample`` runs.
@@ -18,7 +20,9 @@
                      "sampler": {"name": "ddim", "steps": 50}, "guidance": {"scale": 1.0}})
 """
 
+from scidiff.sampling.conditions import ConditionError, Conditions, load_conditions
 from scidiff.sampling.ensemble import (
+    FieldConditions,
     GuidanceSpec,
     Observations,
     SamplerSpec,
@@ -32,7 +36,10 @@ from scidiff.sampling.store import EnsembleStore, StoreError, create_store
 from scidiff.sampling.workflow import SampleError, sample_ensemble
 
 __all__ = [
+    "ConditionError",
+    "Conditions",
     "EnsembleStore",
+    "FieldConditions",
     "GuidanceSpec",
     "Observations",
     "ParameterError",
@@ -44,6 +51,7 @@ __all__ = [
     "check_parameter_sets",
     "create_store",
     "generate",
+    "load_conditions",
     "member_seed",
     "member_seeds",
     "parameter_sets",

@@ -172,6 +172,16 @@ class StoreReader:
         return out
 
 
+def extra_dims(channel_names: Sequence[str]) -> set[str]:
+    """The extra dims behind channel names such as ``ta[level=850]`` (FieldDataset's naming)."""
+    out = set()
+    for name in channel_names:
+        head, sep, rest = name.partition("[")
+        if sep and rest.endswith("]"):
+            out |= {part.partition("=")[0] for part in rest[:-1].split(",")}
+    return out
+
+
 def _shape(dims: Sequence[str], shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{d}={s}" for d, s in zip(dims, shape)) + ")"
 
@@ -281,8 +291,9 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
                     key: str = "conditions.path") -> Conditions:
     """Read the checkpoint's condition fields (and any of its parameters) from ``path``.
 
-    The sample dims are the checkpoint's training sample dims and ``sample``, those the
-    store has; ``isel`` (``{dim: index or [indices]}``) picks samples first.
+    The sample dims are the dims of the variables read other than the spatial dims and
+    the training data's extra (channel) dims, e.g. ``sample``, ``time`` or ``(simulation,
+    time)``, flattened in C order; ``isel`` (``{dim: index or [indices]}``) picks samples first.
     """
     from scidiff.data.dataset import open_store
 
@@ -306,7 +317,14 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
                 ds = ds.isel({d: (list(v) if isinstance(v, (list, tuple)) else int(v)) for d, v in isel.items()})
             except (IndexError, TypeError, ValueError) as exc:
                 raise ConditionError(f"conditions.isel: {dict(isel)} does not index {text} ({exc})") from None
-        reader = StoreReader(ds, text, key, meta, (*meta.sample_dims, "sample"))
+        # sample dims: every dim of the variables read that is neither spatial nor an extra dim of the
+        # training data (a selected level, ...): sample, time, or (simulation, time), in the file's order
+        names = [c["name"] for c in _specs(pretrained, "fields")] + list(meta.param_names)
+        if any(coarsen_factors(n) for n in meta.field_names):
+            names += list(meta.channel_variables)
+        skip = {*meta.spatial_dims, *extra_dims([*meta.channel_names, *(c.name for c in pretrained.statistics.fields)])}
+        sample_dims = [d for n in names if n in ds.variables for d in ds[n].dims if d not in skip]
+        reader = StoreReader(ds, text, key, meta, sample_dims)
         variables, target = read_condition_inputs(reader, pretrained)
         params = {p: reader.scalars(p, what=f"parameter {p} of the checkpoint")
                   for p in meta.param_names if p in ds.variables}
@@ -322,8 +340,12 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
         h.update(f"param:{name}".encode())
         h.update(params[name].tobytes())
     for name in sorted(coords):
-        h.update(f"coord:{name}:{coords[name][0].dtype}".encode())
-        h.update(np.ascontiguousarray(coords[name][0]).tobytes())
+        values = coords[name][0]
+        h.update(f"coord:{name}:{values.dtype}".encode())
+        if values.dtype.kind in "OUS":  # strings: their text (object arrays' bytes are pointers)
+            h.update("\x00".join(map(str, values.tolist())).encode())
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
     with torch.no_grad():
         fields = condition_fields(pretrained, variables, target)
     return Conditions(fields=fields, params=params, coords=coords, sample_dims=reader.sample_dims,
