@@ -150,6 +150,10 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # opening a missing SQLite store would create an empty one
+        raise CheckpointError(f"checkpoint: MLflow run {run_id}: no MLflow store {uri[len('sqlite:///'):]} "
+                              "(set tracking_uri or MLFLOW_TRACKING_URI, or give the checkpoint path)")
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri)
     except (MlflowException, OSError) as exc:

@@ -30,6 +30,14 @@ def test_load_by_path_dir_and_run_id(trained_run):
     torch.testing.assert_close(by_dir.to_model(phys), x, atol=1e-5, rtol=1e-5)
 
 
+def test_unknown_store_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(CheckpointError, match="no MLflow store mlflow.db"):
+        load_pretrained("runs:/0123456789abcdef0123456789abcdef")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_bad_checkpoints_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         load_pretrained(tmp_path / "missing.ckpt")
