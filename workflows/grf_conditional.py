@@ -66,11 +66,12 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         shape=32, num_samples=2048, members=16,
         train_overrides=(
-            "denoiser=unet_tiny", "denoiser.attention_levels=[]", "trainer=cpu",
-            "trainer.max_steps=1500", "trainer.val_check_interval=500", "trainer.limit_val_batches=4",
-            "data.batch_size=32", "data.num_workers=0", "optimizer.lr=1.0e-3", "lr_scheduler.warmup_steps=100",
-            "module.ema_decay=0.995", "module.cond_dropout=0.1", "callbacks=minimal",
-            "callbacks.periodic_checkpoint.every_n_train_steps=500", "trainer.enable_progress_bar=false",
+            "denoiser=unet_tiny", "denoiser.model_channels=8", "denoiser.attention_levels=[]",
+            "denoiser.mid_attention=false", "diffusion=v_min_snr", "trainer=cpu",
+            "trainer.max_steps=600", "trainer.val_check_interval=300", "trainer.limit_val_batches=2",
+            "data.batch_size=32", "data.num_workers=0", "optimizer.lr=3.0e-3", "lr_scheduler.warmup_steps=50",
+            "module.ema_decay=0.99", "module.cond_dropout=0.1", "callbacks=minimal",
+            "callbacks.periodic_checkpoint.every_n_train_steps=300", "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=50",
         ),
         sample_overrides=("batch_invariant=false", "batch_size=16"),
@@ -79,7 +80,7 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         shape=64, num_samples=4096, members=64,
         train_overrides=(
-            "denoiser=unet", "trainer=gpu", "trainer.max_steps=30000", "trainer.val_check_interval=2500",
+            "denoiser=unet", "diffusion=v_min_snr", "trainer=gpu", "trainer.max_steps=30000", "trainer.val_check_interval=2500",
             "data.batch_size=64", "data.num_workers=4", "module.cond_dropout=0.1",
             "callbacks.periodic_checkpoint.every_n_train_steps=2500",
         ),
