@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ def test_fit_range_and_errors():
 def _workflow():
     spec = importlib.util.spec_from_file_location("grf_conditional", ROOT / "workflows" / "grf_conditional.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
