@@ -18,7 +18,6 @@ import torch
 import xarray as xr
 
 import scidiff
-from tests.sampling.conftest import data_dir, trained_run  # noqa: F401 - one shared training run
 
 SETS = "params.grid={spectral_index: [1.5, 3.0], amplitude: [1.0]}"
 MEMBERS = 6
