@@ -110,6 +110,18 @@ class BoundEstimate:
     ``nats_per_dim``, ``bits_per_dim`` and ``standard_error_bits`` are ``[B]``; the
     prior and reconstruction terms are exact, the denoising sum is estimated from
     ``num_terms`` sampled timesteps.
+
+    Attributes:
+        prior, reconstruction: ``[B]`` the exact prior term and L_0, nats/dim.
+        timesteps: ``[K]`` int64 the sampled timesteps t_k (>= 1, with repeats; the same
+            draws for every sample of the batch).
+        terms: ``[B, K]`` the denoising terms L_{t_k} at those timesteps, nats/dim
+            (normalised data, no log-determinant).
+        weighted_terms: ``[B, K]`` L_{t_k} / pi(t_k): their mean over k is the estimate of
+            sum_{t>=1} L_t. Per timestep, ``sum_k [t_k = t] weighted_terms[:, k] / K`` is an
+            unbiased (Horvitz-Thompson) estimate of L_t, zero where t was not drawn, and
+            these per-timestep estimates sum to the estimated denoising sum.
+        proposal: ``[T]`` float64 the normalised proposal pi (pi[0] = 0).
     """
 
     nats_per_dim: Tensor
@@ -117,6 +129,23 @@ class BoundEstimate:
     standard_error_bits: Tensor
     prior: Tensor
     reconstruction: Tensor
+    timesteps: Tensor | None = None
+    terms: Tensor | None = None
+    weighted_terms: Tensor | None = None
+    proposal: Tensor | None = None
+
+    def per_timestep(self) -> Tensor:
+        """``[B, T]`` the unbiased per-timestep estimates of the terms, nats/dim: column 0
+        is the exact L_0, column t >= 1 ``sum_k [t_k = t] weighted_terms[:, k] / K``
+        (zero where t was not drawn). Their row sums equal the estimate of
+        sum_{t>=0} L_t (the bound without prior, log-determinant or dequantisation shift)."""
+        if self.timesteps is None or self.weighted_terms is None or self.proposal is None:
+            raise ValueError("this BoundEstimate holds no sampled terms")
+        w = self.weighted_terms
+        out = torch.zeros(w.shape[0], self.proposal.numel(), dtype=w.dtype, device=w.device)
+        out.index_add_(1, self.timesteps.to(w.device), w / w.shape[1])
+        out[:, 0] = self.reconstruction.to(w.dtype)
+        return out
 
 
 # ------------------------------------------------------------ point weights
@@ -589,6 +618,10 @@ def estimate_bound(
         standard_error_bits=se / LN2,
         prior=prior,
         reconstruction=recon,
+        timesteps=ts,
+        terms=sampled,
+        weighted_terms=weighted,
+        proposal=pi,
     )
 
 

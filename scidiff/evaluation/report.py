@@ -11,7 +11,13 @@ netCDF-3), written atomically (a temporary file in the same directory, then
   ``bpd`` (physical units), ``bpd_model`` (normalised units), ``log_det_bpd``,
   ``prior_bpd``, ``reconstruction_bpd``, ``bpd_se`` (importance estimator) and
   ``bpd__<variance>`` for each extra reverse variance;
-* ``bound_terms(timestep)``: mean per-timestep terms in bits/dim (exact estimator);
+* with a true log-likelihood in the store (``metrics.true_loglik_variable``):
+  ``true_nll_bpd`` per sample and ``gap__<variance>``, ``gap__ode`` (bound - true NLL,
+  bits/dim), and the scalars ``true_nll_bpd``, ``true_nll_bpd_se``, ``gap/<variance>``,
+  ``gap_se/<variance>`` (``conditional_nll_bpd``/``gap_conditional/...`` when the model
+  is not given the parameters the stored density is conditioned on);
+* ``bound_terms(timestep)``: mean per-timestep terms in bits/dim (exact, or the
+  importance estimator's unbiased per-timestep estimates: ``info`` says which);
 * ``power_data``/``power_samples(channel, wavenumber)``, ``rank_histogram(channel, rank)``
   and the maps ``crps_map``, ``bias``, ``std_samples``, ``std_data(channel, *spatial)``;
 * attributes: checkpoint, its sha256, split, estimator, units note, scidiff version,
@@ -247,6 +253,12 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
             parts.append("variances: " + ", ".join(extra))
     if "ode_bpd" in s:
         parts.append(f"ODE NLL {s['ode_bpd']:.4f} ± {s['ode_bpd_se']:.4f} bits/dim")
+    for nll, gap, label in (("true_nll_bpd", "gap", "true NLL"),
+                            ("conditional_nll_bpd", "gap_conditional", "conditional NLL (not the marginal)")):
+        if nll in s:
+            gaps = [f"{k.split('/', 1)[1]} {v:.4f} ± {s.get(gap + '_se/' + k.split('/', 1)[1], float('nan')):.4f}"
+                    for k, v in s.items() if k.startswith(gap + "/")]
+            parts.append(f"{label} {s[nll]:.4f} bits/dim" + (f", gap (bound - true): {', '.join(gaps)}" if gaps else ""))
     for key, label in (("crps", "CRPS"), ("spectral_error", "spectral error"), ("spread_skill", "spread-skill")):
         vals = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in s.items() if k.startswith(key + "/")]
         if vals:

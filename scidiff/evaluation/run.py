@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,6 +112,12 @@ class MetricSettings:
     spectral_max_wavenumber: highest shell of the spectral error (None: Nyquist).
     atoms: ``"auto"`` (3-D fields in number-density units, ``*-3``), ``"on"`` or ``"off"``.
     atom_threshold, atom_min_distance: peak finding of the atom counts.
+    true_loglik_variable: a per-sample variable of the data store holding the exact
+        log-density of each sample (dims = the sample dims, nats, physical units, the
+        density of exactly the fields the model is evaluated on), e.g. the GRF store's
+        ``log_likelihood``; when present, the true NLL and the gap (bound - true) of
+        every bound and of the ODE NLL are reported (see :func:`true_log_likelihood`).
+        None: never; a store without it is evaluated without.
     """
 
     area_weights: Literal["auto", "none"] = "auto"
@@ -119,6 +126,7 @@ class MetricSettings:
     atoms: Literal["auto", "on", "off"] = "auto"
     atom_threshold: float = 0.1
     atom_min_distance: int = 1
+    true_loglik_variable: str | None = "log_likelihood"
 
 
 @dataclass
@@ -144,9 +152,14 @@ class Evaluation:
         scalars: metric name -> value, names as logged under ``eval/<split>/`` (e.g.
             ``bpd``, ``bpd_se``, ``crps/<var>``).
         per_sample: name -> ``[N]`` (``bpd``, ``bpd_model``, ``log_det_bpd``, ``prior_bpd``,
-            ``reconstruction_bpd``, ``bpd_se`` (importance), ``bpd/<variance>``).
+            ``reconstruction_bpd``, ``bpd_se`` (importance), ``bpd/<variance>``, and with
+            a true log-likelihood in the store ``true_nll_bpd`` and ``gap/<variance>``,
+            ``gap/ode``, or ``conditional_nll_bpd`` and ``gap_conditional/...``).
         terms: ``[T]`` mean per-timestep bound terms in bits/dim (model units; column 0 is
-            L_0), for the exact estimator; ``prior_bpd`` the mean prior term.
+            L_0): the exact terms, or with the importance estimator their unbiased
+            (Horvitz-Thompson) estimates from the sampled timesteps (zero where no
+            sample drew t; ``info["terms"]`` says which); either way they sum, with the
+            mean prior term ``prior_bpd``, to the mean ``bpd_model``.
         wavenumber ``[K]``, power_data / power_samples ``[C, K]``: mean radial spectra.
         rank_histogram: ``[C, M + 1]`` relative frequencies.
         maps: name -> ``[C, *S]`` (``crps``, ``bias``, ``std_samples``, ``std_data``).
@@ -293,6 +306,104 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- true NLL
+NAT_UNITS = ("nat", "nats", "")
+
+
+@dataclass(frozen=True)
+class TrueLogLikelihood:
+    """The data store's exact per-sample log-density, for the gap (bound - true NLL).
+
+    Attributes:
+        values: ``[N_store]`` float64 log p(x_j) in nats, physical units, by flat store index.
+        variable: the store variable it was read from.
+        conditional: True when the model is not given parameters the store's density is
+            conditioned on (they vary across the evaluated samples): the values are then
+            -log p(x | params), not the marginal NLL the unconditional model bounds.
+        unconditioned: those parameters.
+    """
+
+    values: np.ndarray
+    variable: str
+    conditional: bool
+    unconditioned: tuple[str, ...]
+
+    @property
+    def prefix(self) -> tuple[str, str]:
+        """(name of the NLL, name of the gaps): ``("true_nll_bpd", "gap")`` or
+        ``("conditional_nll_bpd", "gap_conditional")``."""
+        return ("conditional_nll_bpd", "gap_conditional") if self.conditional else ("true_nll_bpd", "gap")
+
+    def describe(self) -> str:
+        if not self.conditional:
+            return f"{self.variable}: exact log-density of each sample given its parameters (nats, physical units)"
+        return (f"{self.variable}: conditional NLL -log p(x | {', '.join(self.unconditioned)}); the model is not "
+                "conditioned on these, so this is not its marginal NLL (no per-sample bound is implied; "
+                "on average it lies below the marginal NLL by I(x; params)/d, so gap_conditional overstates the gap)")
+
+
+def true_log_likelihood(dm, pretrained, indices: np.ndarray, variable: str | None) -> TrueLogLikelihood | None:
+    """The store's exact log-likelihood variable, or None when it is absent (or ``variable`` is None).
+
+    The variable must have exactly the store's sample dims (one value per sample), be
+    finite at the evaluated ``indices`` (flat store indices) and be in nats (``units``
+    ``nat``/``nats`` or none). It is the log-density of the fields in physical units,
+    like ``bpd``.
+
+    **Conditional or not.** A generator's stored log-density is that of the field
+    *given its parameters*. For a model conditioned on all parameters that vary across
+    the evaluated samples (or a store whose parameters are constant there) that is the
+    true NLL of what the model bounds. For a model that is not given some of them (an
+    unconditional model on a mixture), the model's bound is on the marginal -log p(x),
+    and -log p(x | params) is not a per-sample lower bound of it; over i.i.d. samples its
+    mean estimates H(x | params) = H(x) - I(x; params) <= H(x), so the "gap" to it
+    overstates the model's gap by the mutual information per dimension. The numbers are
+    then still reported, under other names (``conditional_nll_bpd``,
+    ``gap_conditional/...``), with a warning, never as ``true_nll_bpd``.
+    """
+    if variable is None:
+        return None
+    from scidiff.data.dataset import open_store
+
+    base = dm._base
+    ds = open_store(dm.path, base.engine, base.open_kwargs)
+    try:
+        if variable not in ds.variables:
+            return None
+        da = ds[variable]
+        sample_dims = tuple(base.sample_dims)
+        if set(da.dims) != set(sample_dims):
+            raise EvaluationError(
+                f"metrics.true_loglik_variable: {variable!r} in {dm.path} has dims {da.dims}, expected the sample "
+                f"dims {sample_dims} (one log-likelihood per sample; null to ignore it)"
+            )
+        units = str(da.attrs.get("units", "")).strip().lower()
+        if units not in NAT_UNITS:
+            raise EvaluationError(
+                f"metrics.true_loglik_variable: {variable!r} in {dm.path} has units {da.attrs.get('units')!r}; "
+                "expected nats (units 'nat')"
+            )
+        values = np.asarray(da.transpose(*sample_dims).values, np.float64).reshape(-1)
+        if not np.all(np.isfinite(values[indices])):
+            raise EvaluationError(f"metrics.true_loglik_variable: {variable!r} in {dm.path} is not finite for "
+                                  "every evaluated sample")
+        names = str(ds.attrs.get("parameters", "")).split()
+        if not names:  # no declared parameters: every other 1-D numeric variable along the sample dims
+            names = [n for n, v in ds.data_vars.items() if n != variable and set(v.dims) == set(sample_dims)
+                     and np.issubdtype(v.dtype, np.number)]
+        model_params = set(pretrained.metadata.param_names)
+        unconditioned = []
+        for name in names:
+            if name in model_params or name not in ds.variables or set(ds[name].dims) != set(sample_dims):
+                continue
+            p = np.asarray(ds[name].transpose(*sample_dims).values, np.float64).reshape(-1)[indices]
+            if p.size and np.nanmax(p) - np.nanmin(p) > 1e-9 * max(1.0, float(np.nanmax(np.abs(p)))):
+                unconditioned.append(name)
+    finally:
+        ds.close()
+    return TrueLogLikelihood(values, variable, bool(unconditioned), tuple(unconditioned))
+
+
 # -------------------------------------------------------------------------- ensembles
 class EnsembleSource:
     """Members read from a ``scidiff-sample`` zarr store (dims ``(sample, member, *spatial)``,
@@ -418,7 +529,8 @@ def _cond(batch: Mapping[str, Tensor], device) -> Conditioning | None:
 
 def _sample_bound(pretrained, x, cond, mask, log_det, weights, variance, settings: BoundSettings,
                   gen: torch.Generator):
-    """The bound of one sample ``x`` ``[1, C, *S]``: (bits/dim physical, se or nan, prior, L_0, terms or None)."""
+    """The bound of one sample ``x`` ``[1, C, *S]``: (bits/dim physical, se or nan, prior, L_0, terms ``[1, T]``
+    nats/dim: exact, or the importance estimator's unbiased per-timestep estimates)."""
     kw = dict(variance=variance, weights=weights, log_det=log_det, generator=gen)
     if settings.estimator == "exact":
         b = likelihood.variational_bound(pretrained.denoiser, pretrained.diffusion, x, cond, mask,
@@ -426,7 +538,7 @@ def _sample_bound(pretrained, x, cond, mask, log_det, weights, variance, setting
         return b.bits_per_dim, torch.full_like(b.bits_per_dim, float("nan")), b.prior, b.terms[:, 0], b.terms
     est = likelihood.estimate_bound(pretrained.denoiser, pretrained.diffusion, x, cond, mask,
                                     num_terms=settings.num_terms, **kw)
-    return est.bits_per_dim, est.standard_error_bits, est.prior, est.reconstruction, None
+    return est.bits_per_dim, est.standard_error_bits, est.prior, est.reconstruction, est.per_timestep()
 
 
 # ------------------------------------------------------------------------------- loop
@@ -515,7 +627,18 @@ def evaluate(
     xt = pretrained.x_transform
     weights = area_weights(meta, s.metrics.area_weights)
 
-    likelihoods = _Likelihoods(pretrained, dm, s, dev, weights)
+    true_ll = None
+    if s.bound.enabled or s.ode.enabled:
+        true_ll = true_log_likelihood(dm, pretrained, indices, s.metrics.true_loglik_variable)
+    if true_ll is not None and weights is not None:
+        warnings.warn(f"metrics.true_loglik_variable: {true_ll.variable} is ignored: with area weights the bound is a "
+                      "weighted mean per dimension, not comparable with a log-density (metrics.area_weights=none)",
+                      stacklevel=2)
+        true_ll = None
+    if true_ll is not None and true_ll.conditional and rank == 0:
+        warnings.warn(f"metrics.true_loglik_variable: {true_ll.describe()}; reported as conditional_nll_bpd and "
+                      "gap_conditional/*, not true_nll_bpd", stacklevel=2)
+    likelihoods = _Likelihoods(pretrained, dm, s, dev, weights, true_ll)
     metrics = _SampleMetrics(pretrained, members, s.metrics, dev) if sampling else None
     rows: dict[str, list[np.ndarray]] = {}
     panels: list[tuple[Tensor, Tensor]] = []
@@ -583,6 +706,9 @@ def evaluate(
         "checkpoint": str(pretrained.checkpoint), "sha256": pretrained.sha256, "global_step": pretrained.global_step,
         "weights": pretrained.weights, "data_path": dm.path, "split": s.split,
         "estimator": s.bound.estimator if s.bound.enabled else "none",
+        "terms": ("none" if likelihoods.terms is None else "exact" if s.bound.estimator == "exact" else
+                  "importance-sampled, unbiased per-timestep estimates (zero where no sample drew t)"),
+        "true_nll": "none" if true_ll is None else true_ll.describe(),
         "variances": [pretrained.diffusion.variance, *likelihoods.variants], "num_terms": s.bound.num_terms,
         "members": members if sampling else 0,
         "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
@@ -607,18 +733,26 @@ class _Likelihoods:
     one call per sample with the generator keyed by its store index; dataset totals in
     :class:`BitsPerDim` metrics (sum states), the mean terms in :class:`BoundTerms`."""
 
-    def __init__(self, pretrained, dm, s: EvaluationSettings, device: torch.device, weights: Tensor | None) -> None:
-        self.p, self.s, self.weights = pretrained, s, weights
+    def __init__(self, pretrained, dm, s: EvaluationSettings, device: torch.device, weights: Tensor | None,
+                 true_ll: TrueLogLikelihood | None = None) -> None:
+        self.p, self.s, self.weights, self.true = pretrained, s, weights, true_ll
         self.variants = _bound_variants(pretrained, s.bound) if s.bound.enabled else []
         names = (["", "model", *self.variants] if s.bound.enabled else []) + (["ode"] if s.ode.enabled else [])
+        # the gaps are named after the variance ("" is the model's own) or "ode"
+        self.gap_names = [self._name(n) for n in names if n != "model"]
+        if true_ll is not None:
+            nll, gap = true_ll.prefix
+            names += [nll, *(f"{gap}/{n}" for n in self.gap_names)]
         self.bpd = {n: BitsPerDim().to(device) for n in names}
-        exact = s.bound.enabled and s.bound.estimator == "exact"
-        self.terms = BoundTerms(pretrained.diffusion.num_timesteps).to(device) if exact else None
+        self.terms = BoundTerms(pretrained.diffusion.num_timesteps).to(device) if s.bound.enabled else None
         self.tables: dict[str, Any] = {v: v for v in self.variants}
         if "optimal" in self.tables:
             self.tables["optimal"] = _optimal_variance(pretrained, dm, s.bound, s, device, weights)
         self.seconds = 0.0
         self.terms_result: np.ndarray | None = None
+
+    def _name(self, variant: str) -> str:
+        return variant or self.p.diffusion.variance
 
     def update(self, x, x_phys, cond, mask, store_idx, add_row) -> None:
         s = self.s
@@ -628,6 +762,19 @@ class _Likelihoods:
         log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
         dims = (mask.expand_as(x).flatten(1).sum(1) if mask is not None
                 else torch.full((x.shape[0],), float(x[0].numel()), device=x.device)).to(torch.float64)
+        true_bpd = None
+        if self.true is not None:  # -log p(x) / (d ln 2), physical units, d = the valid points
+            nll_name, gap_name = self.true.prefix
+            true_nats = torch.from_numpy(-self.true.values[np.asarray(store_idx, np.int64)]).to(dims)
+            self.bpd[nll_name].update(true_nats, dims)
+            true_bpd = true_nats / dims / LN2
+            add_row(nll_name, true_bpd)
+
+        def add_gap(name: str, bits: Tensor) -> None:
+            if true_bpd is not None:
+                gap = bits.to(true_bpd) - true_bpd
+                self.bpd[f"{gap_name}/{name}"].update(gap * dims * LN2, dims)
+                add_row(f"{gap_name}/{name}", gap)
 
         def one(i: int):
             return (x[i:i + 1], None if cond is None else cond.map(lambda v: v[i:i + 1]),
@@ -643,6 +790,7 @@ class _Likelihoods:
                 self.bpd[variant].update(phys * dims * LN2, dims)
                 suffix = f"/{variant}" if variant else ""
                 add_row("bpd" + suffix, phys)
+                add_gap(self._name(variant), phys)
                 if s.bound.estimator == "importance":
                     add_row("bpd_se" + suffix, torch.cat([o[1] for o in out]))
                 if not variant:
@@ -664,6 +812,7 @@ class _Likelihoods:
             bits = torch.cat([o.bits_per_dim for o in out]).double()
             self.bpd["ode"].update(bits * dims * LN2, dims)
             add_row("ode_bpd", bits)
+            add_gap("ode", bits)
             add_row("ode_bpd_se", torch.cat([o.standard_error_bits for o in out]))
         self.seconds += time.perf_counter() - tic
 
@@ -683,6 +832,9 @@ class _Likelihoods:
             for v in self.variants:
                 out[f"bpd/{v}"] = float(self.bpd[v].compute())
                 out[f"bpd_se/{v}"] = float(self.bpd[v].standard_error())
+                if self.s.bound.estimator == "importance":
+                    se = per_sample[f"bpd_se/{v}"]
+                    out[f"bpd_mc_se/{v}"] = float(np.sqrt(np.sum(se**2)) / se.size)
             if self.terms is not None:
                 self.terms_result = self.terms.compute().cpu().numpy()
         if self.s.ode.enabled:
@@ -690,6 +842,13 @@ class _Likelihoods:
             out["ode_bpd_se"] = float(self.bpd["ode"].standard_error())
             se = per_sample["ode_bpd_se"]
             out["ode_bpd_probe_se"] = float(np.sqrt(np.sum(se**2)) / se.size)
+        if self.true is not None:  # the gap's SE: over the per-sample differences (paired)
+            nll, gap = self.true.prefix
+            out[nll] = float(self.bpd[nll].compute())
+            out[f"{nll}_se"] = float(self.bpd[nll].standard_error())
+            for name in self.gap_names:
+                out[f"{gap}/{name}"] = float(self.bpd[f"{gap}/{name}"].compute())
+                out[f"{gap}_se/{name}"] = float(self.bpd[f"{gap}/{name}"].standard_error())
         return out
 
 
@@ -806,9 +965,11 @@ __all__ = [
     "MetricSettings",
     "ODESettings",
     "SamplingSettings",
+    "TrueLogLikelihood",
     "area_weights",
     "build_datamodule",
     "evaluate",
     "grid_spacing",
     "key_seed",
+    "true_log_likelihood",
 ]
