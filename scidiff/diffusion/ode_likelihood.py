@@ -53,7 +53,7 @@ from scidiff.conditioning import Conditioning
 from scidiff.diffusion.gaussian import gaussian_log_density
 from scidiff.diffusion.likelihood import LN2, _valid_points, point_weights
 from scidiff.diffusion.process import GaussianDiffusion
-from scidiff.shapes import append_dims, check_field, mean_flat
+from scidiff.shapes import check_field, mean_flat
 
 Probe = Literal["rademacher", "gaussian"]
 PROBES: tuple[str, ...] = get_args(Probe)
