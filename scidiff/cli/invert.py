@@ -54,7 +54,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from scidiff.cli.train import CONFIG_DIR
+from scidiff.cli.compose import CONFIG_DIR, to_plain
+from scidiff.cli.compose import compose_config as compose
 
 USAGE = __doc__
 
@@ -90,34 +91,15 @@ class InputError(ValueError):
 # ------------------------------------------------------------------ config
 def compose_config(argv: list[str]):
     """The composed config (Hydra compose API), errors as one-line ``ConfigError``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from scidiff.cli.errors import ConfigError, from_hydra
-
-    if not (CONFIG_DIR / "invert.yaml").is_file():
-        raise ConfigError(f"configs: {CONFIG_DIR / 'invert.yaml'} not found (set SCIDIFF_CONFIG_DIR)")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("invert", overrides=[a for a in argv if not a.startswith("-")])
-    except Exception as exc:  # hydra.errors.*, omegaconf.errors.*: all multi-line
-        raise from_hydra(exc) from None
-    finally:
-        GlobalHydra.instance().clear()
+    return compose("invert", argv)
 
 
 def check_config(cfg) -> dict[str, Any]:
     """Plain-python config after checking every key, type and file (``ConfigError`` names it)."""
-    from omegaconf import OmegaConf
-
     from scidiff.cli.config_check import check_dataclass
-    from scidiff.cli.errors import ConfigError, from_hydra
+    from scidiff.cli.errors import ConfigError
 
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except Exception as exc:
-        raise from_hydra(exc) from None
+    plain = to_plain(cfg)
     for key, example in (("checkpoint", "<.ckpt file | run directory | runs:/<id> | run id>"),
                          ("input", "<zarr or netCDF store of fields>")):
         if isinstance(plain.get(key), (int, float)) and not isinstance(plain[key], bool):

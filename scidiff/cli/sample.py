@@ -25,7 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from scidiff.cli.train import CONFIG_DIR
+from scidiff.cli.compose import CONFIG_DIR, to_plain
+from scidiff.cli.compose import compose_config as compose
 
 USAGE = __doc__
 
@@ -99,36 +100,15 @@ class MlflowConfig:
 
 def compose_config(argv: list[str]):
     """The composed config (Hydra compose API), errors as one-line ``ConfigError``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from scidiff.cli.errors import ConfigError, from_hydra
-
-    if not (CONFIG_DIR / "sample.yaml").is_file():
-        raise ConfigError(f"configs: {CONFIG_DIR / 'sample.yaml'} not found (set SCIDIFF_CONFIG_DIR)")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("sample", overrides=[a for a in argv if not a.startswith("-")])
-    except Exception as exc:  # hydra.errors.*, omegaconf.errors.*: all multi-line
-        raise from_hydra(exc) from None
-    finally:
-        GlobalHydra.instance().clear()
+    return compose("sample", argv)
 
 
 def check_config(cfg) -> dict[str, Any]:
     """Plain-python config after checking every key and type (``ConfigError`` names the key)."""
-    from omegaconf import OmegaConf
-
     from scidiff.cli.config_check import check_dataclass
     from scidiff.cli.errors import ConfigError
 
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except Exception as exc:
-        from scidiff.cli.errors import from_hydra
-
-        raise from_hydra(exc) from None
+    plain = to_plain(cfg)
     if isinstance(plain.get("checkpoint"), (int, float)) and not isinstance(plain["checkpoint"], bool):
         plain["checkpoint"] = str(plain["checkpoint"])
     if plain.get("checkpoint") in (None, "???"):

@@ -20,45 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from scidiff.cli.compose import CONFIG_DIR, config_dir  # noqa: F401 - re-exported
+from scidiff.cli.compose import compose_config as compose
 
-
-def config_dir() -> Path:
-    """The Hydra config tree: ``$SCIDIFF_CONFIG_DIR``, else the source checkout's
-    ``configs/`` (editable installs), else the copy installed with the package."""
-    if os.environ.get("SCIDIFF_CONFIG_DIR"):
-        return Path(os.environ["SCIDIFF_CONFIG_DIR"])
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if (checkout / "train.yaml").is_file():
-        return checkout
-    return Path(__file__).resolve().parents[1] / "_configs"
-
-
-CONFIG_DIR = config_dir()
-
-
-def _overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-")]
 
 
 def compose_config(argv: list[str]):
     """The config Hydra will run with (for checking it first), errors as ``ConfigError``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from scidiff.cli.errors import ConfigError, from_hydra
-
-    if not (CONFIG_DIR / "train.yaml").is_file():
-        raise ConfigError(f"configs: {CONFIG_DIR / 'train.yaml'} not found (set SCIDIFF_CONFIG_DIR)")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("train", overrides=_overrides(argv), return_hydra_config=True)
-    except ConfigError:
-        raise
-    except Exception as exc:  # hydra.errors.*, omegaconf.errors.*: all multi-line
-        raise from_hydra(exc) from None
-    finally:
-        GlobalHydra.instance().clear()
+    return compose("train", argv, return_hydra_config=True)
 
 
 def precheck(argv: list[str]) -> None:
