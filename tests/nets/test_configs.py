@@ -61,9 +61,10 @@ def test_tiny_preset_instantiates_and_runs(name):
     )
 
 
-def test_padding_per_axis_from_data_config():
-    cfg = _compose("unet_tiny", "+data.dims=2", "+data.padding=[zeros,circular]")
+def test_padding_per_axis_from_the_run_boundary():
+    cfg = _compose("unet_tiny", "+data.dims=2", "+boundary=[zeros,circular]")
     assert instantiate(cfg.denoiser).padding == ("zeros", "circular")
+    assert instantiate(_compose("unet_tiny").denoiser).padding == ("zeros", "zeros")   # no boundary: zeros
 
 
 def test_nets_import_no_framework():
