@@ -65,3 +65,16 @@ def report_and_exit(exc: BaseException, log_dir: Path | None = None, status: int
     kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
     print(f"error: {kind}{one_line(str(exc))}{where}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def one_line_warnings() -> None:
+    """Show Python warnings as ``warning: <message>`` (one line, rank 0 only) instead of
+    the file, line number and source line of where they were raised."""
+    import os
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: {one_line(str(message))}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show

@@ -245,13 +245,14 @@ def _params(plain: dict[str, Any], pretrained) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from scidiff.cli.errors import ConfigError, report_and_exit
+    from scidiff.cli.errors import ConfigError, one_line_warnings, report_and_exit
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         print(f"\nconfig: {CONFIG_DIR / (CONFIG_NAME + '.yaml')}")
         return
+    one_line_warnings()
     try:
         plain = check_config(compose(argv))
     except ConfigError as exc:

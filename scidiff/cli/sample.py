@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,15 +147,6 @@ def check_config(cfg) -> dict[str, Any]:
     return plain
 
 
-def _one_line_warnings() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = show
-
-
 def main(argv: list[str] | None = None) -> None:
     from scidiff.cli.errors import ConfigError, report_and_exit
 
@@ -177,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = check_config(compose_config(argv))
     except ConfigError as exc:
         report_and_exit(exc, status=2)
-    _one_line_warnings()
+    from scidiff.cli.errors import one_line_warnings
+
+    one_line_warnings()
 
     from scidiff.sampling.conditions import ConditionError
     from scidiff.sampling.grid import ParameterError
