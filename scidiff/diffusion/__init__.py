@@ -1,8 +1,11 @@
 """The mathematics of denoising diffusion; imports torch only.
 
 ``NoiseSchedule`` (betas and alpha-bar in float64), ``GaussianDiffusion`` (forward
-process, posteriors, parameterisations, losses), ``samplers`` (stateless DDPM/DDIM
-sampling and DDIM inversion), ``likelihood`` (the variational bound with a choice of
+process, posteriors, the eps/x0/v/EDM parameterisations, losses and training noise
+levels; its ``model_output`` is the one place a denoiser is called, and its
+constructor warns with ``ErrorAmplificationWarning`` when the parameterisation
+amplifies model errors on the schedule), ``samplers`` (stateless DDPM/DDIM sampling
+and DDIM inversion), ``likelihood`` (the variational bound with a choice of
 reverse variance, incl. the Analytic-DPM optimum; ``likelihood.ode_nll`` the exact
 likelihood through the probability-flow ODE, from ``ode_likelihood``),
 ``guidance`` (classifier-free guidance) and
@@ -11,10 +14,11 @@ reference of the tests).
 """
 
 from scidiff.diffusion import analytic, guidance, likelihood, ode_likelihood, samplers
-from scidiff.diffusion.process import GaussianDiffusion, PMeanVariance
+from scidiff.diffusion.process import ErrorAmplificationWarning, GaussianDiffusion, PMeanVariance
 from scidiff.diffusion.schedules import NoiseSchedule
 
 __all__ = [
+    "ErrorAmplificationWarning",
     "GaussianDiffusion",
     "NoiseSchedule",
     "PMeanVariance",

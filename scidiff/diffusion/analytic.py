@@ -7,9 +7,12 @@ For data x_0 ~ N(mu, s^2) independently per element (mu, s broadcastable to
     E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab)
     Var[x_0 | x_t] = s^2 (1 - ab) / (ab s^2 + 1 - ab)
 
-(ab = alpha-bar_t). :class:`GaussianDataDenoiser` returns the exact eps, x0 or v
-for the diffusion's ``prediction``: the minimiser of the training loss, so a sampler
-or a bound run with it shows the error of the algorithm alone.
+(ab = alpha-bar_t). :class:`GaussianDataDenoiser` returns the exact eps, x0, v or
+EDM's F for the diffusion's ``prediction`` (``GaussianDiffusion.target`` of the exact
+E[x_0 | x_t] and E[eps | x_t]): the minimiser of the training loss, so a sampler or a
+bound run with it shows the error of the algorithm alone. Like any denoiser it is
+called on the model input (c_in x_t for ``"edm"``) and recovers x_t from it with
+``GaussianDiffusion.unscale_model_input``.
 
 :class:`GaussianFieldDenoiser` does the same for a stationary periodic Gaussian
 random field (power spectrum P(k)): the Wiener filter, diagonal in Fourier space.
@@ -54,17 +57,13 @@ class GaussianDataDenoiser(nn.Module):
         resid = x_t.to(torch.float64) - ab.sqrt() * mu
         return ab, resid / denom, denom
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+    def forward(self, x_in: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The exact output for the model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
+        x_t = self.diffusion.unscale_model_input(x_in.to(torch.float64), t)
         ab, scaled, _ = self._moments(x_t, t)
         eps = (1.0 - ab).sqrt() * scaled
         x0 = self.mean + ab.sqrt() * self.var * scaled
-        if self.diffusion.prediction == "eps":
-            out = eps
-        elif self.diffusion.prediction == "x0":
-            out = x0
-        else:
-            out = ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
-        return out.to(x_t.dtype)
+        return self.diffusion.target(x0, eps, t).to(x_in.dtype)
 
     def posterior_x0_variance(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Var[x_0 | x_t], broadcast to ``x_t``'s shape."""
@@ -127,20 +126,15 @@ class GaussianFieldDenoiser(nn.Module):
             raise ValueError(f"power has shape {tuple(self.power.shape)}, fields have shape {tuple(x.shape)}")
         return torch.fft.ifftn(torch.fft.fftn(x, dim=dims) * gain, dim=dims).real
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        x = x_t.to(torch.float64)
+    def forward(self, x_in: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The exact output for the model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
+        x = self.diffusion.unscale_model_input(x_in.to(torch.float64), t)
         ab = self.diffusion.coef("alphas_cumprod", t, x)
         resid = x - ab.sqrt() * self.mean
         scaled = self._filter(resid, 1.0 / (ab * self.power + 1.0 - ab))
         eps = (1.0 - ab).sqrt() * scaled
         x0 = self.mean + ab.sqrt() * self._filter(scaled, self.power)
-        if self.diffusion.prediction == "eps":
-            out = eps
-        elif self.diffusion.prediction == "x0":
-            out = x0
-        else:
-            out = ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
-        return out.to(x_t.dtype)
+        return self.diffusion.target(x0, eps, t).to(x_in.dtype)
 
     def log_prob(self, x0: Tensor, extra_variance: float = 0.0) -> Tensor:
         """Exact log N(x_0; mu, C + extra_variance I) per sample ``[B]``, nats (summed over

@@ -89,22 +89,18 @@ class FullCovarianceGaussianDenoiser(nn.Module):
         """V diag(gain) V^T v for v ``[B, N]``, gain ``[B, N]``."""
         return ((v @ self.eigvecs) * gain) @ self.eigvecs.T
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        if tuple(x_t.shape[1:]) != self.shape:
-            raise ValueError(f"x_t has shape {tuple(x_t.shape)}, this denoiser models fields of shape {self.shape}")
-        x = x_t.to(torch.float64).flatten(1)
+    def forward(self, x_in: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The exact output (``GaussianDiffusion.target`` of the exact x_0 and eps) for the
+        model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
+        if tuple(x_in.shape[1:]) != self.shape:
+            raise ValueError(f"x_t has shape {tuple(x_in.shape)}, this denoiser models fields of shape {self.shape}")
+        x = self.diffusion.unscale_model_input(x_in.to(torch.float64), t).flatten(1)
         ab = self.diffusion.coef("alphas_cumprod", t, x)  # [B, 1]
         resid = x - ab.sqrt() * self.mean
         denom = ab * self.eigvals + 1.0 - ab
         eps = self._in_eigenbasis(resid, (1.0 - ab).sqrt() / denom)
         x0 = self.mean + self._in_eigenbasis(resid, ab.sqrt() * self.eigvals / denom)
-        if self.diffusion.prediction == "eps":
-            out = eps
-        elif self.diffusion.prediction == "x0":
-            out = x0
-        else:
-            out = ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
-        return out.reshape(x_t.shape).to(x_t.dtype)
+        return self.diffusion.target(x0, eps, t).reshape(x_in.shape).to(x_in.dtype)
 
     def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
         """``num`` draws ``[num, *shape]`` (float64): mu + V sqrt(lambda) w, w ~ N(0, I)."""

@@ -7,10 +7,13 @@ combines both predictions,
 
     out = out_uncond + w (out_cond - out_uncond),
 
-w = 0 unconditional, w = 1 conditional, w > 1 guided. eps, x_0 and v are affine in
-one another with the same coefficients for both halves at fixed (x_t, t), so
-guiding any of the three parameterisations gives the same step. Both halves are
-evaluated in one batched call.
+w = 0 unconditional, w = 1 conditional, w > 1 guided. eps, x_0, v and EDM's F are
+affine in one another with the same coefficients for both halves at fixed (x_t, t),
+so guiding any of the four parameterisations gives the same step (without
+``rescale``, whose standard deviations are not affine-invariant). The guided model is
+itself a denoiser: the samplers call it through ``GaussianDiffusion.model_output``, so
+for ``"edm"`` both halves see the same c_in x_t. Both halves are evaluated in one
+batched call.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ some and follow the model's prior elsewhere. Both work on ``[B, C, *S]`` fields 
 any spatial rank, in model units (normalise the observations with the checkpoint's
 statistics first), and take the denoiser, diffusion, conditioning and randomness
 exactly as :mod:`scidiff.diffusion.samplers` does (``generator``: one
-``torch.Generator`` or one per sample, so a member does not depend on its batch).
+``torch.Generator`` or one per sample, so a member does not depend on its batch; the
+denoiser is called through ``GaussianDiffusion.model_output``, on c_in x_t for
+``prediction="edm"``).
 ``observed`` may hold anything (e.g. NaN) where ``obs_mask`` is 0.
 
 **RePaint** -- :func:`repaint_sample` (Lugmayr et al. 2022, "RePaint: Inpainting
@@ -203,8 +205,8 @@ def repaint_sample(
     for i, j in _progress(list(zip(path[:-1], path[1:])), progress, "RePaint"):
         t, t_next = levels[i], levels[j]
         if j == i + 1:  # reverse step t -> t_next (eq. 8-10)
-            unknown = _reverse_step(diffusion, denoiser(x, _timestep_batch(t, x), cond), x, t, t_next, full,
-                                    1.0, generator)
+            out = diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond)
+            unknown = _reverse_step(diffusion, out, x, t, t_next, full, 1.0, generator)
             ab = _alpha_bar(diffusion, t_next)
             known = y if t_next < 0 else math.sqrt(ab) * y + math.sqrt(1.0 - ab) * randn_like(x, generator)
             x = torch.where(m, known, unknown)
@@ -259,7 +261,7 @@ def dps_sample(
         tb = _timestep_batch(t, x)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            out = denoiser(x_in, tb, cond)
+            out = diffusion.model_output(denoiser, x_in, tb, cond)  # the gradient includes c_in
             pred, _ = diffusion.split_output(out, x_in)
             x0_hat, _ = diffusion.predictions(pred, x_in, tb)
             misfit = (mf * (y - x0_hat)).flatten(1).pow(2).sum(dim=1)  # ||y - A(x0^)||^2 per sample

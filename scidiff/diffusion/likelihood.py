@@ -8,7 +8,10 @@ Ho et al. (2020) eq. 5 / Luo (2022) eq. 58, with 0-based timesteps:
     L_t     = E_q KL( q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t) )     denoising terms
     L_0     = E_q [ -log p(x_0 | x_1) ]                                reconstruction term
 
-Each denoising term is estimated with one draw of x_t ~ q(x_t | x_0) per sample.
+Each denoising term is estimated with one draw of x_t ~ q(x_t | x_0) per sample. The
+denoiser is called through :meth:`GaussianDiffusion.model_output` (on c_in x_t for
+``prediction="edm"``), so every parameterisation gives the same bound for the same
+reverse process.
 Everything is per sample and per dimension (a mean over the valid points, weighted
 when area ``weights`` are given), in nats; ``bits_per_dim`` divides by ln 2.
 
@@ -341,7 +344,7 @@ def estimate_optimal_variance(
             b, k = x0.shape[0], chunk.numel()
             xs, ts, noise, rep_cond, rep_w = _replicate(x0, chunk, c, w, generator)
             x_t = diffusion.q_sample(xs, ts, noise)
-            pred, _ = diffusion.split_output(denoiser(x_t, ts, rep_cond), x_t)
+            pred, _ = diffusion.split_output(diffusion.model_output(denoiser, x_t, ts, rep_cond), x_t)
             _, eps = diffusion.predictions(pred, x_t, ts)
             sq = eps**2 if method == "analytic" else (noise - eps) ** 2
             sums.append(mean_flat(sq.to(torch.float64), rep_w).reshape(b, k).sum(dim=0).cpu())
@@ -478,7 +481,7 @@ def timestep_terms(
     b, k = x0.shape[0], timesteps.numel()
     xs, ts, noise, rep_cond, rep_w = _replicate(x0, timesteps, cond, w, generator)
     x_t = diffusion.q_sample(xs, ts, noise)
-    out = denoiser(x_t, ts, rep_cond)
+    out = diffusion.model_output(denoiser, x_t, ts, rep_cond)
     mean, log_var = reverse_step(diffusion, out, x_t, ts, variance)
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(xs, x_t, ts)
     kl = normal_kl(true_mean, true_log_var, mean, log_var)

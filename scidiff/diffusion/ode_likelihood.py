@@ -38,6 +38,8 @@ Rademacher or Gaussian probes drawn afresh at every call, each probe giving an
 independent, unbiased estimate of the discretised integral; the standard error is
 their standard deviation / sqrt(num_probes). ``exact_trace=True`` sums the full
 Jacobian diagonal instead (d vector-Jacobian products per call: small fields only).
+The Jacobian is that of the whole map xbar -> x_t = sqrt(ab) xbar -> model input
+(c_in x_t for ``prediction="edm"``) -> output -> eps^, all inside the autograd graph.
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ def ode_nll(
     """-log p(x_0) per dimension through the probability-flow ODE (see the module docstring).
 
     Args:
-        denoiser: called as ``denoiser(x_t, t, cond)`` with integer t; any prediction
-            type (eps is recovered with ``GaussianDiffusion.predictions``); variance
-            channels are ignored. Gradients flow to the input only.
+        denoiser: called through ``GaussianDiffusion.model_output`` with integer t
+            (on c_in x_t for ``"edm"``); any prediction type (eps is recovered with
+            ``GaussianDiffusion.predictions``); variance channels are ignored.
+            Gradients flow to the input only.
         x0: data ``[B, C, *S]`` (normalised).
         cond: passed to the denoiser.
         mask: 1 = valid. Masked points start at 0 and are carried along by the flow;
@@ -252,7 +255,7 @@ def _exact(denoiser, diffusion, xbar, t, cond, w, chunk: int = 64):
 def _eps(denoiser, diffusion, xbar, t: int, cond):
     ts = torch.full((xbar.shape[0],), t, dtype=torch.long, device=xbar.device)
     x = diffusion.coef("sqrt_alphas_cumprod", ts, xbar) * xbar
-    pred, _ = diffusion.split_output(denoiser(x, ts, cond), x)
+    pred, _ = diffusion.split_output(diffusion.model_output(denoiser, x, ts, cond), x)
     _, eps = diffusion.predictions(pred, x, ts)
     return eps
 

@@ -2,11 +2,18 @@
 
 Every sampler has the same shape of signature,
 ``sampler(denoiser, diffusion, x, *, cond=None, generator=None, callback=None,
-progress=False, ...)``: the denoiser is called as ``denoiser(x_t, t, cond)``, all
-randomness comes from ``generator`` (one ``torch.Generator``, or a list with one per
-sample so that a sample does not depend on the batch it is drawn in), and
-``callback(StepInfo)`` is called after every step. The single-step functions are
-exposed for users who write their own loops.
+progress=False, ...)``: the denoiser is called through
+:meth:`GaussianDiffusion.model_output`, i.e. as ``denoiser(c_in x_t, t, cond)`` for
+``prediction="edm"`` and ``denoiser(x_t, t, cond)`` otherwise; all randomness comes
+from ``generator`` (one ``torch.Generator``, or a list with one per sample so that a
+sample does not depend on the batch it is drawn in), and ``callback(StepInfo)`` is
+called after every step.
+
+The single-step functions (:func:`ddpm_step`, :func:`ddim_step`) are exposed for
+users who write their own loops. They take the model output, not the model: such a
+loop must obtain it with ``diffusion.model_output(denoiser, x_t, t_batch, cond)`` (or
+call the denoiser on ``diffusion.scale_model_input(x_t, t_batch)``), never on x_t
+itself, or an ``"edm"`` model sees unscaled inputs.
 
 * :func:`ddpm_sample`  -- DDPM Algorithm 2 (Ho et al. 2020) over all T steps; no
   noise is added at the last step.
@@ -195,7 +202,8 @@ def ddpm_sample(
     x = x_T
     T = diffusion.num_timesteps
     for i, t in enumerate(_steps(range(T - 1, -1, -1), progress, "DDPM")):
-        out = ddpm_step(diffusion, denoiser(x, _timestep_batch(t, x), cond), x, t, generator=generator)
+        out = ddpm_step(diffusion, diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond), x, t,
+                        generator=generator)
         x = out.prev_sample
         if callback is not None:
             callback(StepInfo(index=i, num_steps=T, t=t, x=x, pred_x0=out.pred_x0))
@@ -277,7 +285,7 @@ def ddim_sample(
     for i, (t, t_prev) in enumerate(_steps(list(zip(seq, prevs)), progress, "DDIM")):
         out = ddim_step(
             diffusion,
-            denoiser(x, _timestep_batch(t, x), cond),
+            diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond),
             x,
             t,
             t_prev,
@@ -293,8 +301,9 @@ def ddim_sample(
 
 # --------------------------------------------------------------- inversion
 def _eps(denoiser: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: int, cond) -> Tensor:
-    pred, _ = diffusion.split_output(denoiser(x, _timestep_batch(t, x), cond), x)
-    return diffusion.predictions(pred, x, _timestep_batch(t, x))[1]
+    tb = _timestep_batch(t, x)
+    pred, _ = diffusion.split_output(diffusion.model_output(denoiser, x, tb, cond), x)
+    return diffusion.predictions(pred, x, tb)[1]
 
 
 def ddim_invert_step(

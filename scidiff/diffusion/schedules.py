@@ -24,7 +24,7 @@ Named schedules:
 alpha-bar = 0 exactly (Lin et al. 2024, Algorithm 1) while the first step is
 unchanged. x_0 is then unrecoverable from an eps-prediction at the last step:
 ``GaussianDiffusion`` refuses ``prediction="eps"`` with such a schedule and asks for
-``"v"`` or ``"x0"`` instead of dividing by zero.
+``"v"``, ``"edm"`` or ``"x0"`` instead of dividing by zero.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class DiffusionModule(L.LightningModule):
         key = (0, self.global_rank, self.global_step)
         g = self._generator(*key)
         torch.manual_seed(step_seed(self.seed, 1, *key[1:]))  # network dropout
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
+        t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
         loss = self.diffusion.training_loss(self.denoiser, x, cond, batch.get("mask"), t=t, noise=noise).mean()

@@ -180,37 +180,67 @@ def test_guided_sampling_is_one_batched_call_per_step_and_follows_the_formula(sa
     torch.testing.assert_close(out, x)
 
 
-def test_guided_ddpm_with_an_analytic_conditional_gaussian():
-    """x_0 | p ~ N(p, s^2) with p ~ N(0, tau^2), so unconditionally x_0 ~ N(0, s^2 + tau^2).
-    The exact denoisers of both laws as one conditional model: w = 0 samples the marginal,
-    w = 1 the conditional law, exactly up to Monte-Carlo error."""
-    from scidiff.diffusion.analytic import GaussianDataDenoiser
+class AnalyticConditional(torch.nn.Module):
+    """x_0 | p ~ N(p, s^2) with p ~ N(0, tau^2), so unconditionally x_0 ~ N(0, s^2 + tau^2):
+    the exact denoisers of both laws as one conditional model, in ``diff``'s parameterisation
+    (called on the model input, c_in x_t for EDM)."""
 
+    def __init__(self, diff, s, tau):
+        from scidiff.diffusion.analytic import GaussianDataDenoiser
+
+        super().__init__()
+        self.diff, self.s = diff, s
+        self.null = GaussianDataDenoiser(diff, 0.0, (s**2 + tau**2) ** 0.5)
+
+    def forward(self, x_in, t, cond):
+        out_null = self.null(x_in, t)
+        if cond is None or cond.params is None:
+            return out_null
+        x = self.diff.unscale_model_input(x_in, t)
+        ab = self.diff.coef("alphas_cumprod", t, x)
+        p = cond.params[:, :1].reshape(-1, *[1] * (x.ndim - 1))
+        # N(p, s^2) data: E[eps | x_t] = sqrt(1 - ab) r / (ab s^2 + 1 - ab), E[x0 | x_t] = p + sqrt(ab) s^2 r / (...)
+        r = (x - ab.sqrt() * p) / (ab * self.s**2 + 1 - ab)
+        out_cond = self.diff.target(p + ab.sqrt() * self.s**2 * r, (1 - ab).sqrt() * r, t)
+        keep = torch.ones(x.shape[0], dtype=torch.bool) if cond.drop is None else ~cond.drop
+        return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), out_cond, out_null)
+
+
+@pytest.mark.parametrize(("prediction", "sigma_data"), [("eps", 1.0), ("edm", 0.5), ("edm", 2.0)],
+                         ids=["eps", "edm-sd0.5", "edm-sd2"])
+def test_guided_ddpm_with_an_analytic_conditional_gaussian(prediction, sigma_data):
+    """w = 0 samples the marginal N(0, s^2 + tau^2), w = 1 the conditional law N(p, s^2),
+    exactly up to Monte-Carlo error."""
     s, tau = 0.4, 1.5
-    diff = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=1000))
-
-    class AnalyticConditional(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.null = GaussianDataDenoiser(diff, 0.0, (s**2 + tau**2) ** 0.5)
-
-        def forward(self, x, t, cond):
-            out_null = self.null(x, t)
-            if cond is None or cond.params is None:
-                return out_null
-            ab = diff.coef("alphas_cumprod", t, x)
-            p = cond.params[:, :1].reshape(-1, *[1] * (x.ndim - 1))
-            # eps of N(p, s^2) data: sqrt(1 - ab) (x_t - sqrt(ab) p) / (ab s^2 + 1 - ab)
-            out_cond = (1 - ab).sqrt() * (x - ab.sqrt() * p) / (ab * s**2 + 1 - ab)
-            keep = torch.ones(x.shape[0], dtype=torch.bool) if cond.drop is None else ~cond.drop
-            return torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), out_cond, out_null)
-
+    diff = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=1000), prediction=prediction,
+                             sigma_data=sigma_data)
     n = 2000
     p = torch.full((n, 1), 1.2, dtype=torch.float64)
     cond = Conditioning(params=p)
     for w, (mean, var) in ((0.0, (0.0, s**2 + tau**2)), (1.0, (1.2, s**2))):
         x_T = torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        x = samplers.ddpm_sample(ClassifierFreeGuidance(AnalyticConditional(), w), diff, x_T, cond=cond,
+        x = samplers.ddpm_sample(ClassifierFreeGuidance(AnalyticConditional(diff, s, tau), w), diff, x_T, cond=cond,
                                  generator=torch.Generator().manual_seed(4)).flatten()
         assert abs(float(x.mean()) - mean) < 4.5 * (var / n) ** 0.5
         assert abs(float(x.var()) / var - 1.0) < 4.5 * (2.0 / n) ** 0.5
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("spatial", [(7,), (3, 5), (2, 3, 4)])
+def test_guided_edm_samples_equal_guided_v_samples(spatial, sigma_data):
+    """F, v and eps are affine in one another with the same coefficients for both halves, so
+    guiding EDM (w = 2.5, outside [0, 1]) gives the same samples as guiding v: DDPM and DDIM."""
+    s, tau = 0.4, 1.5
+    sched = NoiseSchedule.from_name("linear", num_timesteps=100)
+    v = GaussianDiffusion(sched, prediction="v")
+    edm = GaussianDiffusion(sched, prediction="edm", sigma_data=sigma_data)
+    cond = Conditioning(params=torch.tensor([[1.2], [-0.5], [0.3]], dtype=torch.float64))
+    x_T = torch.randn(3, 1, *spatial, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    runs = {}
+    for name, diff in (("v", v), ("edm", edm)):
+        den = ClassifierFreeGuidance(AnalyticConditional(diff, s, tau), 2.5)
+        runs[name] = (samplers.ddpm_sample(den, diff, x_T, cond=cond, generator=torch.Generator().manual_seed(4)),
+                      samplers.ddim_sample(den, diff, x_T, 20, eta=0.5, spacing="trailing", cond=cond,
+                                           generator=torch.Generator().manual_seed(4)))
+    for a, b in zip(runs["v"], runs["edm"]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)

@@ -27,13 +27,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _diffusion(T=1000, prediction="eps"):
-    return GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=T), prediction=prediction)
+def _diffusion(T=1000, prediction="eps", sigma_data=1.0):
+    return GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=T), prediction=prediction,
+                             sigma_data=sigma_data)
 
 
-def _independent_problem(shape, seed=0, prediction="eps"):
+def _independent_problem(shape, seed=0, prediction="eps", sigma_data=1.0, T=1000):
     """Elementwise Gaussian data, a truth drawn from it, ~25 % of points observed."""
-    diff = _diffusion(prediction=prediction)
+    diff = _diffusion(T=T, prediction=prediction, sigma_data=sigma_data)
     g = torch.Generator().manual_seed(seed)
     mu = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64) + 1.0
     std = 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
@@ -42,9 +43,9 @@ def _independent_problem(shape, seed=0, prediction="eps"):
     return diff, GaussianDataDenoiser(diff, mu, std), mu, std, truth, mask, g
 
 
-def _gp_problem(n=32, seed=0):
+def _gp_problem(n=32, seed=0, prediction="eps", sigma_data=1.0):
     """A 1-D Gaussian process (squared-exponential, length 4 points) observed at 4 points."""
-    diff = _diffusion()
+    diff = _diffusion(prediction=prediction, sigma_data=sigma_data)
     cov = squared_exponential_covariance(grid_coords((n,)), length_scale=4.0, variance=1.0, jitter=1e-4)
     den = FullCovarianceGaussianDenoiser(diff, cov, (1, n), mean=0.5)
     g = torch.Generator().manual_seed(seed)
@@ -164,9 +165,11 @@ def test_dps_one_step_matches_the_closed_form():
     torch.testing.assert_close(out, x0_hat + 0.7 / norm * 2 * kappa * r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("prediction", "sigma_data"), [("v", 1.0), ("edm", 2.0)], ids=["v", "edm-sd2"])
 @pytest.mark.parametrize("shape", FIELD_SHAPES)
-def test_dps_fits_observations_and_varies_elsewhere(shape):
-    diff, den, mu, std, truth, mask, g = _independent_problem(shape, seed=4, prediction="v")
+def test_dps_fits_observations_and_varies_elsewhere(shape, prediction, sigma_data):
+    diff, den, mu, std, truth, mask, g = _independent_problem(shape, seed=4, prediction=prediction,
+                                                              sigma_data=sigma_data)
     B = 200
     x = dps_sample(den, diff, torch.randn(B, *shape, generator=g, dtype=torch.float64), truth, mask,
                    num_steps=50, step_size=0.3, generator=g)
@@ -189,6 +192,43 @@ def test_dps_on_correlated_data_follows_the_conditional():
     free = ~mask
     assert float((x.mean(0) - cond_mean)[free].abs().max()) < 0.25  # DPS is approximate: measured 0.15
     assert float(x.std(0)[free].mean()) > 0.5 * float(cond_var[free].sqrt().mean())
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("shape", FIELD_SHAPES)
+def test_edm_inpainting_equals_v_with_the_exact_denoiser(shape, sigma_data):
+    """The exact denoiser gives the same reverse process (and the same gradient of x0^ with
+    respect to x_t, through c_in) for EDM as for v: RePaint (all steps and skipped) and DPS
+    (DDPM and skipped) produce the same members to float64 rounding."""
+    v = _independent_problem(shape, seed=6, prediction="v", T=100)
+    e = _independent_problem(shape, seed=6, prediction="edm", sigma_data=sigma_data, T=100)
+    truth, mask = v[4], v[5]
+    x_T = torch.randn(4, *shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def gens():
+        return [torch.Generator().manual_seed(20 + i) for i in range(4)]
+
+    runs = [(repaint_sample, dict(num_steps=None, jump_length=10, resample=2)),
+            (repaint_sample, dict(num_steps=20, jump_length=5, resample=2)),
+            (dps_sample, dict(num_steps=None, step_size=0.3)),
+            (dps_sample, dict(num_steps=20, step_size=0.3))]
+    for sampler, kw in runs:
+        a = sampler(v[1], v[0], x_T, truth, mask, generator=gens(), **kw)
+        b = sampler(e[1], e[0], x_T, truth, mask, generator=gens(), **kw)
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)
+        if sampler is repaint_sample:
+            assert torch.equal(b[:, mask], truth[mask].expand(4, -1))
+
+
+def test_edm_dps_on_correlated_data_equals_v():
+    """The full-covariance (GP) denoiser outputs EDM's F too: DPS members equal v's."""
+    runs = []
+    for prediction, sd in (("v", 1.0), ("edm", 0.5)):
+        diff, den, truth, mask, g = _gp_problem(seed=3, prediction=prediction, sigma_data=sd)
+        x_T = torch.randn(8, 1, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        runs.append(dps_sample(den, diff, x_T, truth, mask, num_steps=30, step_size=0.1,
+                               generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-8, atol=1e-8)
 
 
 # ---------------------------------------------------- real networks, batches

@@ -98,3 +98,28 @@ def test_masked_points_and_log_det():
     torch.testing.assert_close(c.nats_per_dim, a.nats_per_dim + math.log(2.0))
     with pytest.raises(ValueError, match="log_det must have shape"):
         likelihood.variational_bound(den, diff, x0, log_det=torch.zeros(3))
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("shape", [(1, 12), (2, 3, 4), (1, 2, 3, 2)])
+def test_edm_bound_equals_the_v_bound(shape, sigma_data):
+    """The exact denoiser gives the same reverse process whatever the parameterisation, so
+    the bound of EDM equals that of v term by term (same noise draws), for the diffusion's
+    own variance, fixed_large and the Analytic-DPM optimum (itself the same table)."""
+    sched = NoiseSchedule.from_name("linear", num_timesteps=100)
+    v = GaussianDiffusion(sched, prediction="v")
+    edm = GaussianDiffusion(sched, prediction="edm", sigma_data=sigma_data)
+    mu, s = 0.3, 0.8
+    v_den, e_den = GaussianDataDenoiser(v, mu, s), GaussianDataDenoiser(edm, mu, s)
+    x0 = mu + s * torch.randn(8, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    opt_v = likelihood.estimate_optimal_variance(v_den, v, x0, generator=torch.Generator().manual_seed(1))
+    opt_e = likelihood.estimate_optimal_variance(e_den, edm, x0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(opt_e, opt_v, rtol=1e-9, atol=0)
+    for variance in (None, "fixed_large", opt_v):
+        a = likelihood.variational_bound(v_den, v, x0, variance=variance, generator=torch.Generator().manual_seed(2))
+        b = likelihood.variational_bound(e_den, edm, x0, variance=variance, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(b.terms, a.terms, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.nats_per_dim, a.nats_per_dim, rtol=1e-10, atol=0)
+    est_v = likelihood.estimate_bound(v_den, v, x0, num_terms=4, generator=torch.Generator().manual_seed(3))
+    est_e = likelihood.estimate_bound(e_den, edm, x0, num_terms=4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(est_e.nats_per_dim, est_v.nats_per_dim, rtol=1e-10, atol=0)

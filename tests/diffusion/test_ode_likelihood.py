@@ -42,10 +42,12 @@ def power_spectrum(shape, amplitude=1.0, index=2.5):
     return (amplitude * k**-index)[None]
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize(("prediction", "sigma_data"), [("eps", 1.0), ("x0", 1.0), ("v", 1.0), ("edm", 0.5),
+                                                       ("edm", 2.0)])
 @pytest.mark.parametrize("shape", [(1, 16), (2, 4, 4), (1, 2, 2, 4)])
-def test_exact_trace_matches_the_gaussian_nll(shape, prediction):
-    diff = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=1000), prediction=prediction)
+def test_exact_trace_matches_the_gaussian_nll(shape, prediction, sigma_data):
+    diff = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=1000), prediction=prediction,
+                             sigma_data=sigma_data)
     n = math.prod(shape)
     s = torch.linspace(0.3, 1.5, n, dtype=torch.float64).reshape(shape)
     mu = torch.linspace(-1.0, 1.0, n, dtype=torch.float64).reshape(shape)
@@ -60,6 +62,27 @@ def test_exact_trace_matches_the_gaussian_nll(shape, prediction):
     torch.testing.assert_close(out.nats_per_dim, out.prior - out.divergence)
     # the flow ends on the prior: x_{T-1} is standard normal per dimension for Gaussian data
     assert out.latent.shape == x0.shape and out.dims.tolist() == [float(n)] * 6
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_divergence_is_that_of_the_full_map_including_c_in(exact):
+    """A linear EDM model F = k * input: eps^(x_t) = (a_t + b_t k c_in_t) x_t with
+    a_t, b_t the coefficients of predict_eps_from_edm, so d eps^ / d xbar = sqrt(ab) (a_t + b_t k c_in_t)
+    per dimension; the trace (exact, or Rademacher probes on this diagonal Jacobian) must carry c_in."""
+    sd, k = 0.5, 0.8
+    diff = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=200), prediction="edm", sigma_data=sd)
+    model = lambda x, t, c: k * x  # noqa: E731
+    xbar = torch.randn(3, 1, 2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = torch.ones_like(xbar)
+    for t in (0, 60, 199):
+        eps, div = ode_likelihood._eps_and_divergence(model, diff, xbar, t, None, w, 2, "rademacher", exact,
+                                                      torch.Generator().manual_seed(1))
+        ab = float(diff.schedule.alphas_cumprod[t])
+        d_ = 1 - ab + ab * sd**2
+        a, b, c_in = math.sqrt(1 - ab) / d_, -sd * math.sqrt(ab) / math.sqrt(d_), 1 / math.sqrt(d_)
+        slope = a + b * k * c_in
+        torch.testing.assert_close(eps, slope * math.sqrt(ab) * xbar)
+        torch.testing.assert_close(div, torch.full_like(div, 10 * math.sqrt(ab) * slope))
 
 
 def test_more_steps_converge_and_the_grid_is_fixed():

@@ -1,12 +1,14 @@
 """GaussianDiffusion: closed forms of the forward process, posterior, parameterisations and losses."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from scidiff.diffusion import GaussianDiffusion, NoiseSchedule
+from scidiff.diffusion import ErrorAmplificationWarning, GaussianDiffusion, NoiseSchedule, samplers
 from scidiff.diffusion.analytic import GaussianDataDenoiser
+from scidiff.diffusion.process import AMPLIFICATION_LIMIT
 
 SHAPES = [(3, 2, 17), (3, 2, 6, 10), (3, 1, 4, 5, 6)]  # 1-D, 2-D, 3-D, non-square
 
@@ -53,7 +55,7 @@ def test_posterior_is_ddpm_eq7_and_bayes(sched, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_eps_x0_v_round_trips(sched, shape):
+def test_eps_x0_v_edm_round_trips(sched, shape):
     diff = GaussianDiffusion(sched)
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
@@ -64,11 +66,117 @@ def test_eps_x0_v_round_trips(sched, shape):
     torch.testing.assert_close(diff.predict_eps_from_x0(x_t, t, x0), eps)
     torch.testing.assert_close(diff.predict_x0_from_v(x_t, t, v), x0)
     torch.testing.assert_close(diff.predict_eps_from_v(x_t, t, v), eps)
-    for pred, out in [("eps", eps), ("x0", x0), ("v", v)]:
-        d = GaussianDiffusion(sched, prediction=pred)
+    cases = [("eps", 1.0, eps), ("x0", 1.0, x0), ("v", 1.0, v)] + [("edm", sd, None) for sd in (0.5, 1.0, 2.0)]
+    for pred, sd, out in cases:
+        d = GaussianDiffusion(sched, prediction=pred, sigma_data=sd)
+        if out is None:  # F* by its definition (x0 - c_skip x_t) / c_out (Karras et al. 2022, eq. 8)
+            out = (x0 - d.coef("edm_c_skip", t, x_t) * x_t) / d.coef("edm_c_out", t, x_t)
+        torch.testing.assert_close(d.target(x0, eps, t), out)
         px0, peps = d.predictions(out, x_t, t)
         torch.testing.assert_close(px0, x0)
         torch.testing.assert_close(peps, eps)
+
+
+def test_edm_coefficients_are_karras_table_1_on_the_vp_chain(sched):
+    """EDM's VE preconditioning (sigma^2 = (1 - ab) / ab, x_ve = x_t / sqrt(ab)):
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in = 1 / sqrt(sigma^2 + sd^2) on x_ve, i.e. c_skip / sqrt(ab), c_out, c_in / sqrt(ab) on x_t;
+    with sd = 1 F = -v exactly; the plain F-MSE is EDM's 1/c_out^2 weighting of the x0 error."""
+    ab = sched.alphas_cumprod
+    sigma2 = (1 - ab) / ab
+    for sd in (0.5, 1.0, 2.0):
+        d = GaussianDiffusion(sched, prediction="edm", sigma_data=sd)
+        tab = d._tables64
+        assert all(tab[k].dtype == torch.float64 for k in ("edm_c_in", "edm_c_skip", "edm_c_out"))
+        torch.testing.assert_close(tab["edm_c_skip"], sd**2 / (sigma2 + sd**2) / ab.sqrt(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(tab["edm_c_out"], sigma2.sqrt() * sd / (sigma2 + sd**2).sqrt(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(tab["edm_c_in"], 1 / (sigma2 + sd**2).sqrt() / ab.sqrt(), rtol=1e-12, atol=0)
+    d1, dv = GaussianDiffusion(sched, prediction="edm"), GaussianDiffusion(sched, prediction="v")
+    torch.testing.assert_close(d1._tables64["edm_c_skip"], ab.sqrt(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(d1._tables64["edm_c_out"], (1 - ab).sqrt(), rtol=1e-14, atol=0)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 2, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 2, 3, 5, generator=g,
+                                                                                       dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = d1.q_sample(x0, t, eps)
+    torch.testing.assert_close(d1.target(x0, eps, t), -dv.target(x0, eps, t), rtol=1e-14, atol=1e-14)
+    for a, b in zip(d1.predictions(-dv.target(x0, eps, t), x_t, t), dv.predictions(dv.target(x0, eps, t), x_t, t)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    d = GaussianDiffusion(sched, prediction="edm", sigma_data=0.3)
+    f_star = d.target(x0, eps, t)
+    torch.testing.assert_close(d.predict_x0_from_edm(x_t, t, f_star), x0)  # x0^ = x0 when F = F*
+    f = f_star + torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    c_out = d.coef("edm_c_out", t, x0)
+    torch.testing.assert_close(((f - f_star) ** 2), (d.predict_x0_from_edm(x_t, t, f) - x0) ** 2 / c_out**2)
+
+
+def test_model_output_scales_the_input_for_edm_only(sched):
+    x_t = torch.randn(3, 1, 4, 6, dtype=torch.float64)
+    t = torch.tensor([0, 300, 999])
+    seen = []
+
+    def spy(x, tt, cond):
+        seen.append((x, tt, cond))
+        return torch.zeros_like(x)
+
+    for pred in ("eps", "x0", "v"):
+        d = GaussianDiffusion(sched, prediction=pred)
+        seen.clear()
+        d.model_output(spy, x_t, t, "c")
+        assert seen[0][0] is x_t and seen[0][1] is t and seen[0][2] == "c"  # no extra multiply
+        assert d.scale_model_input(x_t, t) is x_t
+    d = GaussianDiffusion(sched, prediction="edm", sigma_data=0.5)
+    seen.clear()
+    d.model_output(spy, x_t, t)
+    ab = sched.alphas_cumprod[t].reshape(3, 1, 1, 1)
+    torch.testing.assert_close(seen[0][0], x_t / (1 - ab + 0.25 * ab).sqrt())
+    torch.testing.assert_close(d.scale_model_input(x_t, t), seen[0][0])
+    torch.testing.assert_close(d.unscale_model_input(d.scale_model_input(x_t, t), t), x_t)
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0])
+def test_zero_terminal_snr_edm_is_finite(sd):
+    ztsnr = NoiseSchedule.from_name("linear", num_timesteps=200, zero_terminal_snr=True)
+    d = GaussianDiffusion(ztsnr, prediction="edm", sigma_data=sd, loss_weighting="min_snr")
+    last = ztsnr.num_timesteps - 1
+    tab = d._tables64
+    for k in ("edm_c_in", "edm_c_skip", "edm_c_out", "edm_eps_coef_x", "edm_eps_coef_out",
+              "edm_target_coef_x0", "edm_target_coef_eps"):
+        assert torch.isfinite(tab[k]).all(), k
+    ends = (float(tab["edm_c_skip"][last]), float(tab["edm_c_out"][last]), float(tab["edm_c_in"][last]))
+    assert ends == (0.0, sd, 1.0)
+    x0 = torch.randn(2, 1, 3, 4, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([last, last])
+    x_t = d.q_sample(x0, t, eps)
+    torch.testing.assert_close(x_t, eps)
+    torch.testing.assert_close(d.target(x0, eps, t), x0 / sd)  # F* = x0 / sd at ab = 0
+    p = d.p_mean_variance(d.target(x0, eps, t), x_t, t)
+    assert all(torch.isfinite(v).all() for v in (p.mean, p.variance, p.pred_x0, p.pred_eps))
+    torch.testing.assert_close(p.pred_x0, x0)
+    den = GaussianDataDenoiser(d, 0.2, 0.7)
+    loss = d.training_loss(den, x0, t=torch.tensor([last, 0]))
+    assert torch.isfinite(loss).all()
+    out = samplers.ddim_sample(den, d, torch.randn(3, 1, 5, dtype=torch.float64), 10, spacing="trailing")
+    assert torch.isfinite(out).all()
+
+
+def test_learned_range_with_edm(sched):
+    """With learned_range the first C channels are F, the rest the variance interpolation."""
+    d = GaussianDiffusion(sched, prediction="edm", variance="learned_range", sigma_data=0.5)
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(3, 2, 7, generator=g, dtype=torch.float64), torch.randn(3, 2, 7, generator=g,
+                                                                                    dtype=torch.float64)
+    t = torch.tensor([0, 200, 900])
+    x_t = d.q_sample(x0, t, eps)
+    out = torch.cat([d.target(x0, eps, t), torch.ones_like(x0)], dim=1)
+    p = d.p_mean_variance(out, x_t, t)
+    torch.testing.assert_close(p.pred_x0, x0)
+    torch.testing.assert_close(p.log_variance, d.coef("log_betas", t, x0).expand_as(x0))
+    den = lambda x, tt, c: torch.cat([d.target(x0, eps, tt), torch.ones_like(x)], dim=1)  # noqa: E731
+    loss = d.training_loss(den, x0, t=t, noise=eps)
+    vb = d.vb_term(out, x0, x_t, t)
+    torch.testing.assert_close(loss, d.hybrid_lambda * d.num_timesteps * vb)  # the F-MSE part is 0
 
 
 def test_p_mean_variance_variances(sched):
@@ -110,11 +218,11 @@ def test_clipping_is_off_by_default_and_optional(sched):
     assert float(thr.pred_x0.max()) == pytest.approx(1.0)  # clamp to s = 5 then divide by s
 
 
-@pytest.mark.parametrize("pred", ["eps", "x0", "v"])
+@pytest.mark.parametrize(("pred", "sd"), [("eps", 1.0), ("x0", 1.0), ("v", 1.0), ("edm", 1.0), ("edm", 2.0)])
 @pytest.mark.parametrize("shape", [(4096, 1, 3), (2048, 1, 2, 3)])
-def test_training_loss_of_the_exact_denoiser_is_the_posterior_variance(sched, pred, shape):
+def test_training_loss_of_the_exact_denoiser_is_the_posterior_variance(sched, pred, sd, shape):
     """At fixed t the exact denoiser's expected eps-MSE is Var[eps | x_t] = ab s^2 / (ab s^2 + 1 - ab)."""
-    diff = GaussianDiffusion(sched, prediction=pred)
+    diff = GaussianDiffusion(sched, prediction=pred, sigma_data=sd)
     s = 0.7
     den = GaussianDataDenoiser(diff, mean=0.3, std=s)
     torch.manual_seed(0)
@@ -124,8 +232,9 @@ def test_training_loss_of_the_exact_denoiser_is_the_posterior_variance(sched, pr
     assert loss.shape == (shape[0],)
     ab = float(sched.alphas_cumprod[200])
     var_eps = ab * s**2 / (ab * s**2 + 1 - ab)
-    # target-space MSE = (d target / d eps)^2-scaled Var[eps | x_t]
-    scale = {"eps": 1.0, "x0": (1 - ab) / ab, "v": 1 / ab}[pred]
+    # target-space MSE = (d target / d eps)^2-scaled Var[eps | x_t]; edm: F - F* = (x0^ - x0) / c_out
+    c_out2 = sd**2 * (1 - ab) / (1 - ab + ab * sd**2)
+    scale = {"eps": 1.0, "x0": (1 - ab) / ab, "v": 1 / ab, "edm": (1 - ab) / (ab * c_out2)}[pred]
     se = scale * var_eps * math.sqrt(2 / loss.numel() / shape[1] / math.prod(shape[2:]))
     assert float(loss.mean()) == pytest.approx(scale * var_eps, abs=5 * se)
 
@@ -157,6 +266,15 @@ def test_min_snr_weights(sched):
         d = GaussianDiffusion(sched, prediction=pred, loss_weighting="min_snr", min_snr_gamma=gamma)
         torch.testing.assert_close(d.loss_weight(t, x).flatten(), expected)
     assert float(GaussianDiffusion(sched).loss_weight(t, x)) == 1.0
+    # edm: the effective x0-weight of the F-MSE is 1/c_out^2, so the weight is min(SNR, g) c_out^2
+    ab = sched.alphas_cumprod[t]
+    for sd in (0.5, 1.0, 2.0):
+        d = GaussianDiffusion(sched, prediction="edm", sigma_data=sd, loss_weighting="min_snr", min_snr_gamma=gamma)
+        c_out2 = sd**2 * (1 - ab) / (1 - ab + ab * sd**2)
+        torch.testing.assert_close(d.loss_weight(t, x).flatten(), torch.minimum(snr, torch.tensor(gamma)) * c_out2)
+    v = GaussianDiffusion(sched, prediction="v", loss_weighting="min_snr", min_snr_gamma=gamma)
+    edm1 = GaussianDiffusion(sched, prediction="edm", loss_weighting="min_snr", min_snr_gamma=gamma)
+    torch.testing.assert_close(edm1.loss_weight(t, x), v.loss_weight(t, x))  # sd = 1: F = -v
 
 
 def test_hybrid_loss_detaches_the_mean(sched):
@@ -200,6 +318,13 @@ def test_bad_arguments_name_themselves(sched):
         GaussianDiffusion(sched, variance="small")
     with pytest.raises(ValueError, match="loss_weighting"):
         GaussianDiffusion(sched, loss_weighting="snr")
+    with pytest.raises(ValueError, match="timestep_sampling: unknown value 'logit_normal'"):
+        GaussianDiffusion(sched, timestep_sampling="logit_normal")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
+            GaussianDiffusion(sched, prediction="edm", sigma_data=bad)
+    with pytest.raises(ValueError, match="lognormal_std"):
+        GaussianDiffusion(sched, timestep_sampling="lognormal", lognormal_std=0.0)
     diff = GaussianDiffusion(sched)
     x0 = torch.zeros(2, 1, 4)
     with pytest.raises(ValueError, match=r"t out of range.*\[0, 999\].*max 1000"):
@@ -216,3 +341,106 @@ def test_bad_arguments_name_themselves(sched):
         diff.q_sample(torch.zeros(2, 4), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="x_t has shape"):
         diff.q_posterior_mean_variance(x0, torch.zeros(2, 1, 3), torch.tensor([1, 2]))
+
+
+# ------------------------------------------------------------ training noise levels
+def _lognormal_bin_masses(diff):
+    """P(nearest ln sigma_t is t's) under N(mean, std^2): the normal mass between the
+    midpoints of neighbouring ln sigma_t (-inf / +inf at the ends)."""
+    ls = diff._tables64["log_sigma"]
+    mid = 0.5 * (ls[1:] + ls[:-1])
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    edges = torch.cat([-inf, mid, inf])
+    cdf = torch.special.ndtr((edges - diff.lognormal_mean) / diff.lognormal_std)
+    return cdf[1:] - cdf[:-1]
+
+
+@pytest.mark.parametrize(("name", "ztsnr", "mean", "std"), [("linear", False, -1.2, 1.2), ("cosine", False, -1.2, 1.2),
+                                                           ("cosine", True, 0.5, 2.0)])
+def test_lognormal_timesteps_follow_the_lognormal_per_bin(name, ztsnr, mean, std):
+    """Histogram of N = 400k drawn timesteps against the lognormal's mass per discrete bin:
+    every bin within 5 binomial standard errors (+ 1/N), and chi-square over the bins with an
+    expected count >= 5 below df + 5 sqrt(2 df)."""
+    diff = GaussianDiffusion(NoiseSchedule.from_name(name, num_timesteps=1000, zero_terminal_snr=ztsnr),
+                             prediction="v", timestep_sampling="lognormal", lognormal_mean=mean, lognormal_std=std)
+    n = 400_000
+    t = diff.sample_timesteps(n, "cpu", generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.shape == (n,) and 0 <= int(t.min()) and int(t.max()) < 1000
+    freq = torch.bincount(t, minlength=1000).to(torch.float64) / n
+    p = _lognormal_bin_masses(diff)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1 / n).all())
+    big = p * n >= 5
+    chi2 = float(((freq[big] - p[big]) ** 2 / p[big]).sum() * n)
+    df = int(big.sum()) - 1
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+    if ztsnr:  # sigma = inf at the last step: never the nearest level
+        assert float(p[-1]) == 0.0 and int(t.max()) < 999
+    # the drawn ln sigma_t have about the lognormal's mean (discretisation aside)
+    assert float(diff._tables64["log_sigma"][t].mean()) == pytest.approx(mean, abs=0.05)
+
+
+def test_timestep_sampling_is_deterministic_given_a_generator(sched):
+    logn = GaussianDiffusion(sched, prediction="edm", timestep_sampling="lognormal")
+    a = logn.sample_timesteps(64, "cpu", generator=torch.Generator().manual_seed(7))
+    b = logn.sample_timesteps(64, "cpu", generator=torch.Generator().manual_seed(7))
+    c = logn.sample_timesteps(64, "cpu", generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the nearest level in ln sigma: a lognormal concentrated just either side of the midpoint of
+    # two levels' ln sigma picks the level on its side (and the ends catch everything beyond)
+    ls = logn._tables64["log_sigma"]
+    mid = float(0.5 * (ls[400] + ls[401]))
+    for offset, want in ((-1e-4, 400), (1e-4, 401), (-50.0, 0), (50.0, 999)):
+        d = GaussianDiffusion(sched, timestep_sampling="lognormal", lognormal_mean=mid + offset, lognormal_std=1e-7)
+        assert d.sample_timesteps(32, "cpu").unique().tolist() == [want]
+    # uniform draws are unchanged: the same numbers as torch.randint from the same generator
+    uni = GaussianDiffusion(sched).sample_timesteps(64, "cpu", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(uni, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(7)))
+    # training_loss draws its timesteps with sample_timesteps when t is None
+    seen = []
+
+    def spy(x, t, cond):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(16, 1, 3, dtype=torch.float64)
+    torch.manual_seed(3)
+    logn.training_loss(spy, x0, noise=torch.zeros_like(x0))
+    torch.manual_seed(3)
+    assert torch.equal(seen[0], logn.sample_timesteps(16, "cpu"))
+
+
+# -------------------------------------------------------------- error amplification
+@pytest.mark.parametrize("pred", ["eps", "x0", "v", "edm"])
+def test_error_amplification_is_the_gain_of_the_reverse_mean(pred):
+    """The factor is max_t |d mu_theta / d output| (DDPM eq. 11), checked by autograd."""
+    sch = NoiseSchedule.from_name("linear", num_timesteps=300)
+    d = GaussianDiffusion(sch, prediction=pred, sigma_data=0.6)
+    factor, step = d.error_amplification()
+    x_t = torch.randn(1, 1, 4, dtype=torch.float64)
+    t = torch.tensor([step])
+    out = torch.zeros_like(x_t, requires_grad=True)
+    (grad,) = torch.autograd.grad(d.p_mean_variance(out, x_t, t).mean[0, 0, 0], out)
+    assert float(grad.abs().max()) == pytest.approx(factor, rel=1e-12)
+    gains = d._tables64["posterior_mean_coef1"] * d.output_gain()
+    assert float(gains.max()) == factor and 0 <= step < 300
+    if pred == "eps":  # beta_t / (sqrt(a_t) sqrt(1 - ab_t))
+        beta, ab = sch.betas, sch.alphas_cumprod
+        torch.testing.assert_close(gains, beta / ((1 - beta).sqrt() * (1 - ab).sqrt()), rtol=1e-12, atol=0)
+
+
+def test_eps_on_the_clipped_cosine_schedule_warns():
+    """eps + cosine (beta clipped at 0.999 at t = T-1): 31.6 at t = 999; the DDPM linear
+    schedule gives 0.0202; v, edm and x0 stay below the limit on the cosine schedule."""
+    cosine = NoiseSchedule.from_name("cosine", num_timesteps=1000)
+    message = r"31\.6 at timestep 999.*DDIM.*trailing.*prediction='v' or 'edm'"
+    with pytest.warns(ErrorAmplificationWarning, match=message):
+        d = GaussianDiffusion(cosine)
+    factor, step = d.error_amplification()
+    assert factor == pytest.approx(31.59, abs=0.01) and step == 999 and factor > AMPLIFICATION_LIMIT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ErrorAmplificationWarning)
+        linear = GaussianDiffusion(NoiseSchedule.from_name("linear", num_timesteps=1000))
+        assert linear.error_amplification() == (pytest.approx(0.0202, abs=1e-4), 999)
+        for pred in ("x0", "v", "edm"):
+            assert GaussianDiffusion(cosine, prediction=pred).error_amplification()[0] <= 1.0 + 1e-9

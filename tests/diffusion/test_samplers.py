@@ -10,11 +10,14 @@ from scidiff.diffusion import GaussianDiffusion, NoiseSchedule, samplers
 from scidiff.diffusion.analytic import GaussianDataDenoiser
 
 FIELD_SHAPES = [(2, 40), (1, 6, 10), (1, 3, 4, 5)]  # [C, *S]: 1-D, 2-D, 3-D, non-square
+# (prediction, sigma_data): EDM with data far narrower and far wider than its sigma_data
+PREDICTIONS = [("eps", 1.0), ("v", 1.0), ("edm", 0.5), ("edm", 2.0)]
+PRED_IDS = ["eps", "v", "edm-sd0.5", "edm-sd2"]
 
 
-def _gaussian_setup(shape, T=1000, prediction="eps", seed=0):
-    sched = NoiseSchedule.from_name("linear", num_timesteps=T)
-    diff = GaussianDiffusion(sched, prediction=prediction)
+def _gaussian_setup(shape, T=1000, prediction="eps", seed=0, sigma_data=1.0, schedule="linear", ztsnr=False):
+    sched = NoiseSchedule.from_name(schedule, num_timesteps=T, zero_terminal_snr=ztsnr)
+    diff = GaussianDiffusion(sched, prediction=prediction, sigma_data=sigma_data)
     g = torch.Generator().manual_seed(seed)
     mu = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64) + 1.0
     std = 0.3 + 1.2 * torch.rand(shape, generator=g, dtype=torch.float64)
@@ -62,9 +65,11 @@ def _assert_moments(x, m, v, n_sigma=4.5):
     assert abs(float(z.var()) - 1) < n_sigma * math.sqrt(2 / n), f"var {float(z.var()):.4f}"
 
 
+@pytest.mark.parametrize(("prediction", "sigma_data"), [("eps", 1.0), ("edm", 0.5), ("edm", 2.0)],
+                         ids=["eps", "edm-sd0.5", "edm-sd2"])
 @pytest.mark.parametrize("shape", FIELD_SHAPES)
-def test_ddpm_matches_the_data_law(shape):
-    sched, diff, den, mu, std = _gaussian_setup(shape, T=400)
+def test_ddpm_matches_the_data_law(shape, prediction, sigma_data):
+    sched, diff, den, mu, std = _gaussian_setup(shape, T=400, prediction=prediction, sigma_data=sigma_data)
     g = torch.Generator().manual_seed(1)
     x = samplers.ddpm_sample(den, diff, torch.randn(400, *shape, generator=g, dtype=torch.float64), generator=g)
     m, v = _exact_law(sched, mu, std, _ddpm_steps(sched), eta=1.0)
@@ -77,9 +82,9 @@ def test_ddpm_matches_the_data_law(shape):
 
 @pytest.mark.parametrize("shape", FIELD_SHAPES)
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddim_50_steps_matches_its_exact_law(shape, spacing, prediction):
-    sched, diff, den, mu, std = _gaussian_setup(shape, prediction=prediction)
+@pytest.mark.parametrize(("prediction", "sigma_data"), PREDICTIONS, ids=PRED_IDS)
+def test_ddim_50_steps_matches_its_exact_law(shape, spacing, prediction, sigma_data):
+    sched, diff, den, mu, std = _gaussian_setup(shape, prediction=prediction, sigma_data=sigma_data)
     g = torch.Generator().manual_seed(2)
     for eta in (0.0, 1.0):
         x_T = torch.randn(400, *shape, generator=g, dtype=torch.float64)
@@ -153,9 +158,11 @@ def test_ddim_step_goes_to_the_next_element_not_t_minus_T_over_n():
     assert seen == samplers.timestep_sequence(10, 3, "trailing").tolist() == [9, 6, 2]
 
 
+@pytest.mark.parametrize(("prediction", "sigma_data"), [("eps", 1.0), ("edm", 0.5), ("edm", 2.0)],
+                         ids=["eps", "edm-sd0.5", "edm-sd2"])
 @pytest.mark.parametrize("shape", FIELD_SHAPES)
-def test_inversion_round_trip(shape):
-    sched, diff, den, mu, std = _gaussian_setup(shape, prediction="eps")
+def test_inversion_round_trip(shape, prediction, sigma_data):
+    sched, diff, den, mu, std = _gaussian_setup(shape, prediction=prediction, sigma_data=sigma_data)
     g = torch.Generator().manual_seed(3)
     x0 = mu + std * torch.randn(16, *shape, generator=g, dtype=torch.float64)
 
@@ -179,6 +186,49 @@ def test_inversion_is_exact_for_unit_gaussian_data():
     x0 = torch.randn(2, 1, 9, dtype=torch.float64)
     x_T = samplers.ddim_invert(den, diff, x0, 25, refine_steps=40)
     torch.testing.assert_close(samplers.ddim_sample(den, diff, x_T, 25), x0, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("shape", FIELD_SHAPES)
+def test_edm_samples_equal_v_samples_with_the_exact_denoiser(shape, sigma_data):
+    """With the exact denoiser every parameterisation gives the same reverse process, so EDM
+    samples equal v samples to float64 rounding for any sigma_data (for sd = 1 F = -v exactly):
+    DDPM, DDIM with each spacing and eta in {0, 0.7}, and DDIM inversion."""
+    T = 100
+    _, v_diff, v_den, mu, std = _gaussian_setup(shape, T=T, prediction="v")
+    _, e_diff, e_den, _, _ = _gaussian_setup(shape, T=T, prediction="edm", sigma_data=sigma_data)
+    x_T = torch.randn(6, *shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+    def both(fn):
+        a, b = fn(v_den, v_diff), fn(e_den, e_diff)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+        return a
+
+    both(lambda den, d: samplers.ddpm_sample(den, d, x_T, generator=torch.Generator().manual_seed(1)))
+    for spacing in ("leading", "trailing", "linspace"):
+        for eta in (0.0, 0.7):
+            both(lambda den, d: samplers.ddim_sample(den, d, x_T, 20, eta=eta, spacing=spacing,
+                                                     generator=torch.Generator().manual_seed(2)))
+    x0 = mu + std * x_T
+    z = both(lambda den, d: samplers.ddim_invert(den, d, x0, 50, spacing="trailing"))
+    back = samplers.ddim_sample(e_den, e_diff, z, 50, spacing="trailing")
+    assert float((back - x0).norm() / x0.norm()) < 1e-3  # T = 100, 50 steps, 3 refinements: 8e-5
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_zero_terminal_snr_edm_samples_the_data_law(sigma_data):
+    """Zero terminal SNR (ab_{T-1} = 0, c_skip = 0, c_out = sd, c_in = 1 there) with EDM and
+    trailing DDIM, which starts at t = T - 1: finite, equal to v's samples, and the exact law."""
+    shape = (1, 6, 10)
+    sched, e_diff, e_den, mu, std = _gaussian_setup(shape, prediction="edm", sigma_data=sigma_data, ztsnr=True)
+    _, v_diff, v_den, _, _ = _gaussian_setup(shape, prediction="v", ztsnr=True)
+    x_T = torch.randn(400, *shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = samplers.ddim_sample(e_den, e_diff, x_T, 50, spacing="trailing")
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(x, samplers.ddim_sample(v_den, v_diff, x_T, 50, spacing="trailing"),
+                               rtol=1e-9, atol=1e-9)
+    m, v = _exact_law(sched, mu, std, _ddim_steps(sched, 50, "trailing", 0.0), 0.0)
+    _assert_moments(x, m, v)
 
 
 def _affine_dummy(x, t, cond):
