@@ -10,7 +10,21 @@ Hydra's compose API (no change of directory, no run directory) and checked first
 an unknown key, a wrong type or a missing checkpoint prints one line naming it and
 exits with status 2. Metrics go to MLflow under ``eval/<split>/...`` (the training
 run by default), figures and the evaluation file (netCDF) to ``out`` and to the run's
-artifacts. The last line gives the key numbers and where everything is.
+artifacts.
+
+Every sample metric is reported next to its **noise floor** (``floor/<metric>``: the
+same metric for ensembles of real fields of the store with the nearest conditions;
+``floor:`` in the config) and judged against it (``verdict:``): before the last line a
+few aligned lines give each metric's model value, floor, pass/FAIL and rule, then
+``verdict: faithful (n/n metrics within their floor)`` or ``verdict: NOT faithful:
+<failing metrics>``. The run gets the MLflow tag ``verdict`` (``faithful``/``not
+faithful``) and the artifact ``eval/<split>/verdict.json``. The last line gives the
+key numbers and where everything is.
+
+Exit status: 0 done; 1 an unexpected failure (traceback in ``<out>/error.log``); 2 a
+bad config or input (one line naming the key); 3 with ``verdict.fail_on_unfaithful=true``
+when a metric is not within its floor, after everything (file, figures, MLflow) is
+written.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from typing import Any, Literal
 from scidiff.cli.train import CONFIG_DIR
 
 CONFIG_NAME = "evaluate"
+UNFAITHFUL_STATUS = 3  # verdict.fail_on_unfaithful=true and a metric outside its floor
 
 
 @dataclasses.dataclass
@@ -54,6 +69,8 @@ class EvaluateConfig:
     ode: dict | None = None
     sampling: dict | None = None
     metrics: dict | None = None
+    floor: dict | None = None
+    verdict: dict | None = None
     logger: dict | None = None
 
 
@@ -83,7 +100,11 @@ def check_config(cfg) -> dict[str, Any]:
 
     from scidiff.cli.config_check import check_dataclass
     from scidiff.cli.errors import ConfigError
+    from scidiff.evaluation.floor import FloorSettings
+    from scidiff.evaluation.floor import check_settings as check_floor
     from scidiff.evaluation.run import BoundSettings, MetricSettings, ODESettings, SamplingSettings
+    from scidiff.evaluation.verdict import VerdictSettings
+    from scidiff.evaluation.verdict import check_settings as check_verdict
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint: required (a .ckpt file, a run directory or an MLflow run id): checkpoint=<path>")
@@ -96,7 +117,8 @@ def check_config(cfg) -> dict[str, Any]:
     plain.pop("hydra", None)
     check_dataclass(plain, EvaluateConfig, "")
     for key, schema in (("bound", BoundSettings), ("ode", ODESettings), ("sampling", SamplingSettings),
-                        ("metrics", MetricSettings), ("logger", LoggerConfig)):
+                        ("metrics", MetricSettings), ("floor", FloorSettings), ("verdict", VerdictSettings),
+                        ("logger", LoggerConfig)):
         section = plain.get(key) or {}
         plain[key] = section
         check_dataclass(section, schema, f"{key}.")
@@ -118,6 +140,11 @@ def check_config(cfg) -> dict[str, Any]:
         raise ConfigError(f"sampling.members: must be >= 2 (CRPS, spread-skill), got {plain['sampling']['members']}")
     if plain["ode"].get("num_probes", 4) < 2:
         raise ConfigError("ode.num_probes: must be >= 2 (for a standard error)")
+    try:
+        check_floor(FloorSettings(**plain["floor"]))
+        check_verdict(VerdictSettings(**plain["verdict"]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for key in ("data_path", "ensemble"):
         if plain[key] is not None and not Path(plain[key]).exists():
             raise ConfigError(f"{key}: {plain[key]} does not exist")
@@ -130,6 +157,7 @@ def check_config(cfg) -> dict[str, Any]:
 
 
 def settings_from(plain: dict[str, Any]):
+    from scidiff.evaluation.floor import FloorSettings
     from scidiff.evaluation.run import (
         BoundSettings,
         EvaluationSettings,
@@ -137,6 +165,7 @@ def settings_from(plain: dict[str, Any]):
         ODESettings,
         SamplingSettings,
     )
+    from scidiff.evaluation.verdict import VerdictSettings
 
     bound = dict(plain["bound"])
     bound["variance"] = tuple(bound.get("variance", ()))
@@ -144,6 +173,7 @@ def settings_from(plain: dict[str, Any]):
         split=plain["split"], max_samples=plain["max_samples"], batch_size=plain["batch_size"], seed=plain["seed"],
         num_panels=plain["num_panels"], bound=BoundSettings(**bound), ode=ODESettings(**plain["ode"]),
         sampling=SamplingSettings(**plain["sampling"]), metrics=MetricSettings(**plain["metrics"]),
+        floor=FloorSettings(**plain.get("floor", {})), verdict=VerdictSettings(**plain.get("verdict", {})),
     )
 
 
@@ -168,12 +198,19 @@ def _init_distributed() -> None:
 
 
 def run(plain: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate, write, log; returns a summary (rank 0 prints the last line)."""
+    """Evaluate, write, log; returns a summary (rank 0 prints the verdict and the last line);
+    ``summary["verdict"]``: ``faithful``, ``not faithful`` or None (no floor)."""
     import torch
 
     from scidiff.cli.errors import ConfigError
     from scidiff.evaluation.plots import evaluation_figures
-    from scidiff.evaluation.report import log_to_mlflow, resolve_tracking_uri, summary_line, write_evaluation_file
+    from scidiff.evaluation.report import (
+        log_to_mlflow,
+        resolve_tracking_uri,
+        summary_line,
+        verdict_lines,
+        write_evaluation_file,
+    )
     from scidiff.evaluation.run import EvaluationError, dist_info, evaluate
     from scidiff.training.pretrained import CheckpointError, load_pretrained
 
@@ -189,7 +226,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
                       device=plain["device"], progress=plain["progress"] and rank == 0)
     except EvaluationError as exc:
         raise ConfigError(str(exc)) from None
-    summary: dict[str, Any] = {"scalars": ev.scalars}
+    summary: dict[str, Any] = {"scalars": ev.scalars, "verdict": None if ev.verdict is None else ev.verdict.label}
     if rank == 0:
         out = output_dir(plain, pretrained)
         figures = evaluation_figures(ev, out)
@@ -217,6 +254,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
             MlflowClient(tracking_uri=uri).log_artifact(run_id, str(file), f"eval/{ev.split}")
         summary.update(file=str(file.resolve()), figures=[str(p) for p in figures], mlflow_run_id=run_id,
                        tracking_uri=uri)
+        print("\n".join(verdict_lines(ev)), flush=True)
         print(summary_line(ev, file.resolve(), run_id, uri), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -258,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         report_and_exit(exc, status=2)
     try:
-        run(plain)
+        summary = run(plain)
     except ConfigError as exc:
         report_and_exit(exc, status=2)
     except KeyboardInterrupt:
@@ -268,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
 
         report_and_exit(exc, Path(plain["out"]) if plain["out"] else Path(tempfile.gettempdir()) / "scidiff-evaluate",
                         status=1)
+    if plain["verdict"].get("fail_on_unfaithful", False) and summary.get("verdict") == "not faithful":
+        sys.exit(UNFAITHFUL_STATUS)  # everything is written: the status only tells a pipeline to stop
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Modules:
     molecules    AtomCounts of voxel densities (integrated density and peak finding)
     weighting    point weights (mask x area weights) and the point-mean base class
     run          ``evaluate``: the bound and the sample metrics of a trained model on a split
+    floor        the noise floor: the sample metrics of ensembles of real fields (nearest conditions)
+    verdict      each sample metric against its floor: pass/fail by the rules of one table
     report       the evaluation file (netCDF), MLflow logging, the summary line
     plots        figures of an evaluation (import ``scidiff.evaluation.plots``; matplotlib)
 """
@@ -29,6 +31,7 @@ from scidiff.evaluation.ensemble import (
     gaussian_crps,
 )
 from scidiff.evaluation.fields import BiasStdMaps, MomentMaps, Wasserstein1
+from scidiff.evaluation.floor import FloorEnsemble, FloorSettings
 from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
 from scidiff.evaluation.molecules import (
     AtomCounts,
@@ -55,10 +58,12 @@ from scidiff.evaluation.run import (
     SamplingSettings,
     evaluate,
 )
+from scidiff.evaluation.verdict import RULES, MetricVerdict, Verdict, VerdictSettings, judge
 from scidiff.evaluation.weighting import point_weights
 
 __all__ = [
     "CRPS",
+    "RULES",
     "AtomCountSummary",
     "AtomCounts",
     "BiasStdMaps",
@@ -69,7 +74,10 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "EvaluationSettings",
+    "FloorEnsemble",
+    "FloorSettings",
     "MetricSettings",
+    "MetricVerdict",
     "MomentMaps",
     "ODESettings",
     "PowerSpectrum",
@@ -78,6 +86,8 @@ __all__ = [
     "SamplingSettings",
     "SpectralError",
     "SpreadSkillRatio",
+    "Verdict",
+    "VerdictSettings",
     "Wasserstein1",
     "count_peaks",
     "crps_ensemble",
@@ -86,6 +96,7 @@ __all__ = [
     "find_peaks",
     "gaussian_crps",
     "integrated_density",
+    "judge",
     "log_to_mlflow",
     "point_weights",
     "radial_bins",

@@ -20,10 +20,13 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from scidiff.training.plots import samples_figure  # noqa: E402
 
 
+DIMENSIONLESS = ("", "1", "-", "dimensionless", "none")
+
+
 def _label(names, units, c: int) -> str:
     name = names[c] if c < len(names) else f"channel {c}"
     unit = units[c] if c < len(units) else ""
-    return f"{name} [{unit}]" if unit else name
+    return f"{name} [{unit}]" if str(unit).strip().lower() not in DIMENSIONLESS else name
 
 
 def bound_terms_figure(terms_bpd: np.ndarray, prior_bpd: float, title: str = "") -> Figure:
@@ -48,43 +51,83 @@ def bound_terms_figure(terms_bpd: np.ndarray, prior_bpd: float, title: str = "")
     return fig
 
 
+def _power(unit: str) -> str:
+    """``K`` -> ``K^2``, ``W m-2`` -> ``(W m-2)^2``."""
+    return f"{unit}^2" if unit.replace("_", "").isalnum() else f"({unit})^2"
+
+
+def _length(grid_units, d: int) -> str:
+    """The volume element of a ``d``-dim grid: ``(grid spacing)^2``, ``km``, ``deg_N · deg_E``."""
+    units = list(grid_units) if grid_units and len(grid_units) == d else ["grid spacing"] * d
+    if len(set(units)) == 1:
+        u = units[0]
+        u = u if u.replace("_", "").isalnum() else f"({u})"
+        return u if d == 1 else f"{u}^{d}"
+    return " · ".join(u if u.replace("_", "").isalnum() else f"({u})" for u in units)
+
+
+def spectrum_ylabel(unit: str, grid_units=(), d: int = 2) -> str:
+    """``power spectral density P(k) [unit^2 · (grid unit)^d]`` (a dimensionless field,
+    unit ``1``: just the volume element, e.g. ``[(grid spacing)^2]``)."""
+    unit = str(unit or "").strip()
+    length = _length(grid_units, d)
+    if unit.lower() in DIMENSIONLESS:
+        return f"power spectral density P(k) [{length}]"
+    return f"power spectral density P(k) [{_power(unit)} · {length}]"
+
+
+def wavenumber_xlabel(grid_units=(), d: int = 2) -> str:
+    units = set(grid_units) if grid_units and len(grid_units) == d else {"grid spacing"}
+    per = units.pop() if len(units) == 1 else "unit length of each axis"
+    return f"wavenumber |k| [cycles per {per}]"
+
+
 def spectra_figure(wavenumber: np.ndarray, power_data: np.ndarray, power_samples: np.ndarray,
-                   names=(), units=(), title: str = "") -> Figure:
-    """Mean radial power spectra of data and samples, one panel per channel (log-log)."""
+                   names=(), units=(), title: str = "", power_floor: np.ndarray | None = None,
+                   grid_units=(), spatial_rank: int | None = None) -> Figure:
+    """Mean radial power spectra of data, samples and (optional) the floor ensembles of
+    real fields, one panel per channel (log-log), in the field's units."""
     c = power_data.shape[0]
-    fig, axes = plt.subplots(1, c, figsize=(4.0 * c, 3.4), squeeze=False)
+    d = spatial_rank or (len(grid_units) if grid_units else 2)
+    fig, axes = plt.subplots(1, c, figsize=(4.4 * c, 3.6), squeeze=False)
+    curves = [(power_data, "k-", "data"), (power_samples, "C1--", "samples")]
+    if power_floor is not None:
+        curves.append((power_floor, "C2:", "floor (real fields, nearest conditions)"))
     for ch in range(c):
         ax = axes[0, ch]
-        ok = np.isfinite(power_data[ch]) & (power_data[ch] > 0)
-        ax.loglog(wavenumber[ok], power_data[ch][ok], "k-", lw=1.2, label="data")
-        ok = np.isfinite(power_samples[ch]) & (power_samples[ch] > 0)
-        ax.loglog(wavenumber[ok], power_samples[ch][ok], "C1--", lw=1.2, label="samples")
+        for power, style, label in curves:
+            ok = np.isfinite(power[ch]) & (power[ch] > 0)
+            ax.loglog(wavenumber[ok], power[ch][ok], style, lw=1.2, label=label)
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("|k| (cycles per unit length of the grid)")
-        unit = units[ch] if ch < len(units) and units[ch] else "field unit"
-        ax.set_ylabel(f"P(k) [({unit})^2 x length^d]")
+        ax.set_xlabel(wavenumber_xlabel(grid_units, d), fontsize=8)
+        ax.set_ylabel(spectrum_ylabel(units[ch] if ch < len(units) else "", grid_units, d), fontsize=8)
         ax.set_title(_label(names, units, ch), fontsize=9)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    fig.suptitle(title or "radial power spectra", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def rank_histogram_figure(hist: np.ndarray, names=(), title: str = "") -> Figure:
-    """Rank histograms ``[C, M + 1]`` with the flat line of a calibrated ensemble."""
+def rank_histogram_figure(hist: np.ndarray, names=(), title: str = "", floor: np.ndarray | None = None) -> Figure:
+    """Rank histograms ``[C, M + 1]`` with the flat line of a calibrated ensemble, and
+    beside the model's bars those of the floor ensembles (real fields), if given."""
     c, r = hist.shape
-    fig, axes = plt.subplots(1, c, figsize=(3.6 * c, 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, c, figsize=(3.8 * c, 3.2), squeeze=False)
+    width = 0.9 if floor is None else 0.42
     for ch in range(c):
         ax = axes[0, ch]
-        ax.bar(np.arange(r), hist[ch], width=0.9, color="C0")
+        shift = 0.0 if floor is None else -0.22
+        ax.bar(np.arange(r) + shift, hist[ch], width=width, color="C0", label="model")
+        if floor is not None:
+            ax.bar(np.arange(r) + 0.22, floor[ch], width=width, color="C2", alpha=0.8, label="floor (real fields)")
         ax.axhline(1.0 / r, color="k", ls="--", lw=1.0, label="calibrated")
+        top = np.nanmax([np.nanmax(hist[ch]), 1.0 / r] + ([np.nanmax(floor[ch])] if floor is not None else []))
+        ax.set_ylim(0.0, 1.45 * top)  # room for the legend above the bars
         ax.set_xlabel(f"rank of the data among {r - 1} members")
-        ax.set_ylabel("frequency")
+        ax.set_ylabel("relative frequency")
         ax.set_title(names[ch] if ch < len(names) else f"channel {ch}", fontsize=9)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+        ax.legend(fontsize=7, ncol=3 if floor is not None else 1, loc="upper center")
+    fig.suptitle(title or "rank histograms", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -128,14 +171,16 @@ def evaluation_figures(evaluation, out_dir: str | Path) -> list[Path]:
     if ev.wavenumber is not None:
         figures.append(("power_spectra.png", spectra_figure(
             ev.wavenumber, ev.power_data, ev.power_samples, ev.channel_names, ev.units,
-            title=f"{split}: radial power spectra")))
+            title=f"{split}: radial power spectra", power_floor=getattr(ev, "power_floor", None),
+            grid_units=getattr(ev, "grid_units", ()), spatial_rank=len(ev.spatial_dims))))
     if ev.terms is not None:
         figures.append(("bound_terms.png", bound_terms_figure(
             ev.terms, ev.scalars.get("prior_bpd", 0.0),
             title=f"{split}: bound terms; total {ev.scalars['bpd']:.4g} bits/dim in physical units")))
     if ev.rank_histogram is not None:
         figures.append(("rank_histogram.png", rank_histogram_figure(
-            ev.rank_histogram, ev.channel_names, title=f"{split}: rank histograms")))
+            ev.rank_histogram, ev.channel_names, title=f"{split}: rank histograms",
+            floor=getattr(ev, "rank_histogram_floor", None))))
     if ev.maps and len(ev.spatial_dims) == 2:
         figures.append(("maps.png", maps_figure(ev.maps, ev.channel_names, ev.units, title=f"{split}: maps")))
     paths = []
@@ -153,4 +198,6 @@ __all__ = [
     "maps_figure",
     "rank_histogram_figure",
     "spectra_figure",
+    "spectrum_ylabel",
+    "wavenumber_xlabel",
 ]

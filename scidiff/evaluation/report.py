@@ -20,12 +20,21 @@ netCDF-3), written atomically (a temporary file in the same directory, then
   importance estimator's unbiased per-timestep estimates: ``info`` says which);
 * ``power_data``/``power_samples(channel, wavenumber)``, ``rank_histogram(channel, rank)``
   and the maps ``crps_map``, ``bias``, ``std_samples``, ``std_data(channel, *spatial)``;
+* the noise floor (:mod:`scidiff.evaluation.floor`): its scalars ``floor/<metric>`` in
+  ``metric_value``, ``power_floor(channel, wavenumber)``, ``rank_histogram_floor(channel,
+  rank)`` and ``floor_index(sample, member)`` (the store indices of each floor ensemble);
+* the verdict (:mod:`scidiff.evaluation.verdict`): ``verdict_value``, ``verdict_floor``,
+  ``verdict_passed`` (1/0) along ``verdict_metric`` (``crps/<var>``, ...), and the
+  attributes ``verdict`` (``faithful``/``not faithful``), ``verdict_summary`` and
+  ``verdict_table`` (JSON: every line with its rule, the settings);
 * attributes: checkpoint, its sha256, split, estimator, units note, scidiff version,
   the MLflow run.
 
-**MLflow**: metrics ``eval/<split>/<name>`` at the checkpoint's global step, in the
-checkpoint's training run (or a new run), figures and the file as artifacts under
-``eval/<split>/``.
+**MLflow**: metrics ``eval/<split>/<name>`` at the checkpoint's global step (the floor as
+``eval/<split>/floor/<metric>``), in the checkpoint's training run (or a new run),
+figures and the file as artifacts under ``eval/<split>/``; with a verdict, the tags
+``verdict`` and ``eval/<split>/verdict`` (``faithful`` or ``not faithful``) and the
+artifact ``eval/<split>/verdict.json`` (the per-metric table).
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ UNITS_NOTE = (
     "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
     "(the normalisation's log-determinant included); bpd_model: the same for the normalised data; "
     "bound_terms: per-timestep terms of the normalised data. CRPS, bias, std, W1: units of each variable; "
-    "energy_score: normalised units; spectral_error, spread_skill: dimensionless."
+    "energy_score: normalised units; spread_skill, std_ratio, rank_deviation: dimensionless; "
+    "spectral_error: mean over wavenumber shells of |ln(P_samples(k)/P_data(k))|, dimensionless "
+    "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
+    "with the nearest conditions (the noise floor)."
 )
 
 
@@ -79,9 +91,28 @@ def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
         data_vars["power_data"] = (("channel", "wavenumber"), ev.power_data, {"long_name": "mean radial spectrum of data"})
         data_vars["power_samples"] = (("channel", "wavenumber"), ev.power_samples,
                                       {"long_name": "mean radial spectrum of samples"})
+        if ev.power_floor is not None:
+            data_vars["power_floor"] = (("channel", "wavenumber"), ev.power_floor,
+                                        {"long_name": "mean radial spectrum of the floor ensembles (real fields)"})
     if ev.rank_histogram is not None:
         data_vars["rank_histogram"] = (("channel", "rank"), ev.rank_histogram,
                                        {"long_name": "relative frequency of the data's rank among the members"})
+        if ev.rank_histogram_floor is not None:
+            data_vars["rank_histogram_floor"] = (("channel", "rank"), ev.rank_histogram_floor, {
+                "long_name": "relative frequency of the data's rank among the floor ensemble's real fields"})
+    if ev.floor_indices is not None:
+        data_vars["floor_index"] = (("sample", "member"), np.asarray(ev.floor_indices, np.int64),
+                                    {"long_name": "flat store indices of each sample's floor ensemble"})
+    verdict_attrs: dict[str, Any] = {}
+    if ev.verdict is not None:
+        v = ev.verdict
+        data_vars["verdict_value"] = (("verdict_metric",), np.array([m.value for m in v.metrics], np.float64),
+                                      {"long_name": "the model's value of each judged metric"})
+        data_vars["verdict_floor"] = (("verdict_metric",), np.array([m.floor for m in v.metrics], np.float64),
+                                      {"long_name": "the metric's noise floor (real fields)"})
+        data_vars["verdict_passed"] = (("verdict_metric",), np.array([int(m.passed) for m in v.metrics], np.int8),
+                                       {"long_name": "1: within the floor by the metric's rule"})
+        verdict_attrs = {"verdict": v.label, "verdict_summary": v.summary(), "verdict_table": json.dumps(v.to_dict())}
     spatial = tuple(ev.spatial_dims)
     for key, arr in ev.maps.items():
         data_vars[f"{key}_map" if key == "crps" else key] = (("channel", *spatial), arr)
@@ -94,6 +125,8 @@ def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
         coords["wavenumber"] = ("wavenumber", ev.wavenumber, {"units": "cycles per grid unit"})
     if ev.rank_histogram is not None:
         coords["rank"] = ("rank", np.arange(ev.rank_histogram.shape[1], dtype=np.int64))
+    if ev.verdict is not None:
+        coords["verdict_metric"] = ("verdict_metric", np.array([m.key for m in ev.verdict.metrics], dtype=object))
     if ev.maps:
         for name, values in ev.coords.items():
             if np.ndim(values) == 1 and name in spatial:
@@ -105,6 +138,7 @@ def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
         "units_note": UNITS_NOTE,
         "channel_units": json.dumps(list(ev.units)),
         "info": json.dumps(ev.info, default=str),
+        **verdict_attrs,
         **{k: ("" if v is None else v) for k, v in (attrs or {}).items()},
     })
     return ds
@@ -118,6 +152,8 @@ def write_evaluation_file(ev: Evaluation, path: str | os.PathLike, attrs: dict[s
     engine = _netcdf_engine()
     if engine == "scipy":  # netCDF-3 has no variable-length strings
         ds = ds.assign_coords(metric=ds.metric.astype(str), channel=ds.channel.astype(str))
+        if "verdict_metric" in ds.coords:
+            ds = ds.assign_coords(verdict_metric=ds.verdict_metric.astype(str))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -236,9 +272,24 @@ def log_to_mlflow(
         client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
     for path in artifacts:
         client.log_artifact(run_id, str(path), f"eval/{ev.split}")
+    if ev.verdict is not None:
+        client.set_tag(run_id, "verdict", ev.verdict.label)
+        client.set_tag(run_id, f"eval/{ev.split}/verdict", ev.verdict.label)
+        client.log_dict(run_id, ev.verdict.to_dict(), f"eval/{ev.split}/verdict.json")
     if created:
         client.set_terminated(run_id)
     return run_id
+
+
+def verdict_lines(ev: Evaluation) -> list[str]:
+    """The verdict as a few aligned lines (a header, one line per metric, the overall
+    ``verdict: ...`` line), or one line saying why there is none."""
+    if ev.verdict is None:
+        why = ev.info.get("floor", "none")
+        return [f"verdict: none (no floor: {why.split(': ', 1)[-1] if why.startswith('none') else why})"]
+    v = ev.verdict
+    head = (f"noise floor: {ev.info.get('floor', '')}" if ev.info.get("floor") else "noise floor: real fields")
+    return [head, *("  " + line for line in v.table()), f"verdict: {v.summary()}"]
 
 
 def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking_uri: str | None) -> str:
@@ -259,10 +310,14 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
             gaps = [f"{k.split('/', 1)[1]} {v:.4f} ± {s.get(gap + '_se/' + k.split('/', 1)[1], float('nan')):.4f}"
                     for k, v in s.items() if k.startswith(gap + "/")]
             parts.append(f"{label} {s[nll]:.4f} bits/dim" + (f", gap (bound - true): {', '.join(gaps)}" if gaps else ""))
-    for key, label in (("crps", "CRPS"), ("spectral_error", "spectral error"), ("spread_skill", "spread-skill")):
-        vals = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in s.items() if k.startswith(key + "/")]
+    for key, label in (("crps", "CRPS"), ("spectral_error", "spectral error (mean |ln P_samples/P_data| over shells)"),
+                       ("spread_skill", "spread-skill")):
+        vals = [f"{k.split('/', 1)[1]} {v:.4g}" + (f" (floor {s['floor/' + k]:.4g})" if "floor/" + k in s else "")
+                for k, v in s.items() if k.startswith(key + "/")]
         if vals:
             parts.append(f"{label} " + ", ".join(vals))
+    if ev.verdict is not None:
+        parts.append("verdict " + ev.verdict.summary())
     if file is not None:
         parts.append(f"file {file}")
     if run_id is not None:
@@ -281,5 +336,6 @@ __all__ = [
     "resolve_tracking_uri",
     "summary_line",
     "to_dataset",
+    "verdict_lines",
     "write_evaluation_file",
 ]

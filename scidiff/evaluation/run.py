@@ -11,9 +11,14 @@ checkpoint's normalisation statistics and split indices (never recomputed), and 
   variance (``fixed_small``, ``fixed_large``, ``learned_range``, ``optimal``);
 * an ensemble of ``members`` DDIM samples per data sample, conditioned on that
   sample's parameters/fields (or read from a ``scidiff-sample`` store), and its
-  metrics against the data: power spectra and spectral error, fair CRPS,
-  spread-skill ratio, energy score, rank histogram, bias/std maps, Wasserstein-1, and
-  for voxel densities the atom counts.
+  metrics against the data: power spectra and spectral error (the mean over
+  wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``, dimensionless: 0.1 is about
+  10% off on a typical scale), fair CRPS, spread-skill ratio, energy score, rank
+  histogram, bias/std maps, Wasserstein-1, and for voxel densities the atom counts;
+* the **noise floor** of every sample metric (``floor/<metric>``): the same metrics for
+  ensembles of ``members`` real fields of the store, the nearest neighbours of each
+  sample in condition space (:mod:`scidiff.evaluation.floor`), and the **verdict**:
+  each metric against its floor, pass or fail (:mod:`scidiff.evaluation.verdict`).
 
 Randomness is keyed by (seed, store index, member): the number for sample ``j`` is the
 same whatever the batch size or the number of ranks. Under ``torch.distributed`` each
@@ -41,9 +46,13 @@ from scidiff.diffusion import likelihood, samplers
 from scidiff.diffusion.guidance import ClassifierFreeGuidance
 from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
 from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
+from scidiff.evaluation.floor import FloorEnsemble, FloorSettings, prefixed
+from scidiff.evaluation.floor import check_settings as check_floor_settings
 from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
 from scidiff.evaluation.molecules import AtomCounts
 from scidiff.evaluation.spectra import SpectralError
+from scidiff.evaluation.verdict import Verdict, VerdictSettings, judge
+from scidiff.evaluation.verdict import check_settings as check_verdict_settings
 
 LN2 = math.log(2.0)
 Estimator = Literal["exact", "importance"]
@@ -140,6 +149,8 @@ class EvaluationSettings:
     ode: ODESettings = field(default_factory=ODESettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     metrics: MetricSettings = field(default_factory=MetricSettings)
+    floor: FloorSettings = field(default_factory=FloorSettings)
+    verdict: VerdictSettings = field(default_factory=VerdictSettings)
 
 
 # ------------------------------------------------------------------------------ result
@@ -166,6 +177,14 @@ class Evaluation:
         panels_data / panels_samples: ``[n, C, *S]`` the first data samples and member 0.
         channel_names, units, spatial_dims, coords: from the checkpoint's metadata.
         info: provenance (checkpoint, sha256, estimator, ...), plain python.
+        power_floor ``[C, K]``, rank_histogram_floor ``[C, M + 1]``: the same for the floor
+            ensembles (real fields; :mod:`scidiff.evaluation.floor`); their scalars are
+            ``floor/<metric>`` in ``scalars``.
+        floor_indices: ``[N, M]`` store indices of each sample's floor ensemble.
+        verdict: every sample metric against its floor (:mod:`scidiff.evaluation.verdict`),
+            None without sampling or floor.
+        grid_units: per spatial dim, the unit of its coordinate (``units`` attribute), or
+            ``grid spacing`` (no coordinate, unit steps), or ``<dim> units``.
     """
 
     split: str
@@ -185,6 +204,11 @@ class Evaluation:
     spatial_dims: tuple[str, ...]
     coords: dict[str, np.ndarray]
     info: dict[str, Any]
+    power_floor: np.ndarray | None = None
+    rank_histogram_floor: np.ndarray | None = None
+    floor_indices: np.ndarray | None = None
+    verdict: Verdict | None = None
+    grid_units: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -252,6 +276,20 @@ def grid_spacing(metadata) -> tuple[float, ...]:
             out.append(d if d > 0 else 1.0)
         else:
             out.append(1.0)
+    return tuple(out)
+
+
+def grid_units(metadata) -> tuple[str, ...]:
+    """The length unit of each spatial axis, as :func:`grid_spacing` measures it: the
+    coordinate's ``units`` attribute, else (no unit, or ``1``) ``grid spacing`` for unit
+    steps (no coordinate, or positions 0, 1, ...), else ``<dim> units``."""
+    out = []
+    for dim, spacing in zip(metadata.spatial_dims, grid_spacing(metadata)):
+        attrs = (getattr(metadata, "coord_attrs", None) or {}).get(dim) or {}
+        unit = str(attrs.get("units", "")).strip()
+        if unit in ("", "1"):  # positions in grid spacings, or a coordinate without a unit
+            unit = "grid spacing" if spacing == 1.0 else f"{dim} units"
+        out.append(unit)
     return tuple(out)
 
 
@@ -609,6 +647,11 @@ def evaluate(
         raise EvaluationError(f"batch_size: must be >= 1, got {s.batch_size}")
     if s.bound.estimator not in ("exact", "importance"):
         raise EvaluationError(f"bound.estimator: expected exact or importance, got {s.bound.estimator!r}")
+    try:
+        check_floor_settings(s.floor)
+        check_verdict_settings(s.verdict)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
     rank, world = dist_info()
     dev = _resolve_device(device)
     pretrained.to(dev)
@@ -640,6 +683,7 @@ def evaluate(
                       "gap_conditional/*, not true_nll_bpd", stacklevel=2)
     likelihoods = _Likelihoods(pretrained, dm, s, dev, weights, true_ll)
     metrics = _SampleMetrics(pretrained, members, s.metrics, dev) if sampling else None
+    floor = _floor(dm, reader, pretrained, indices, members, s, sampling, dev)
     rows: dict[str, list[np.ndarray]] = {}
     panels: list[tuple[Tensor, Tensor]] = []
     t_sample = 0.0
@@ -677,6 +721,9 @@ def evaluate(
                 if rank == 0 and sum(len(p[0]) for p in panels) < s.num_panels:
                     panels.append((x_phys.cpu(), ens_phys[:, 0].cpu()))
                 t_sample += time.perf_counter() - tic
+            if floor is not None:  # the same metrics for real fields of the nearest conditions
+                f_phys, f_model, f_mask = floor[0].read(store_idx, xt, mask, dev)
+                floor[1].update(f_phys, f_model, x_phys, x.to(torch.float64), f_mask, weights)
             if bar is not None:
                 bar.update(len(pos))
     if bar is not None:
@@ -701,6 +748,11 @@ def evaluate(
         more, spectra, rank_hist, maps = metrics.results()
         scalars.update(more)
         scalars["sampling_seconds_per_1000"] = 1000.0 * max(t[1] / max(t[2], 1) for t in timing)
+    floor_spectra, floor_hist, verdict = None, None, None
+    if floor is not None:
+        more, (_, _, floor_spectra), floor_hist, _ = floor[1].results()
+        scalars.update(prefixed(more))
+        verdict = judge(scalars, s.verdict)
     dm.teardown()
     info = {
         "checkpoint": str(pretrained.checkpoint), "sha256": pretrained.sha256, "global_step": pretrained.global_step,
@@ -714,6 +766,8 @@ def evaluate(
         "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
             f"DDIM {s.sampling.steps} steps, eta {s.sampling.eta}" if sampling else "none"),
         "area_weights": "cos(latitude)" if weights is not None else "none", "world_size": world,
+        "floor": (floor[0].describe() if floor is not None else "none: sampling is off" if not sampling
+                  else "none: floor.enabled is false"),
         "seed": s.seed, "device": str(dev),
     }
     return Evaluation(
@@ -724,8 +778,20 @@ def evaluate(
         channel_names=tuple(meta.channel_names), units=tuple(meta.units), spatial_dims=tuple(meta.spatial_dims),
         coords={k: np.asarray(v) for k, v in meta.coords.items()
                 if tuple(meta.coord_dims.get(k, ())) and set(meta.coord_dims[k]) <= set(meta.spatial_dims)},
-        info=info,
+        info=info, power_floor=floor_spectra, rank_histogram_floor=floor_hist,
+        floor_indices=None if floor is None else floor[0].indices, verdict=verdict, grid_units=grid_units(meta),
     )
+
+
+def _floor(dm, reader, pretrained, indices, members, s: EvaluationSettings, sampling: bool, dev):
+    """(the floor ensembles, their metrics) or None (no sampling, or floor.enabled false)."""
+    if not (sampling and s.floor.enabled):
+        return None
+    try:
+        ensembles = FloorEnsemble(dm, reader, pretrained.metadata, indices, members, s.floor, s.seed)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    return ensembles, _SampleMetrics(pretrained, members, s.metrics, dev)
 
 
 class _Likelihoods:
@@ -962,14 +1028,17 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "EvaluationSettings",
+    "FloorSettings",
     "MetricSettings",
     "ODESettings",
     "SamplingSettings",
     "TrueLogLikelihood",
+    "VerdictSettings",
     "area_weights",
     "build_datamodule",
     "evaluate",
     "grid_spacing",
+    "grid_units",
     "key_seed",
     "true_log_likelihood",
 ]

@@ -1,6 +1,7 @@
 """scidiff-evaluate end to end on the shared tiny conditional GRF run: the MLflow store read
 back through the client, the evaluation file against the logged numbers, bits/dim in
-physical units against an independent log-determinant, one-line errors."""
+physical units against an independent log-determinant, the noise floor and the verdict
+(printed, logged, and exit status 3 with verdict.fail_on_unfaithful), one-line errors."""
 
 from __future__ import annotations
 
@@ -36,8 +37,16 @@ def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
     before = sorted(p.name for p in trained_run.iterdir())
     proc = run_evaluate([f"checkpoint={run_dir}", *TINY], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1]
+    lines = proc.stdout.strip().splitlines()
+    line = lines[-1]
     out = run_dir / "eval" / "val"
+    # the verdict table before the last line: a header, 8 metrics, the overall verdict
+    assert lines[-2].startswith("verdict: faithful (8/8") or lines[-2].startswith("verdict: NOT faithful: ")
+    assert lines[-12].startswith("noise floor: 3 real fields per sample from the 'all' pool (")
+    assert lines[-11].split()[:4] == ["metric", "channel", "model", "floor"]
+    assert [r.split()[0] for r in lines[-10:-2]] == ["spectral_error", "rank_deviation", "w1", "bias_rms",
+                                                     "std_ratio", "spread_skill", "crps", "energy_score"]
+    assert "spectral error (mean |ln P_samples/P_data| over shells) field" in line and "(floor " in line
     assert line.startswith("scidiff-evaluate val (3 samples) | bound ") and "bits/dim" in line
     assert f"file {(out / 'evaluation.nc').resolve()}" in line and "MLflow run" in line and "CRPS field" in line
     assert not (out / "error.log").exists()
@@ -53,14 +62,17 @@ def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
     assert run.info.run_id in line
     logged = {k[len("eval/val/"):]: v for k, v in run.data.metrics.items() if k.startswith("eval/val/")}
     for key in ("bpd", "bpd_se", "bpd_model", "bpd_mc_se", "log_det_bpd", "crps/field", "spread_skill/field",
-                "spectral_error/field", "energy_score", "w1/field", "bias_rms/field", "num_samples"):
+                "spectral_error/field", "energy_score", "w1/field", "bias_rms/field", "num_samples",
+                "floor/crps/field", "floor/std_ratio/field", "floor/spectral_error/field", "floor/energy_score"):
         assert key in logged, key
+    assert run.data.tags["verdict"] in ("faithful", "not faithful")
+    assert run.data.tags["verdict"] == ("faithful" if lines[-2].startswith("verdict: faithful") else "not faithful")
     assert logged["num_samples"] == 3 and logged["crps/field"] > 0
     history = client.get_metric_history(run.info.run_id, "eval/val/bpd")
     assert [m.step for m in history] == [30]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")}
     assert {f"eval/val/{n}" for n in ("samples.png", "power_spectra.png", "rank_histogram.png", "maps.png",
-                                      "evaluation.nc")} <= artifacts
+                                      "evaluation.nc", "verdict.json")} <= artifacts
 
     # the file holds the logged numbers (MLflow keeps float64)
     with xr.open_dataset(out / "evaluation.nc") as ds:
@@ -76,12 +88,13 @@ def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
     # (zscore), so bits/dim in physical units = normalised + log2(std), per sample
     from scidiff.training.pretrained import load_pretrained
 
-    train = np.asarray(load_pretrained(run_dir).split_indices["train"])
-    field = xr.open_zarr(data_dir / "grf_tiny.zarr")["field"].values
+    pre = load_pretrained(run_dir)
+    train = np.asarray(pre.split_indices["train"])
+    field = xr.open_zarr(pre.config["data"]["path"])["field"].values  # the store the run was trained on
     shift = math.log2(field[train].astype(np.float64).std())  # population std, as the statistics
     np.testing.assert_allclose(bpd - bpd_model, shift, atol=1e-9)
     assert logged["bpd"] - logged["bpd_model"] == pytest.approx(shift, abs=1e-9)
-    assert np.all(np.isin(index, load_pretrained(run_dir).split_indices["val"]))
+    assert np.all(np.isin(index, pre.split_indices["val"]))
 
 
 def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
@@ -98,6 +111,10 @@ def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
         ([f"checkpoint={tmp_path / 'missing.ckpt'}"], "missing.ckpt does not exist"),
         (["split=val"], "checkpoint: required"),
         ([f"checkpoint={run_dir}", "nonsense=1"], "nonsense"),
+        ([f"checkpoint={run_dir}", "verdict.factor=-1"], "verdict.factor: must be a finite number > 0, got -1"),
+        ([f"checkpoint={run_dir}", "floor.pool=bogus"], "floor.pool"),
+        ([f"checkpoint={run_dir}", "+verdict.factr=2"], "verdict.factr"),
+        ([f"checkpoint={run_dir}", "verdict.fail_on_unfaithful=maybe"], "verdict.fail_on_unfaithful"),
     ]
     for args, expected in cases:
         with pytest.raises(SystemExit) as stop:
@@ -105,3 +122,46 @@ def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2, args
         assert err.startswith("error: ") and err.strip().count("\n") == 0 and expected in err, (args, err)
+
+
+def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_dir, tmp_path, capsys):
+    """Members that are real fields scaled by 2 (std_ratio ~2): with verdict.fail_on_unfaithful
+    the command names the failing metrics and exits 3, and the file, the figures and the
+    MLflow metrics (with the floor and the verdict tag) are all written."""
+    from mlflow.tracking import MlflowClient
+
+    from scidiff.training.pretrained import load_pretrained
+
+    run_dir = trained_run / "outputs" / "quickstart" / "tiny"
+    pre = load_pretrained(run_dir)
+    val = np.asarray(pre.split_indices["val"])[:4]
+    field = xr.open_zarr(pre.config["data"]["path"])["field"].values.astype(np.float64)
+    others = [(val + 1 + k) % field.shape[0] for k in range(3)]  # other real fields, three members
+    members = 2.0 * np.stack([field[o] for o in others], axis=1)
+    ens = tmp_path / "wide.zarr"
+    xr.Dataset({"field": (("sample", "member", "y", "x"), members.astype(np.float32))},
+               coords={"data_index": ("sample", val)}).to_zarr(ens)
+    # a new run in its own experiment of the training's store (a fresh store costs ~10 s of migrations)
+    uri = f"sqlite:///{trained_run / 'mlflow.db'}"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:  # in process: a subprocess would spend seconds importing
+        main([f"checkpoint={run_dir}", f"ensemble={ens}", f"out={out}", "split=val", "bound.enabled=false",
+              "progress=false", "metrics.wasserstein_bins=200", "verdict.fail_on_unfaithful=true",
+              f"logger.tracking_uri={uri}", "logger.new_run=true", "logger.experiment_name=floor-verdict-test"])
+    assert stop.value.code == 3, capsys.readouterr().err[-3000:]
+    stdout = capsys.readouterr().out
+    lines = stdout.strip().splitlines()
+    assert lines[-2].startswith("verdict: NOT faithful: ") and "std_ratio/field" in lines[-2]
+    assert any(r.split()[:2] == ["std_ratio", "field"] and " FAIL " in r for r in lines)
+    assert lines[-1].startswith("scidiff-evaluate val (4 samples)") and "verdict NOT faithful" in lines[-1]
+    assert {p.name for p in out.iterdir()} >= {"evaluation.nc", "power_spectra.png", "rank_histogram.png"}
+    with xr.open_dataset(out / "evaluation.nc") as ds:
+        assert ds.attrs["verdict"] == "not faithful"
+        in_file = dict(zip(ds["metric"].values.tolist(), ds["metric_value"].values.tolist()))
+    assert in_file["std_ratio/field"] == pytest.approx(2.0, rel=0.35)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(ds.attrs["mlflow_run_id"])
+    assert run.data.tags["verdict"] == "not faithful"
+    assert run.data.metrics["eval/val/floor/std_ratio/field"] == pytest.approx(in_file["floor/std_ratio/field"])
+    assert run.data.metrics["eval/val/std_ratio/field"] == pytest.approx(in_file["std_ratio/field"])
+    assert "eval/val/verdict.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")}

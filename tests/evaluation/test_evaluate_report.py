@@ -11,6 +11,7 @@ file holds the numbers of the result and is replaced atomically.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -262,7 +263,8 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, store: str, out_dir: str
     try:
         ev = evaluate(make_pretrained(Path(store), Path(out_dir)), settings(), device="cpu", progress=False)
         torch.save({"scalars": ev.scalars, "per_sample": ev.per_sample, "indices": ev.indices, "terms": ev.terms,
-                    "rank_histogram": ev.rank_histogram, "power_samples": ev.power_samples, "crps": ev.maps["crps"]},
+                    "rank_histogram": ev.rank_histogram, "power_samples": ev.power_samples, "crps": ev.maps["crps"],
+                    "floor_indices": ev.floor_indices, "power_floor": ev.power_floor},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -285,6 +287,10 @@ def test_two_process_ddp_equals_one_process(exact, store, tmp_path):
         np.testing.assert_allclose(got["rank_histogram"], exact.rank_histogram, rtol=1e-9)
         np.testing.assert_allclose(got["power_samples"], exact.power_samples, rtol=1e-6)
         np.testing.assert_allclose(got["crps"], exact.maps["crps"], rtol=1e-6)
+        # the floor: each sample's neighbours the same on every rank, its metrics summed over ranks
+        np.testing.assert_array_equal(got["floor_indices"], exact.floor_indices)
+        np.testing.assert_allclose(got["power_floor"], exact.power_floor, rtol=1e-9)
+        assert any(k.startswith("floor/") for k in got["scalars"])
 
 
 def test_mlflow_new_run_and_missing_store(exact, tmp_path):
@@ -303,7 +309,13 @@ def test_mlflow_new_run_and_missing_store(exact, tmp_path):
     assert run.data.params["split"] == "val"
     assert run.data.metrics["eval/val/bpd"] == exact.scalars["bpd"]
     assert [m.step for m in client.get_metric_history(run_id, "eval/val/crps/tas")] == [7]
-    assert [a.path for a in client.list_artifacts(run_id, "eval/val")] == ["eval/val/note.txt"]
+    assert [a.path for a in client.list_artifacts(run_id, "eval/val")] == ["eval/val/note.txt",
+                                                                           "eval/val/verdict.json"]
+    # the noise floor and the verdict: eval/<split>/floor/... metrics, a tag, the table
+    assert run.data.metrics["eval/val/floor/crps/tas"] == exact.scalars["floor/crps/tas"]
+    assert run.data.tags["verdict"] == exact.verdict.label == run.data.tags["eval/val/verdict"]
+    table = json.loads(Path(client.download_artifacts(run_id, "eval/val/verdict.json", str(tmp_path))).read_text())
+    assert table["verdict"] == exact.verdict.label and len(table["metrics"]) == len(exact.verdict.metrics) == 8
     missing = tmp_path / "elsewhere" / "mlflow.db"
     with pytest.raises(EvaluationError, match="logger.tracking_uri: the MLflow store .*elsewhere/mlflow.db does not exist"):
         log_to_mlflow(exact, tracking_uri=f"sqlite:///{missing}", run_id="f" * 32, new_run=False,
