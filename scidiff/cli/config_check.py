@@ -56,6 +56,8 @@ class GenerateData:
     seed: int = 0
     dims: int | None = None
     path: str | None = None         # the store it writes; generated only when data.path is this path
+    num_samples: int | None = None  # grf: overrides the size preset's number of fields
+    shape: list[int] | None = None  # grf: overrides the size preset's spatial shape
 
 
 BOUNDARIES = ("zeros", "circular", "reflect")
@@ -181,6 +183,9 @@ def check_train_config(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is None:
             continue
+        if group == "diffusion" and node.get("sigma_data") == "auto":  # resolved from the data by scidiff-train
+            node = node.copy()
+            node.sigma_data = 1.0
         if "_target_" not in node:
             raise ConfigError(f"{group}: has no _target_ (choose a config from configs/{group}/)")
         _walk(node, group)

@@ -72,6 +72,13 @@ def ensure_data(cfg) -> None:
     args = [gen.kind, "--out", str(path), "--size", gen.size, "--seed", str(gen.seed)]
     if gen.get("dims") is not None:
         args += ["--dims", str(gen.dims)]
+    for key, flag in (("num_samples", "--num-samples"), ("shape", "--shape")):
+        value = gen.get(key)
+        if value is None:
+            continue
+        if gen.kind != "grf":
+            raise ConfigError(f"generate_data.{key}: only the grf generator takes it (kind is {gen.kind})")
+        args += [flag, *(str(v) for v in (value if key == "shape" else [value]))]
     print(f"scidiff-train: generating {path} (scidiff-make-dataset {' '.join(args)})", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     status = make_dataset(args)
@@ -96,7 +103,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     """Instantiate data, model, logger, callbacks and trainer from a composed config."""
     import hydra.utils as hu
     from lightning.pytorch.loggers import MLFlowLogger
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from scidiff.training import AtomicCheckpointIO, ResumableDataModule, safe_torch_load
     from scidiff.training.callbacks import RunArtifacts
@@ -105,6 +112,10 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     inner = hu.instantiate(cfg.data)
     datamodule = ResumableDataModule(inner)
     meta = inner.metadata
+    if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
+        inner.setup("fit")
+        with open_dict(cfg):
+            cfg.diffusion.sigma_data = round(inner.statistics.normalised_rms(), 6)
     denoiser = hu.instantiate(
         cfg.denoiser,
         in_channels=meta.num_channels,

@@ -108,6 +108,17 @@ class Statistics:
             [c.log_offset for c in channels],
         )
 
+    def normalised_rms(self) -> float:
+        """Root mean square of the normalised target over its channels and points: the data
+        scale sigma_data of EDM preconditioning (1 for z-scored channels; ``minmax`` or
+        ``none`` scaling give other values). Per channel sqrt(m^2 + s^2) with m, s the mean and
+        std of the normalised values; channels weigh equally."""
+        second = []
+        for c in self.x:
+            shift, scale = c.affine()
+            second.append(((c.mean - shift) / scale) ** 2 + (c.std / scale) ** 2)
+        return math.sqrt(sum(second) / len(second))
+
     def x_transform(self) -> ChannelTransform:
         """Physical -> normalised for the target channels ``[B, C, *S]``."""
         return self._transform(self.x)

@@ -100,11 +100,14 @@ class ODESettings:
 
 @dataclass
 class SamplingSettings:
-    """Args: enabled; steps (DDIM steps); members per data sample; eta; spacing of the DDIM
-    steps; guidance_scale w of classifier-free guidance (1: the conditional model, no
-    guidance; needs a model trained with condition dropout otherwise) and its rescale phi."""
+    """Args: enabled; sampler (``ddim``, or ``ddpm``: ancestral over all T steps, which
+    ignores steps, eta and spacing); steps (DDIM steps); members per data sample; eta;
+    spacing of the DDIM steps; guidance_scale w of classifier-free guidance (1: the
+    conditional model, no guidance; needs a model trained with condition dropout
+    otherwise) and its rescale phi."""
 
     enabled: bool = True
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50
     members: int = 4
     eta: float = 0.0
@@ -764,7 +767,7 @@ def evaluate(
         "variances": [pretrained.diffusion.variance, *likelihoods.variants], "num_terms": s.bound.num_terms,
         "members": members if sampling else 0,
         "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
-            f"DDIM {s.sampling.steps} steps, eta {s.sampling.eta}" if sampling else "none"),
+            _describe_sampler(s.sampling) if sampling else "none"),
         "area_weights": "cos(latitude)" if weights is not None else "none", "world_size": world,
         "floor": (floor[0].describe() if floor is not None else "none: sampling is off" if not sampling
                   else "none: floor.enabled is false"),
@@ -1005,9 +1008,15 @@ def _nanmean(maps: Tensor) -> Tensor:
     return torch.nanmean(maps.reshape(maps.shape[0], -1), dim=1)
 
 
+def _describe_sampler(s: SamplingSettings) -> str:
+    if s.sampler == "ddpm":
+        return "DDPM (ancestral, all T steps)"
+    return f"DDIM {s.steps} steps ({s.spacing}), eta {s.eta}"
+
+
 def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.ndarray, s: EvaluationSettings,
               dev: torch.device) -> Tensor:
-    """``members`` DDIM samples per data sample, ``[B, M, C, *S]`` normalised; member k of
+    """``members`` samples per data sample (``sampling.sampler``), ``[B, M, C, *S]`` normalised; member k of
     store sample j uses the generator keyed (seed, 2, j, k)."""
     b, m = x.shape[0], s.sampling.members
     gens = [generator(s.seed, 2, int(j), k) for j in store_idx for k in range(m)]
@@ -1017,8 +1026,13 @@ def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.nd
     net = pretrained.denoiser
     if cond is not None and (s.sampling.guidance_scale != 1.0 or s.sampling.guidance_rescale != 0.0):
         net = ClassifierFreeGuidance(net, scale=s.sampling.guidance_scale, rescale=s.sampling.guidance_rescale)
-    out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
-                               spacing=s.sampling.spacing, cond=rep, generator=gens)
+    if s.sampling.sampler == "ddpm":
+        out = samplers.ddpm_sample(net, pretrained.diffusion, x_T, cond=rep, generator=gens)
+    elif s.sampling.sampler == "ddim":
+        out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
+                                   spacing=s.sampling.spacing, cond=rep, generator=gens)
+    else:
+        raise EvaluationError(f"sampling.sampler: expected ddim or ddpm, got {s.sampling.sampler!r}")
     return out.reshape(b, m, *x.shape[1:])
 
 
