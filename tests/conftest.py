@@ -7,7 +7,7 @@ a tiny UNet's forward + backward took 0.8 s with one thread and 7 s with two on 
 two-core machine). Set ``OMP_NUM_THREADS`` yourself to override.
 
 Fixtures are defined here once (not re-exported per directory, which would make pytest
-build them once per directory): ``data_dir`` (the tiny GRF store) and ``trained_run``
+build them once per directory): ``data_dir`` (the quickstart's and the tiny GRF stores) and ``trained_run``
 (a tiny conditional checkpoint for the sampling, evaluation and inversion tests).
 """
 
@@ -28,11 +28,23 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """SCIDIFF_DATA_DIR with the tiny GRF store the quickstart uses."""
+    """SCIDIFF_DATA_DIR with the quickstart's GRF store (``grf_quickstart.zarr``, generated from
+    the quickstart config's own ``generate_data``) and the tiny GRF store (``grf_tiny.zarr``)."""
     d = tmp_path_factory.mktemp("data")
+    from scidiff.cli.train import compose_config, ensure_data
     from scidiff_datasets.cli import main as make_dataset
 
     assert make_dataset(["grf", "--out", str(d / "grf_tiny.zarr"), "--size", "tiny", "--seed", "0", "-q"]) in (0, None)
+    previous = os.environ.get("SCIDIFF_DATA_DIR")
+    os.environ["SCIDIFF_DATA_DIR"] = str(d)
+    try:
+        ensure_data(compose_config(["experiment=quickstart"]))
+    finally:
+        if previous is None:
+            del os.environ["SCIDIFF_DATA_DIR"]
+        else:
+            os.environ["SCIDIFF_DATA_DIR"] = previous
+    assert (d / "grf_quickstart.zarr").exists()
     return d
 
 

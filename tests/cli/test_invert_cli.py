@@ -28,7 +28,7 @@ def run_invert(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.C
 @pytest.fixture(scope="module")
 def fields(data_dir, tmp_path_factory) -> Path:
     """Four GRF fields in physical units with their parameters, as a user would give them."""
-    src = xr.open_zarr(data_dir / "grf_tiny.zarr").isel(sample=slice(40, 44)).load()
+    src = xr.open_zarr(data_dir / "grf_quickstart.zarr").isel(sample=slice(40, 44)).load()
     ds = xr.Dataset({name: (src[name].dims, src[name].values, dict(src[name].attrs))
                      for name in ("field", "spectral_index", "amplitude")},
                     coords={k: (src[k].dims, src[k].values, dict(src[k].attrs)) for k in ("sample", "y", "x")})

@@ -1,0 +1,124 @@
+"""A trained model generates the right fields, with every sampler.
+
+The analytic-denoiser tests prove the samplers' mathematics; this test proves the product:
+``scidiff-train`` (a subprocess, the quickstart's diffusion, denoiser and optimiser settings)
+trains a small model on a store of periodic Gaussian random fields with one power spectrum
+``P(k) = k^-2.5``, and every sampler draws members from it that are compared with *real*
+fields from the generator:
+
+* the per-member standard deviation (ratio to the real fields'), and
+* the spectral error ``mean_k |ln(P_samples(k) / P_real(k))|`` over the radial shells.
+
+Each sampler has a discretisation error of its own (deterministic DDIM with 20 steps loses
+small-scale power even with a perfect denoiser), so the same sampler is also run from the
+same noise with the *exact* denoiser of this law (the Wiener filter,
+:class:`~scidiff.diffusion.analytic.GaussianFieldDenoiser`), and the floor is what two
+independent sets of real fields of the same size show (mean over repeats). The tolerances:
+
+    |ln std_model / std_real|  <=  |ln std_exact / std_real|  +  1.5 * floor_std
+    spectral_error(model)      <=  spectral_error(exact)      +  1.5 * floor_spectral
+
+i.e. the trained model may add no more than 1.5 floors to what a perfect model with the same
+sampler shows. An eps-prediction model on the clipped cosine schedule (the configuration that
+was the default before v-prediction) fails it by orders of magnitude: DDPM and trailing DDIM
+start at t = T-1, where the schedule multiplies the model's eps error by ~30 per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scidiff.diffusion import samplers
+from scidiff.diffusion.analytic import GaussianFieldDenoiser
+from scidiff.evaluation.spectra import radial_power_spectrum
+from tests.training.conftest import QUIET, run_train
+
+SHAPE = (16, 16)
+INDEX, AMPLITUDE = 2.5, 1.0
+MEMBERS = 48
+FLOOR_REPEATS = 40
+# (name, sampler keyword arguments): DDPM over all T steps, DDIM with 20 and 50 steps, every spacing
+SAMPLERS = [("ddpm", {})] + [
+    (f"ddim{steps}-{spacing}", {"num_steps": steps, "spacing": spacing})
+    for steps in (20, 50) for spacing in ("leading", "trailing", "linspace")
+]
+
+
+def real_fields(num: int, seed: int) -> torch.Tensor:
+    from scidiff_datasets.grf import sample_fields
+
+    w = np.random.default_rng(seed).standard_normal((num, *SHAPE))
+    return torch.from_numpy(sample_fields(w, np.full(num, AMPLITUDE), np.full(num, INDEX)))[:, None]
+
+
+def std_log_ratio(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return abs(math.log(float(x.std() / ref.std())))
+
+
+def spectral_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    p, q = radial_power_spectrum(x).power.mean(0), radial_power_spectrum(ref).power.mean(0)
+    return float((p / q).log().abs().mean())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(Pretrained, training wall time) of a quickstart-configured model on a one-law GRF store."""
+    from scidiff.training.pretrained import load_pretrained
+    from scidiff_datasets.cli import main as make_dataset
+
+    root = tmp_path_factory.mktemp("trained_model")
+    store = root / "grf16.zarr"
+    assert make_dataset(["grf", "--out", str(store), "--size", "small", "--shape", *map(str, SHAPE),
+                         "--num-samples", "1024", "--spectral-index", str(INDEX), str(INDEX),
+                         "--amplitude", str(AMPLITUDE), str(AMPLITUDE), "--seed", "5", "-q"]) in (0, None)
+    steps = 600
+    run_train(["experiment=quickstart", f"data.path={store}", "generate_data=null", "data.params=[]",
+               "data/split=fraction", "data.split.train=0.9", "data.split.val=0.1", "data.split.test=0.0",
+               "module.cond_dropout=0.0", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+               f"callbacks.periodic_checkpoint.every_n_train_steps={steps}", "callbacks.best_checkpoint=null",
+               "logger=none", "run_name=quality", *QUIET], root, root, timeout=400)
+    return load_pretrained(root / "outputs" / "quickstart" / "quality")
+
+
+def test_every_sampler_generates_the_fields_of_the_data(trained):
+    pre = trained
+    assert pre.diffusion.prediction in ("v", "edm"), "the quickstart's default must be stable at every noise level"
+    real = real_fields(4 * MEMBERS, seed=11)
+    floors = [(std_log_ratio(a, b), spectral_error(a, b)) for a, b in
+              (map(lambda s: real_fields(MEMBERS, s), (100 + 2 * i, 101 + 2 * i)) for i in range(FLOOR_REPEATS))]
+    floor_std, floor_spec = (float(np.mean(v)) for v in zip(*floors))
+
+    # the exact denoiser of the law in the model's (normalised) units
+    zero = pre.to_model(torch.zeros(1, 1, *SHAPE, dtype=torch.float64))
+    scale = float((pre.to_model(torch.ones(1, 1, *SHAPE, dtype=torch.float64)) - zero).mean())
+    from scidiff_datasets.grf import power_spectrum
+
+    power = torch.from_numpy(power_spectrum(SHAPE, [AMPLITUDE], [INDEX])) * scale**2
+    exact = GaussianFieldDenoiser(pre.diffusion, power, mean=float(zero.mean()))
+
+    rows, failures = [], []
+    for name, kwargs in SAMPLERS:
+        out = {}
+        for label, net in (("model", pre.denoiser), ("exact", exact)):
+            x_T = torch.randn((MEMBERS, 1, *SHAPE), generator=torch.Generator().manual_seed(3))
+            with torch.no_grad():
+                if name == "ddpm":
+                    x = samplers.ddpm_sample(net, pre.diffusion, x_T, generator=torch.Generator().manual_seed(4))
+                else:
+                    x = samplers.ddim_sample(net, pre.diffusion, x_T, **kwargs)
+            out[label] = pre.to_physical(x.double())
+        s_model, s_exact = std_log_ratio(out["model"], real), std_log_ratio(out["exact"], real)
+        e_model, e_exact = spectral_error(out["model"], real), spectral_error(out["exact"], real)
+        rows.append(f"{name:16s} |ln std ratio| model {s_model:.3f} exact {s_exact:.3f} | "
+                    f"spectral error model {e_model:.3f} exact {e_exact:.3f}")
+        if not (s_model <= s_exact + 1.5 * floor_std):
+            failures.append(f"{name}: std ratio {math.exp(s_model):.3g}")
+        if not (e_model <= e_exact + 1.5 * floor_spec):
+            failures.append(f"{name}: spectral error {e_model:.3g}")
+    report = "\n".join(rows) + f"\nfloor: |ln std ratio| {floor_std:.3f}, spectral error {floor_spec:.3f}"
+    print(report)
+    assert not failures, "trained model off the data beyond 1.5 floors:\n" + "\n".join(failures) + "\n" + report
