@@ -142,6 +142,10 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         with store_lock(cfg.logger.get("tracking_uri")):  # ranks of torchrun/srun open it together
             logger = hu.instantiate(cfg.logger, **kwargs)
     callbacks = [hu.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if logger is None:  # nothing to log the learning rate to (logger=none): Lightning would refuse to start
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(RunArtifacts(config=config, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                                   resumed=ckpt is not None))
     trainer = hu.instantiate(cfg.trainer, logger=logger if logger is not None else False,

@@ -28,6 +28,20 @@ def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     assert summary["global_step"] == 1
 
 
+def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, data_dir):
+    """diffusion=edm has sigma_data: auto; the run records the number (the RMS of the z-scored
+    training fields: 1) in its config, and the checkpoint loads with it."""
+    from scidiff.training.pretrained import load_pretrained
+
+    run_train(["experiment=quickstart", "diffusion=edm", "run_name=edm", "trainer.max_steps=2",
+               "trainer.val_check_interval=2", "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none",
+               *QUIET], tmp_path, data_dir)
+    pre = load_pretrained(tmp_path / "outputs" / "quickstart" / "edm")
+    assert pre.config["diffusion"]["sigma_data"] == pytest.approx(1.0, abs=1e-5)
+    assert pre.diffusion.prediction == "edm" and pre.diffusion.sigma_data == pytest.approx(1.0, abs=1e-5)
+    assert pre.diffusion.timestep_sampling == "lognormal"
+
+
 def test_quickstart_logs_to_mlflow(tmp_path, data_dir):
     """After a short run the SQLite store holds params, the loss curve and the checkpoint."""
     from mlflow.tracking import MlflowClient
@@ -47,7 +61,7 @@ def test_quickstart_logs_to_mlflow(tmp_path, data_dir):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["trainer.max_steps"] == "12"
-    assert run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.params["optimizer.lr"] == "0.002"
     assert run.data.tags.get("git_commit")
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [1, 3, 5, 7, 9, 11] or len(losses) >= 5

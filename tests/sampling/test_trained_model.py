@@ -77,7 +77,7 @@ def trained(tmp_path_factory):
                          "--amplitude", str(AMPLITUDE), str(AMPLITUDE), "--seed", "5", "-q"]) in (0, None)
     steps = 600
     run_train(["experiment=quickstart", f"data.path={store}", "generate_data=null", "data.params=[]",
-               "data/split=fraction", "data.split.train=0.9", "data.split.val=0.1", "data.split.test=0.0",
+               "data/split=fraction", "~data.split.coord", "data.split.train=0.9", "data.split.val=0.1", "data.split.test=0.0",
                "module.cond_dropout=0.0", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                f"callbacks.periodic_checkpoint.every_n_train_steps={steps}", "callbacks.best_checkpoint=null",
                "logger=none", "run_name=quality", *QUIET], root, root, timeout=400)

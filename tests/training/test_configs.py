@@ -46,6 +46,9 @@ def test_config_composes_checks_and_instantiates(overrides, tmp_path, data_dir, 
     cfg = _compose(overrides, tmp_path / "run")
     check_train_config(cfg)
     # instantiate everything that needs no data store and no process group
+    if cfg.diffusion.get("sigma_data") == "auto":  # scidiff-train resolves it from the data (test_train_cli)
+        with open_dict(cfg):
+            cfg.diffusion.sigma_data = 1.0
     diffusion = hu.instantiate(cfg.diffusion)
     assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == 1000
     denoiser = hu.instantiate(cfg.denoiser, in_channels=1, dims=2, num_params=0, field_channels=0)
