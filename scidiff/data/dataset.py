@@ -583,6 +583,16 @@ class FieldDataset(Dataset):
         fields = np.concatenate([self._read(r, comps, n) for r in self._f], axis=1) if self._f else None
         return PhysicalBlock(x=x, params=params, fields=fields)
 
+    def read_params(self, flat_indices: Sequence[int] | np.ndarray) -> torch.Tensor | None:
+        """The normalised parameters ``[N, P]`` of samples ``flat_indices`` without reading their
+        fields (``None`` when the data set has no parameters)."""
+        if not self._p:
+            return None
+        idx = np.asarray(flat_indices, np.int64).reshape(-1)
+        comps = dict(zip(self.sample_dims, np.unravel_index(idx, self.sample_shape)))
+        phys = np.concatenate([self._read(r, comps, idx.size) for r in self._p], axis=1)
+        return self.param_transform(torch.from_numpy(np.ascontiguousarray(phys, dtype=np.float32)))
+
     def read_batch(self, flat_indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """A normalised batch (the dict of the module docstring, batched) for ``flat_indices``."""
         idx = np.asarray(flat_indices, np.int64).reshape(-1)

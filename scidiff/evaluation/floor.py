@@ -131,10 +131,10 @@ def condition_features(reader, indices: np.ndarray, metadata) -> np.ndarray:
     idx = np.asarray(indices, np.int64).reshape(-1)
     if not is_conditional(metadata):
         return np.zeros((idx.size, 0), np.float64)
-    if not tuple(metadata.field_names):
-        fast = _params_only(reader, idx)
-        if fast is not None:
-            return fast
+    if not tuple(metadata.field_names):  # parameters only: no need to read the fields
+        params = reader.read_params(idx)
+        if params is not None:
+            return params.to(torch.float64).numpy()
     points = float(np.prod(metadata.spatial_shape))
     per_sample = 8 * (len(metadata.param_names) + len(metadata.field_names) * points
                       + len(metadata.channel_names) * points)
@@ -149,19 +149,6 @@ def condition_features(reader, indices: np.ndarray, metadata) -> np.ndarray:
             parts.append(batch["fields"].to(torch.float64).flatten(1) / math.sqrt(points))
         out.append(torch.cat(parts, dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float64)
-
-
-def _params_only(reader, idx: np.ndarray) -> np.ndarray | None:
-    """The normalised parameters without reading the fields (``None``: not possible
-    with this reader; then the caller reads whole batches)."""
-    try:
-        specs, read = reader._p, reader._read
-        comps = dict(zip(reader.sample_dims, np.unravel_index(idx, reader.sample_shape)))
-        phys = np.concatenate([read(r, comps, idx.size).reshape(idx.size, -1) for r in specs], axis=1)
-        params = reader.param_transform(torch.from_numpy(np.ascontiguousarray(phys, dtype=np.float32)))
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return params.to(torch.float64).numpy()
 
 
 # ------------------------------------------------------------------------- neighbours

@@ -57,12 +57,12 @@ def test_store_a_user_opens(reference, trained_run):
     assert line.startswith(f"scidiff-sample: {out}") and f"written {TOTAL}, skipped 0" in line
     assert "members/s" in line
     ds = xr.open_zarr(out)
-    assert ds["field"].dims == ("sample", "member", "y", "x") and ds["field"].shape == (2, MEMBERS, 32, 32)
+    assert ds["field"].dims == ("sample", "member", "y", "x") and ds["field"].shape == (2, MEMBERS, 16, 16)
     assert ds["field"].attrs["long_name"] == "Gaussian random field" and "units" in ds["field"].attrs
     assert ds["spectral_index"].dims == ("sample",) and ds["spectral_index"].values.tolist() == [1.5, 3.0]
     assert ds["amplitude"].values.tolist() == [1.0, 1.0]
     assert ds["seed"].dims == ("sample", "member") and len(np.unique(ds["seed"].values)) == TOTAL
-    assert ds["x"].values.tolist() == list(range(32)) and bool(ds["done"].all())
+    assert ds["x"].values.tolist() == list(range(16)) and bool(ds["done"].all())
     ckpt = trained_run / "outputs" / "quickstart" / "tiny" / "checkpoints" / "last.ckpt"
     from scidiff.training.pretrained import file_sha256, load_pretrained
 

@@ -25,8 +25,8 @@ def config(trained_run, out, observations, members=3):
 @pytest.fixture
 def obs_store(tmp_path):
     rng = np.random.default_rng(0)
-    values = np.full((32, 32), np.nan)
-    idx = rng.choice(32 * 32, size=40, replace=False)
+    values = np.full((16, 16), np.nan)
+    idx = rng.choice(16 * 16, size=40, replace=False)
     values.flat[idx] = rng.normal(3.0, 0.5, size=40)  # far from the data's mean 0: visible if ignored
     path = tmp_path / "obs.zarr"
     xr.Dataset({"field": (("y", "x"), values)}).to_zarr(path, zarr_format=2, consolidated=True)
@@ -40,7 +40,7 @@ def test_repaint_reproduces_observations_and_varies_elsewhere(trained_run, obs_s
     obs = {"path": str(path), "method": "repaint", "num_steps": 4, "jump_length": 2, "resample": 2}
     summary = sample_ensemble(config(trained_run, out, obs), log=lines.append)
     assert summary["written"] == 3
-    x = xr.open_zarr(out)["field"].values[0, :, ]  # [M, 32, 32]
+    x = xr.open_zarr(out)["field"].values[0, :, ]  # [M, 16, 16]
     seen = np.isfinite(values)
     np.testing.assert_allclose(x[:, seen], np.broadcast_to(values[seen], (3, seen.sum())), atol=1e-4)
     assert x[:, ~seen].std(axis=0).mean() > 0.1  # members differ where nothing is observed

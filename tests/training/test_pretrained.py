@@ -15,13 +15,13 @@ def test_load_by_path_dir_and_run_id(trained_run):
     by_dir = load_pretrained(run)
     assert by_dir.weights == "ema"
     assert by_dir.param_names == ("spectral_index", "amplitude")
-    assert by_dir.sample_shape == (1, 32, 32)
+    assert by_dir.sample_shape == (1, 16, 16)
     lo, hi = by_dir.param_ranges()["amplitude"]
     assert 0.4 < lo < hi < 2.1  # log-uniform in [0.5, 2] in physical units
     summary = json.loads((run / "summary.json").read_text())
     by_id = load_pretrained(summary["mlflow_run_id"], tracking_uri=f"sqlite:///{trained_run / 'mlflow.db'}")
     assert by_id.sha256 == by_dir.sha256
-    x = torch.randn(2, 1, 32, 32)
+    x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([0, 999])
     cond = None
     assert torch.equal(by_dir.denoiser(x, t, cond), by_id.denoiser(x, t, cond))
