@@ -144,12 +144,15 @@ def tables(doc: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {worst:.2f} |")
     lk = doc["likelihood"]
     true = lk.get("conditional_nll_bpd", lk.get("true_nll_bpd", math.nan))
-    lines += ["", "### Likelihood of held-out fields, bits/dim (physical units)", "",
-              "| estimate | bits/dim | gap to the exact conditional NLL |", "|---|---|---|",
+    lines += ["", f"### Likelihood of {doc.get('likelihood_samples', '')} held-out fields, bits/dim (physical units)", "",
+              "| estimate | bits/dim | gap to the exact conditional NLL (± s.e.) |", "|---|---|---|",
               f"| exact conditional NLL (store) | {_fmt(true)} | |"]
-    for label, key in (("bound, model's variance (fixed_small)", "bpd"), ("bound, fixed_large", "bpd/fixed_large"),
-                       ("bound, Analytic-DPM optimal variance", "bpd/optimal"), ("probability-flow ODE", "ode_bpd")):
-        lines.append(f"| {label} | {_fmt(lk.get(key, math.nan))} | {_fmt(lk.get(key, math.nan) - true)} |")
+    rows = (("bound, model's variance (fixed_small)", "bpd", "fixed_small"),
+            ("bound, fixed_large", "bpd/fixed_large", "fixed_large"),
+            ("bound, Analytic-DPM optimal variance", "bpd/optimal", "optimal"), ("probability-flow ODE", "ode_bpd", "ode"))
+    for label, key, gap in rows:  # the gap's standard error is over the paired per-field differences
+        se = lk.get(f"gap_se/{gap}", lk.get(f"gap_conditional_se/{gap}", math.nan))
+        lines.append(f"| {label} | {_fmt(lk.get(key, math.nan))} | {_fmt(lk.get(key, math.nan) - true)} ± {_fmt(se)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"run": str(run), "samples": args.samples, "members": args.members,
            "sample_metrics": sample_metrics(run, out, args.samples, args.members, log),
            "slopes": slopes(run, out, args.slope_members, log),
-           "likelihood": likelihood(run, out, args.likelihood_samples, log)}
+           "likelihood": likelihood(run, out, args.likelihood_samples, log),
+           "likelihood_samples": args.likelihood_samples}
     (out / "quality.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = tables(doc)
     (out / "quality.md").write_text(md)
