@@ -5,9 +5,9 @@
 #      Gaussian random fields with P(k) = A k^-n, trains a small UNet (v-prediction) conditioned
 #      on (n, A), with the band n in [2.0, 2.5] held out of training (the validation split);
 #      checkpoints and sample figures under ./outputs/quickstart/<run>/;
-#   2. scidiff-sample: 16 members at each of three held-out spectral indices (2.1, 2.25, 2.4;
-#      A = 1), in physical units, to ./outputs/quickstart/<run>/ensemble.zarr
-#      (open it with xarray.open_zarr);
+#   2. scidiff-sample: 16 members (DDIM, 100 steps, the sampler judged in 4.) at each of three
+#      held-out spectral indices (2.1, 2.25, 2.4; A = 1), in physical units, to
+#      ./outputs/quickstart/<run>/ensemble.zarr (open it with xarray.open_zarr);
 #   3. scidiff-selfcheck: DDPM, DDIM and DDIM inversion on 1-D/2-D/3-D Gaussian fields with the
 #      exact denoiser, checked against known answers;
 #   4. scidiff-evaluate on 64 fields of the held-out band: the variational bound (bits/dim,
@@ -25,7 +25,7 @@ RUN=${RUN:-$(date +%Y-%m-%d_%H-%M-%S)}
 RUN_DIR=outputs/quickstart/$RUN
 
 scidiff-train experiment=quickstart run_name="$RUN" resume=auto "$@"
-scidiff-sample checkpoint="$RUN_DIR" members=16 sampler.steps=50 out="$RUN_DIR/ensemble.zarr" \
+scidiff-sample checkpoint="$RUN_DIR" members=16 sampler.steps=100 out="$RUN_DIR/ensemble.zarr" \
     'params.list=[{spectral_index: 2.1, amplitude: 1.0}, {spectral_index: 2.25, amplitude: 1.0}, {spectral_index: 2.4, amplitude: 1.0}]'
 scidiff-selfcheck --samples 128
 scidiff-evaluate checkpoint="$RUN_DIR" split=val max_samples=64 bound.estimator=importance bound.num_terms=100 \
