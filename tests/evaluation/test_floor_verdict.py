@@ -43,14 +43,6 @@ from scidiff_datasets import grf
 N, SHAPE, M = 256, (16, 16), 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
