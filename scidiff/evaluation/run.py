@@ -9,7 +9,8 @@ checkpoint's normalisation statistics and split indices (never recomputed), and 
   units** (the data transform's log-determinant included, masks and area weights
   honoured), with its per-timestep terms, and again for each requested reverse
   variance (``fixed_small``, ``fixed_large``, ``learned_range``, ``optimal``);
-* an ensemble of ``members`` DDIM samples per data sample, conditioned on that
+* an ensemble of ``members`` samples per data sample (DDIM, or DDPM with
+  ``sampling.sampler``), conditioned on that
   sample's parameters/fields (or read from a ``scidiff-sample`` store), and its
   metrics against the data: power spectra and spectral error (the mean over
   wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``, dimensionless: 0.1 is about
