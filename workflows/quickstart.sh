@@ -29,4 +29,4 @@ scidiff-sample checkpoint="$RUN_DIR" members=16 sampler.steps=100 out="$RUN_DIR/
     'params.list=[{spectral_index: 2.1, amplitude: 1.0}, {spectral_index: 2.25, amplitude: 1.0}, {spectral_index: 2.4, amplitude: 1.0}]'
 scidiff-selfcheck --samples 128
 scidiff-evaluate checkpoint="$RUN_DIR" split=val max_samples=64 bound.estimator=importance bound.num_terms=100 \
-    sampling.members=8 sampling.steps=100 verdict.fail_on_unfaithful=true
+    sampling.members=8 sampler.steps=100 verdict.fail_on_unfaithful=true

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from scidiff.cli.train import CONFIG_DIR
+from scidiff.cli.compose import compose_config
 
 CONFIG_NAME = "evaluate"
 UNFAITHFUL_STATUS = 3  # verdict.fail_on_unfaithful=true and a metric outside its floor
@@ -68,6 +67,8 @@ class EvaluateConfig:
     bound: dict | None = None
     ode: dict | None = None
     sampling: dict | None = None
+    sampler: dict | None = None
+    guidance: dict | None = None
     metrics: dict | None = None
     floor: dict | None = None
     verdict: dict | None = None
@@ -76,22 +77,7 @@ class EvaluateConfig:
 
 def compose(argv: list[str]):
     """The composed config (errors as one-line ``ConfigError``)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from scidiff.cli.errors import ConfigError, from_hydra
-
-    if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file():
-        raise ConfigError(f"configs: {CONFIG_DIR / (CONFIG_NAME + '.yaml')} not found (set SCIDIFF_CONFIG_DIR)")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return hydra_compose(CONFIG_NAME, overrides=[a for a in argv if not a.startswith("-")])
-    except Exception as exc:  # hydra.errors.*, omegaconf.errors.*: all multi-line
-        raise from_hydra(exc) from None
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(CONFIG_NAME, argv)
 
 
 def check_config(cfg) -> dict[str, Any]:
@@ -105,6 +91,8 @@ def check_config(cfg) -> dict[str, Any]:
     from scidiff.evaluation.run import BoundSettings, MetricSettings, ODESettings, SamplingSettings
     from scidiff.evaluation.verdict import VerdictSettings
     from scidiff.evaluation.verdict import check_settings as check_verdict
+    from scidiff.inference.generation import as_guidance, as_sampler
+    from scidiff.inference.tracking import is_run_id
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint: required (a .ckpt file, a run directory or an MLflow run id): checkpoint=<path>")
@@ -128,7 +116,7 @@ def check_config(cfg) -> dict[str, Any]:
     positive = {"batch_size": plain["batch_size"], "num_panels": plain["num_panels"],
                 "bound.num_terms": plain["bound"].get("num_terms", 16),
                 "bound.timestep_batch": plain["bound"].get("timestep_batch", 50),
-                "sampling.steps": plain["sampling"].get("steps", 50), "ode.num_steps": plain["ode"].get("num_steps", 100)}
+                "ode.num_steps": plain["ode"].get("num_steps", 100)}
     if plain["max_samples"] is not None:
         positive["max_samples"] = plain["max_samples"]
     for key, value in positive.items():
@@ -143,15 +131,15 @@ def check_config(cfg) -> dict[str, Any]:
     try:
         check_floor(FloorSettings(**plain["floor"]))
         check_verdict(VerdictSettings(**plain["verdict"]))
+        plain["sampler"] = as_sampler(plain.get("sampler") or {})
+        plain["guidance"] = as_guidance(plain.get("guidance"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     for key in ("data_path", "ensemble"):
         if plain[key] is not None and not Path(plain[key]).exists():
             raise ConfigError(f"{key}: {plain[key]} does not exist")
     ckpt = str(plain["checkpoint"])
-    from scidiff.training.pretrained import _RUN_ID
-
-    if not ckpt.startswith("runs:/") and not _RUN_ID.match(ckpt) and not Path(ckpt).exists():
+    if not ckpt.startswith("runs:/") and not is_run_id(ckpt) and not Path(ckpt).exists():
         raise ConfigError(f"checkpoint: {ckpt} does not exist (give a .ckpt file, a run directory or an MLflow run id)")
     return plain
 
@@ -172,7 +160,7 @@ def settings_from(plain: dict[str, Any]):
     return EvaluationSettings(
         split=plain["split"], max_samples=plain["max_samples"], batch_size=plain["batch_size"], seed=plain["seed"],
         num_panels=plain["num_panels"], bound=BoundSettings(**bound), ode=ODESettings(**plain["ode"]),
-        sampling=SamplingSettings(**plain["sampling"]), metrics=MetricSettings(**plain["metrics"]),
+        sampling=SamplingSettings(**plain["sampling"]), sampler=plain["sampler"], guidance=plain["guidance"], metrics=MetricSettings(**plain["metrics"]),
         floor=FloorSettings(**plain.get("floor", {})), verdict=VerdictSettings(**plain.get("verdict", {})),
     )
 
@@ -211,8 +199,9 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
         verdict_lines,
         write_evaluation_file,
     )
-    from scidiff.evaluation.run import EvaluationError, dist_info, evaluate
-    from scidiff.training.pretrained import CheckpointError, load_pretrained
+    from scidiff.evaluation.run import EvaluationError, evaluate
+    from scidiff.inference.checkpoint import CheckpointError, load_pretrained
+    from scidiff.inference.runtime import current_context
 
     logger = plain["logger"]
     try:
@@ -220,7 +209,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     _init_distributed()
-    rank, _ = dist_info()
+    rank = current_context().rank
     try:
         ev = evaluate(pretrained, settings_from(plain), data_path=plain["data_path"], ensemble=plain["ensemble"],
                       device=plain["device"], progress=plain["progress"] and rank == 0)
@@ -275,39 +264,32 @@ def _experiment_of(uri: str, run_id: str | None) -> str | None:
 
 
 def _params(plain: dict[str, Any], pretrained) -> dict[str, Any]:
-    from scidiff.training.tracking import flatten
+    from scidiff.inference.generation import GuidanceSpec, Sampler
+    from scidiff.inference.tracking import flatten
 
-    out = flatten({k: v for k, v in plain.items() if k != "logger"})
+    out = flatten({k: (v.identity() if isinstance(v, (Sampler, GuidanceSpec)) else v)
+                   for k, v in plain.items() if k != "logger"})
     out.update({"checkpoint_sha256": pretrained.sha256, "global_step": pretrained.global_step})
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    from scidiff.cli.errors import ConfigError, one_line_warnings, report_and_exit
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
-        print(f"\nconfig: {CONFIG_DIR / (CONFIG_NAME + '.yaml')}")
-        return
-    one_line_warnings()
-    try:
-        plain = check_config(compose(argv))
-    except ConfigError as exc:
-        report_and_exit(exc, status=2)
-    try:
-        summary = run(plain)
-    except ConfigError as exc:
-        report_and_exit(exc, status=2)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # one line on the terminal, the traceback in a log file
-        import tempfile
-
-        report_and_exit(exc, Path(plain["out"]) if plain["out"] else Path(tempfile.gettempdir()) / "scidiff-evaluate",
-                        status=1)
+def _status(plain: dict[str, Any]) -> int | None:
+    summary = run(plain)
     if plain["verdict"].get("fail_on_unfaithful", False) and summary.get("verdict") == "not faithful":
-        sys.exit(UNFAITHFUL_STATUS)  # everything is written: the status only tells a pipeline to stop
+        return UNFAITHFUL_STATUS  # everything is written: the status only tells a pipeline to stop
+    return None
+
+
+def _log_dir(plain: dict[str, Any]) -> Path:
+    import tempfile
+
+    return Path(plain["out"]) if plain["out"] else Path(tempfile.gettempdir()) / "scidiff-evaluate"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from scidiff.cli.runner import Command, run_command
+
+    run_command(Command(CONFIG_NAME, __doc__, lambda cfg: check_config(cfg), _status, log_dir=_log_dir), argv)
 
 
 if __name__ == "__main__":

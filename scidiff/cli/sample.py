@@ -2,7 +2,7 @@
 
     scidiff-sample checkpoint=outputs/quickstart/<run> members=8 \\
         'params.grid={spectral_index: [1.5, 2.5], amplitude: [1.0]}' out=ensemble.zarr
-    scidiff-sample checkpoint=<mlflow run id> params.csv=sets.csv sampler.name=ddpm
+    scidiff-sample checkpoint=<mlflow run id> params.csv=sets.csv sampler=ddpm
     scidiff-sample checkpoint=outputs/climate_downscale/<run> conditions.path=coarse_tas.zarr members=8
     torchrun --nproc_per_node 4 -m scidiff.cli.sample checkpoint=... out=big.zarr
 
@@ -19,8 +19,6 @@ store is, members written and skipped, members/s.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +39,7 @@ class SampleConfig:
     batch_size: int
     batch_invariant: bool
     seed: int
-    sampler: dict
+    sampler: dict            # a _target_ node of configs/sampler/
     guidance: dict
     observations: dict | None
     conditions: dict | None
@@ -50,20 +48,6 @@ class SampleConfig:
     device: str
     progress: bool
     mlflow: dict | None
-
-
-@dataclasses.dataclass
-class SamplerConfig:
-    name: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    spacing: Literal["leading", "trailing", "linspace"] = "leading"
-
-
-@dataclasses.dataclass
-class GuidanceConfig:
-    scale: float = 1.0
-    rescale: float = 0.0
 
 
 @dataclasses.dataclass
@@ -106,6 +90,7 @@ def check_config(cfg) -> dict[str, Any]:
     """Plain-python config after checking every key and type (``ConfigError`` names the key)."""
     from scidiff.cli.config_check import check_dataclass
     from scidiff.cli.errors import ConfigError
+    from scidiff.inference.generation import as_guidance, as_sampler
 
     plain = to_plain(cfg)
     if isinstance(plain.get("checkpoint"), (int, float)) and not isinstance(plain["checkpoint"], bool):
@@ -113,8 +98,11 @@ def check_config(cfg) -> dict[str, Any]:
     if plain.get("checkpoint") in (None, "???"):
         raise ConfigError("checkpoint: required (checkpoint=<.ckpt file | run directory | runs:/<id> | run id>)")
     check_dataclass(plain, SampleConfig, "")
-    check_dataclass(plain["sampler"], SamplerConfig, "sampler.")
-    check_dataclass(plain["guidance"], GuidanceConfig, "guidance.")
+    try:  # the sampler and guidance check their own values
+        plain["sampler"] = as_sampler(plain["sampler"])
+        plain["guidance"] = as_guidance(plain["guidance"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if plain.get("params") is not None:
         check_dataclass(plain["params"], ParamsConfig, "params.")
     if plain.get("observations") is not None:
@@ -135,59 +123,27 @@ def check_config(cfg) -> dict[str, Any]:
                 raise ConfigError(f"conditions.path: {plain['conditions']['path']} does not exist")
     if plain.get("mlflow") is not None:
         check_dataclass(plain["mlflow"], MlflowConfig, "mlflow.")
-    for key in ("members", "batch_size"):
-        if plain[key] < 1:
-            raise ConfigError(f"{key}: expected a positive integer, got {plain[key]}")
-    if plain["seed"] < 0:
-        raise ConfigError(f"seed: expected a non-negative integer, got {plain['seed']}")
-    if plain["sampler"]["steps"] < 1:
-        raise ConfigError(f"sampler.steps: expected a positive integer, got {plain['sampler']['steps']}")
-    if not 0.0 <= plain["guidance"]["rescale"] <= 1.0:
-        raise ConfigError(f"guidance.rescale: expected a value in [0, 1], got {plain['guidance']['rescale']}")
     return plain
 
 
+def run(plain: dict[str, Any]) -> None:
+    from scidiff.sampling.workflow import sample_ensemble
+
+    sample_ensemble(plain, log=lambda line: print(line, flush=True))
+
+
 def main(argv: list[str] | None = None) -> None:
-    from scidiff.cli.errors import ConfigError, report_and_exit
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("--help", "-h") for a in argv):
-        print(USAGE)
-        print(f"config: {CONFIG_DIR / 'sample.yaml'}")
-        return
-    if any(a.startswith("--cfg") for a in argv):
-        from omegaconf import OmegaConf
-
-        try:
-            print(OmegaConf.to_yaml(compose_config(argv)))
-        except ConfigError as exc:
-            report_and_exit(exc, status=2)
-        return
-    try:
-        cfg = check_config(compose_config(argv))
-    except ConfigError as exc:
-        report_and_exit(exc, status=2)
-    from scidiff.cli.errors import one_line_warnings
-
-    one_line_warnings()
-
+    from scidiff.cli.runner import Command, run_command
+    from scidiff.inference.checkpoint import CheckpointError
     from scidiff.sampling.conditions import ConditionError
     from scidiff.sampling.grid import ParameterError
     from scidiff.sampling.observations import ObservationError
     from scidiff.sampling.store import StoreError
-    from scidiff.sampling.workflow import SampleError, sample_ensemble
-    from scidiff.training.pretrained import CheckpointError
+    from scidiff.sampling.workflow import SampleError
 
-    try:
-        sample_ensemble(cfg, log=lambda line: print(line, flush=True))
-    except (ParameterError, StoreError, SampleError, ObservationError, ConditionError, CheckpointError) as exc:
-        report_and_exit(ConfigError(str(exc)), status=2)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # one line; SCIDIFF_TRACEBACK=1 shows the traceback
-        if os.environ.get("SCIDIFF_TRACEBACK"):
-            raise
-        report_and_exit(type(exc)(f"{exc} (set SCIDIFF_TRACEBACK=1 for the traceback)"), None, status=1)
+    run_command(Command("sample", USAGE, check_config, run,
+                        input_errors=(ParameterError, StoreError, SampleError, ObservationError, ConditionError,
+                                      CheckpointError)), argv)
 
 
 if __name__ == "__main__":

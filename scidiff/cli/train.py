@@ -107,7 +107,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
     from scidiff.training import AtomicCheckpointIO, ResumableDataModule, safe_torch_load
     from scidiff.training.callbacks import RunArtifacts
-    from scidiff.training.tracking import store_lock
+    from scidiff.inference.tracking import store_lock
 
     inner = hu.instantiate(cfg.data)
     datamodule = ResumableDataModule(inner)
@@ -158,7 +158,8 @@ def train(cfg) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from scidiff.training.tracking import mlflow_logger, store_description
+    from scidiff.inference.tracking import store_description
+    from scidiff.training.tracking import mlflow_logger
 
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from scidiff.training.plots import samples_figure  # noqa: E402
+from scidiff.inference.figures import samples_figure  # noqa: E402
 
 
 DIMENSIONLESS = ("", "1", "-", "dimensionless", "none")

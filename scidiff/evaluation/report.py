@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scidiff.data.atomic import atomic_path
 from scidiff.evaluation.run import Evaluation, EvaluationError
 
 UNITS_NOTE = (
@@ -147,24 +147,14 @@ def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
 def write_evaluation_file(ev: Evaluation, path: str | os.PathLike, attrs: dict[str, Any] | None = None) -> Path:
     """Write the evaluation netCDF atomically (temporary file, then rename); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ds = to_dataset(ev, attrs)
     engine = _netcdf_engine()
     if engine == "scipy":  # netCDF-3 has no variable-length strings
         ds = ds.assign_coords(metric=ds.metric.astype(str), channel=ds.channel.astype(str))
         if "verdict_metric" in ds.coords:
             ds = ds.assign_coords(verdict_metric=ds.verdict_metric.astype(str))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
+    with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine=engine)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -190,13 +180,13 @@ def resolve_tracking_uri(explicit: str | None, pretrained) -> str:
     checkpoints/``) the path is resolved against that directory, so evaluating from
     elsewhere still logs to the training's store.
     """
-    from scidiff.training.pretrained import DEFAULT_TRACKING_URI
+    from scidiff.inference.tracking import default_tracking_uri
 
     if explicit:
         return explicit
     uri = getattr(pretrained, "mlflow_tracking_uri", None)
     if uri is None:
-        return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return default_tracking_uri()
     prefix = "sqlite:///"
     cfg = getattr(pretrained, "config", None) or {}
     names = [cfg.get(k) for k in ("output_root", "task_name", "run_name")]
@@ -321,7 +311,7 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
     if file is not None:
         parts.append(f"file {file}")
     if run_id is not None:
-        from scidiff.training.tracking import store_description
+        from scidiff.inference.tracking import store_description
 
         store, ui = store_description(tracking_uri)
         parts.append(f"MLflow run {run_id} in {store} | view: {ui}")

@@ -9,8 +9,8 @@ checkpoint's normalisation statistics and split indices (never recomputed), and 
   units** (the data transform's log-determinant included, masks and area weights
   honoured), with its per-timestep terms, and again for each requested reverse
   variance (``fixed_small``, ``fixed_large``, ``learned_range``, ``optimal``);
-* an ensemble of ``members`` samples per data sample (DDIM, or DDPM with
-  ``sampling.sampler``), conditioned on that
+* an ensemble of ``members`` samples per data sample (``sampler``, through the one
+  generation path of :mod:`scidiff.inference.generation`), conditioned on that
   sample's parameters/fields (or read from a ``scidiff-sample`` store), and its
   metrics against the data: power spectra and spectral error (the mean over
   wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``, dimensionless: 0.1 is about
@@ -43,8 +43,7 @@ import torch
 from torch import Tensor
 
 from scidiff.conditioning import Conditioning
-from scidiff.diffusion import likelihood, samplers
-from scidiff.diffusion.guidance import ClassifierFreeGuidance
+from scidiff.diffusion import likelihood
 from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
 from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
 from scidiff.evaluation.floor import FloorEnsemble, FloorSettings, prefixed
@@ -54,6 +53,9 @@ from scidiff.evaluation.molecules import AtomCounts
 from scidiff.evaluation.spectra import SpectralError
 from scidiff.evaluation.verdict import Verdict, VerdictSettings, judge
 from scidiff.evaluation.verdict import check_settings as check_verdict_settings
+from scidiff.inference.generation import DDIM, GuidanceSpec, Sampler, initial_noise, sample_model
+from scidiff.inference.runtime import DeviceError, current_context, resolve_device
+from scidiff.inference.seeds import generator
 
 LN2 = math.log(2.0)
 Estimator = Literal["exact", "importance"]
@@ -101,20 +103,11 @@ class ODESettings:
 
 @dataclass
 class SamplingSettings:
-    """Args: enabled; sampler (``ddim``, or ``ddpm``: ancestral over all T steps, which
-    ignores steps, eta and spacing); steps (DDIM steps); members per data sample; eta;
-    spacing of the DDIM steps; guidance_scale w of classifier-free guidance (1: the
-    conditional model, no guidance; needs a model trained with condition dropout
-    otherwise) and its rescale phi."""
+    """Args: enabled (generate members and score them); members per data sample (>= 2).
+    Which sampler and guidance: :attr:`EvaluationSettings.sampler` and ``guidance``."""
 
     enabled: bool = True
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 50
     members: int = 4
-    eta: float = 0.0
-    spacing: Literal["leading", "trailing", "linspace"] = "leading"
-    guidance_scale: float = 1.0
-    guidance_rescale: float = 0.0
 
 
 @dataclass
@@ -152,6 +145,8 @@ class EvaluationSettings:
     bound: BoundSettings = field(default_factory=BoundSettings)
     ode: ODESettings = field(default_factory=ODESettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampler: Sampler = field(default_factory=DDIM)
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
     metrics: MetricSettings = field(default_factory=MetricSettings)
     floor: FloorSettings = field(default_factory=FloorSettings)
     verdict: VerdictSettings = field(default_factory=VerdictSettings)
@@ -216,24 +211,6 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------- helpers
-def key_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (``numpy.random.SeedSequence``): independent streams
-    for (seed, purpose, store index, member) without collisions between neighbours."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def generator(*keys: int) -> torch.Generator:
-    """A CPU generator (the same numbers on any device the model runs on)."""
-    return torch.Generator().manual_seed(key_seed(*keys))
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of an initialised ``torch.distributed`` group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def build_datamodule(pretrained, data_path: str | os.PathLike | None = None):
     """The checkpoint's :class:`~scidiff.data.FieldDataModule` with its statistics and
     splits restored (nothing recomputed); ``data_path`` replaces the store's path."""
@@ -337,14 +314,6 @@ def _value_ranges(pretrained) -> list[tuple[float, float]]:
             lo, hi = (float(unwarp(torch.tensor(v, dtype=torch.float64), s.pointwise, s.log_offset))
                       for v in (s.min, s.max))
         out.append((lo, hi))
-    return out
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
     return out
 
 
@@ -584,18 +553,6 @@ def _sample_bound(pretrained, x, cond, mask, log_det, weights, variance, setting
 
 
 # ------------------------------------------------------------------------------- loop
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvaluationError(f"device: {device!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
-
-
 def split_indices(dm, settings: EvaluationSettings, ensemble: EnsembleSource | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(store indices to evaluate, matching ensemble positions or None)."""
     positions = None
@@ -656,8 +613,12 @@ def evaluate(
         check_verdict_settings(s.verdict)
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    rank, world = dist_info()
-    dev = _resolve_device(device)
+    ctx = current_context()
+    rank, world = ctx.rank, ctx.world_size
+    try:
+        dev = resolve_device(str(device))
+    except DeviceError as exc:
+        raise EvaluationError(str(exc)) from None
     pretrained.to(dev)
     meta = pretrained.metadata
     dm = build_datamodule(pretrained, data_path)
@@ -736,12 +697,12 @@ def evaluate(
     # ---- per-sample rows of every rank, in split order; then the metrics (collectives)
     local = {k: np.concatenate(v) for k, v in rows.items()}
     local["position"] = mine.astype(np.int64)
-    parts = _gather(local, world)
+    parts = ctx.gather(local)
     merged = {k: np.concatenate([p[k] for p in parts if k in p]) for k in parts[0]}
     order = np.argsort(merged.pop("position"), kind="stable")
     per_sample = {k: v[order] for k, v in merged.items()}
     store_order = per_sample.pop("index").astype(np.int64)
-    timing = _gather((likelihoods.seconds, t_sample, int(mine.size)), world)
+    timing = ctx.gather((likelihoods.seconds, t_sample, int(mine.size)))
 
     scalars: dict[str, float] = {"num_samples": float(indices.size)}
     scalars.update(likelihoods.results(per_sample))
@@ -768,7 +729,7 @@ def evaluate(
         "variances": [pretrained.diffusion.variance, *likelihoods.variants], "num_terms": s.bound.num_terms,
         "members": members if sampling else 0,
         "sampling": "ensemble " + os.fspath(ensemble) if source is not None else (
-            _describe_sampler(s.sampling) if sampling else "none"),
+            s.sampler.describe() if sampling else "none"),
         "area_weights": "cos(latitude)" if weights is not None else "none", "world_size": world,
         "floor": (floor[0].describe() if floor is not None else "none: sampling is off" if not sampling
                   else "none: floor.enabled is false"),
@@ -1009,31 +970,15 @@ def _nanmean(maps: Tensor) -> Tensor:
     return torch.nanmean(maps.reshape(maps.shape[0], -1), dim=1)
 
 
-def _describe_sampler(s: SamplingSettings) -> str:
-    if s.sampler == "ddpm":
-        return "DDPM (ancestral, all T steps)"
-    return f"DDIM {s.steps} steps ({s.spacing}), eta {s.eta}"
-
-
 def _generate(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.ndarray, s: EvaluationSettings,
               dev: torch.device) -> Tensor:
-    """``members`` samples per data sample (``sampling.sampler``), ``[B, M, C, *S]`` normalised; member k of
-    store sample j uses the generator keyed (seed, 2, j, k)."""
+    """``members`` samples per data sample, ``[B, M, C, *S]`` normalised; member k of store
+    sample j draws its x_T and its sampler noise from the generator keyed (seed, 2, j, k)."""
     b, m = x.shape[0], s.sampling.members
     gens = [generator(s.seed, 2, int(j), k) for j in store_idx for k in range(m)]
-    shape = (b * m, *x.shape[1:])
-    x_T = samplers.randn_like(torch.empty(shape, dtype=x.dtype, device=dev), gens)
+    x_T = initial_noise(x.shape[1:], gens, dev, x.dtype)
     rep = None if cond is None else cond.map(lambda v: v.repeat_interleave(m, dim=0))
-    net = pretrained.denoiser
-    if cond is not None and (s.sampling.guidance_scale != 1.0 or s.sampling.guidance_rescale != 0.0):
-        net = ClassifierFreeGuidance(net, scale=s.sampling.guidance_scale, rescale=s.sampling.guidance_rescale)
-    if s.sampling.sampler == "ddpm":
-        out = samplers.ddpm_sample(net, pretrained.diffusion, x_T, cond=rep, generator=gens)
-    elif s.sampling.sampler == "ddim":
-        out = samplers.ddim_sample(net, pretrained.diffusion, x_T, num_steps=s.sampling.steps, eta=s.sampling.eta,
-                                   spacing=s.sampling.spacing, cond=rep, generator=gens)
-    else:
-        raise EvaluationError(f"sampling.sampler: expected ddim or ddpm, got {s.sampling.sampler!r}")
+    out = sample_model(pretrained.denoiser, pretrained.diffusion, x_T, rep, sampler=s.sampler, guidance=s.guidance, generator=gens)
     return out.reshape(b, m, *x.shape[1:])
 
 
@@ -1054,6 +999,5 @@ __all__ = [
     "evaluate",
     "grid_spacing",
     "grid_units",
-    "key_seed",
     "true_log_likelihood",
 ]

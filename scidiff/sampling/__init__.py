@@ -2,11 +2,12 @@
 
 * :mod:`~scidiff.sampling.grid`      -- parameter sets from a grid, a list or a CSV
   file, checked against the checkpoint's names and training ranges;
-* :mod:`~scidiff.sampling.ensemble`  -- per-member seeds and generators, guided
-  DDPM/DDIM (or inpainting) in batches, members split round-robin over ranks;
-* :mod:`~scidiff.sampling.store`     -- the zarr store of DESIGN.md ("Ensemble
-  output"): ``(sample, member, *spatial)`` in physical units, one chunk per member,
-  a ``done`` flag per member written after its data;
+* :mod:`~scidiff.sampling.ensemble`  -- this rank's missing members generated in
+  batches (through :mod:`scidiff.inference.generation`), members split round-robin
+  over ranks;
+* :mod:`~scidiff.sampling.store`     -- the zarr store (``docs/architecture.md#ensemble-output``):
+  ``(sample, member, *spatial)`` in physical units, one chunk per member, a ``done``
+  flag per member written after its data;
 * :mod:`~scidiff.sampling.observations` -- sparse observations for inpainting;
 * :mod:`~scidiff.sampling.conditions` -- spatial condition fields (coarse fields,
   static maps, sst) read from a store and normalised as in training;
@@ -21,16 +22,7 @@
 """
 
 from scidiff.sampling.conditions import ConditionError, Conditions, load_conditions
-from scidiff.sampling.ensemble import (
-    FieldConditions,
-    GuidanceSpec,
-    Observations,
-    SamplerSpec,
-    generate,
-    member_seed,
-    member_seeds,
-    run_ensemble,
-)
+from scidiff.sampling.ensemble import FieldConditions, run_ensemble
 from scidiff.sampling.grid import ParameterError, ParameterSets, RangeWarning, check_parameter_sets, parameter_sets
 from scidiff.sampling.store import EnsembleStore, StoreError, create_store
 from scidiff.sampling.workflow import SampleError, sample_ensemble
@@ -40,20 +32,14 @@ __all__ = [
     "Conditions",
     "EnsembleStore",
     "FieldConditions",
-    "GuidanceSpec",
-    "Observations",
     "ParameterError",
     "ParameterSets",
     "RangeWarning",
     "SampleError",
-    "SamplerSpec",
     "StoreError",
     "check_parameter_sets",
     "create_store",
-    "generate",
     "load_conditions",
-    "member_seed",
-    "member_seeds",
     "parameter_sets",
     "run_ensemble",
     "sample_ensemble",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scidiff.sampling.ensemble import Observations
+from scidiff.inference.generation import Observations
 
 
 class ObservationError(ValueError):

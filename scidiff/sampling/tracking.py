@@ -19,27 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from scidiff.inference.tracking import reachable
+
 MlflowMode = Literal["auto", "checkpoint", "new", "none"]
 MLFLOW_MODES: tuple[str, ...] = get_args(MlflowMode)
-
-
-def reachable(uri: str | None) -> bool:
-    """Whether an MLflow tracking store can be used without creating one by accident."""
-    if not uri:
-        return False
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).is_file()
-    if uri.startswith("file:"):
-        return Path(uri[len("file:"):].lstrip("/") if uri.startswith("file://") else uri[5:]).exists()
-    if uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-    return Path(uri).exists()
 
 
 def log_sampling(
@@ -66,7 +49,7 @@ def log_sampling(
     from mlflow.tracking import MlflowClient
 
     from scidiff.sampling.store import canonical_json
-    from scidiff.training.tracking import flatten
+    from scidiff.inference.tracking import flatten
 
     client = MlflowClient(tracking_uri=uri)
     tag = f"sample.{identity_sha256[:8]}"
@@ -94,4 +77,4 @@ def log_sampling(
     return f"logged to new MLflow run {run_id} in experiment {experiment_name}"
 
 
-__all__ = ["MLFLOW_MODES", "log_sampling", "reachable"]
+__all__ = ["MLFLOW_MODES", "log_sampling"]

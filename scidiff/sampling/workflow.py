@@ -31,25 +31,19 @@ row). Parameters, for a checkpoint that also takes them:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import scidiff
-import numpy as np
-
-from scidiff.sampling.ensemble import (
-    DistContext,
-    FieldConditions,
-    GuidanceSpec,
-    SamplerSpec,
-    distributed_context,
-    member_seeds,
-    run_ensemble,
-)
+from scidiff.inference.checkpoint import load_pretrained
+from scidiff.inference.generation import OBSERVATION_OPTIONS, GuidanceSpec, Sampler, as_guidance, as_sampler
+from scidiff.inference.runtime import DeviceError, DistContext, distributed_context, resolve_device
+from scidiff.inference.seeds import member_seeds
+from scidiff.sampling.ensemble import FieldConditions, run_ensemble
 from scidiff.sampling.grid import ParameterError, ParameterSets, check_parameter_sets, parameter_sets
 from scidiff.sampling.store import (
     EnsembleStore,
@@ -62,31 +56,8 @@ from scidiff.sampling.store import (
 )
 
 
-# keyword options of scidiff.diffusion.inpainting's samplers that a config may set
-METHOD_OPTIONS = {"repaint": ("num_steps", "jump_length", "resample"), "dps": ("num_steps", "step_size")}
-
-
 class SampleError(ValueError):
     """A sample config that cannot run (the message names the key)."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (this rank's GPU) when available, else CPU; otherwise as given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SampleError(f"device: {name} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
-
-
-def sampler_identity(spec: SamplerSpec) -> dict[str, Any]:
-    if spec.name == "ddpm":  # all T steps, ancestral: steps/eta/spacing do not apply
-        return {"name": "ddpm"}
-    return {"name": spec.name, "steps": spec.steps, "eta": float(spec.eta), "spacing": spec.spacing}
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -113,7 +84,7 @@ def plan_store(out: Path, identity: Mapping[str, Any], overwrite: bool) -> str:
                      f"pass overwrite=true to replace it, or choose another out")
 
 
-def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: SamplerSpec, guidance: GuidanceSpec | None,
+def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: Sampler, guidance: GuidanceSpec | None,
               observations: Mapping[str, Any] | None, conditions=None) -> dict[str, Any]:
     obs = None
     if observations is not None:
@@ -128,8 +99,8 @@ def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: SamplerSpec, gu
         "params": sets.values.tolist(),
         "members": int(cfg["members"]),
         "seed": int(cfg["seed"]),
-        "sampler": sampler_identity(sampler),
-        "guidance": None if guidance is None else {"scale": float(guidance.scale), "rescale": float(guidance.rescale)},
+        "sampler": sampler.identity(),
+        "guidance": None if guidance is None else guidance.identity(),
         "batch_invariant": bool(cfg.get("batch_invariant", True)),
         "observations": obs,
     }
@@ -143,18 +114,19 @@ def sample_ensemble(cfg: Mapping[str, Any], *, log: Callable[[str], None] = prin
         SampleError / ParameterError / StoreError / CheckpointError / ObservationError:
             one-line messages naming the key or the file.
     """
-    from scidiff.training.pretrained import load_pretrained
-
-    device = resolve_device(str(cfg.get("device", "auto")), int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        device = resolve_device(str(cfg.get("device", "auto")))
+    except DeviceError as exc:
+        raise SampleError(str(exc)) from None
     ctx = dist_ctx or distributed_context(device)
     try:
-        return _sample(cfg, device, ctx, log, on_batch, load_pretrained)
+        return _sample(cfg, device, ctx, log, on_batch)
     finally:
         if dist_ctx is None:
             ctx.close()
 
 
-def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> dict[str, Any]:
+def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
     from scidiff.sampling.observations import load_observations
     from scidiff.sampling.tracking import log_sampling
 
@@ -167,15 +139,16 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
     if int(cfg["seed"]) < 0:
         raise SampleError(f"seed: expected a non-negative integer, got {cfg['seed']}")
     try:
-        sampler = SamplerSpec(**dict(cfg["sampler"]))
-        guidance = GuidanceSpec(**dict(cfg["guidance"]))
-    except (TypeError, ValueError) as exc:
+        sampler = as_sampler(cfg.get("sampler") or {})
+        guidance = as_guidance(cfg.get("guidance"))
+    except ValueError as exc:
         raise SampleError(str(exc)) from None
 
     pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device)
-    if sampler.name == "ddim" and sampler.steps > pretrained.diffusion.num_timesteps:
-        raise SampleError(f"sampler.steps: {sampler.steps} exceeds the model's "
-                          f"T = {pretrained.diffusion.num_timesteps}")
+    try:
+        sampler.check(pretrained.diffusion)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
     conditions = _load_conditions(cfg.get("conditions"), pretrained)
     requested = parameter_sets(cfg.get("params"))
     fields = None
@@ -202,16 +175,14 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch, load_pretrained) -> di
         obs_cfg = dict(obs_cfg)
         method = obs_cfg.get("method", "repaint")
         options = {k: v for k, v in obs_cfg.items() if k not in ("path", "method", "mask") and v is not None}
-        accepted = METHOD_OPTIONS.get(method)
+        accepted = OBSERVATION_OPTIONS.get(method)
         if accepted is None:
             raise SampleError(f"observations.method: unknown method {method!r}; expected one of "
-                              f"{', '.join(METHOD_OPTIONS)}")
+                              f"{', '.join(OBSERVATION_OPTIONS)}")
         for key in options:
             if key not in accepted:
                 raise SampleError(f"observations.{key}: not an option of method {method} "
                                   f"(its options: {', '.join(accepted)})")
-        if sampler.name == "ddim":
-            options["spacing"] = sampler.spacing
         observations = load_observations(obs_cfg["path"], pretrained, len(sets), method=method,
                                          mask=obs_cfg.get("mask", "mask"), options=options)
 
@@ -365,9 +336,12 @@ def _sample_coords(conditions, index: np.ndarray, pretrained, sets: ParameterSet
 
 
 def _json_config(cfg: Mapping[str, Any], pretrained) -> dict[str, Any]:
-    out = dict(cfg)
+    out = {k: v for k, v in cfg.items() if not isinstance(v, (Sampler, GuidanceSpec))}
+    for key in ("sampler", "guidance"):
+        if isinstance(cfg.get(key), (Sampler, GuidanceSpec)):
+            out[key] = cfg[key].identity()
     out["checkpoint_resolved"] = str(pretrained.checkpoint)
     return out
 
 
-__all__ = ["ParameterError", "SampleError", "StoreError", "plan_store", "resolve_device", "sample_ensemble"]
+__all__ = ["ParameterError", "SampleError", "StoreError", "plan_store", "sample_ensemble"]

@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from scidiff.training.plots import samples_figure
-from scidiff.training.tracking import git_commit, log_artifact, mlflow_logger
+from scidiff.inference.figures import samples_figure
+from scidiff.inference.tracking import flatten, git_commit
+from scidiff.training.tracking import log_artifact, mlflow_logger
 
 
 def _physical(dm: Any, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,8 +94,6 @@ class RunArtifacts(Callback):
         ml = mlflow_logger(trainer.logger)
         if ml is None:
             return
-        from scidiff.training.tracking import flatten
-
         client, run_id = ml.experiment, ml.run_id
         # kept in every checkpoint, so that a resumed run logs into this same MLflow run
         run_info = getattr(pl_module, "run_info", None)

@@ -12,23 +12,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
-from scidiff.diffusion import GaussianDiffusion, samplers
+from scidiff.diffusion import GaussianDiffusion
 from scidiff.diffusion.guidance import drop_conditions
+from scidiff.inference.generation import DDIM, sample_model
+from scidiff.inference.seeds import key_seed
 from scidiff.training.data import ResumableSampler
 from scidiff.training.ema import EMA
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-
-
-def step_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class DiffusionModule(L.LightningModule):
@@ -98,7 +94,7 @@ class DiffusionModule(L.LightningModule):
         return Conditioning(params=params, fields=fields)
 
     def _generator(self, *keys: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(step_seed(self.seed, *keys))
+        return torch.Generator(device=self.device).manual_seed(key_seed(self.seed, *keys))
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, t, cond)
@@ -108,7 +104,7 @@ class DiffusionModule(L.LightningModule):
         x = batch["x"]
         key = (0, self.global_rank, self.global_step)
         g = self._generator(*key)
-        torch.manual_seed(step_seed(self.seed, 1, *key[1:]))  # network dropout
+        torch.manual_seed(key_seed(self.seed, 1, *key[1:]))  # network dropout
         t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
@@ -183,14 +179,15 @@ class DiffusionModule(L.LightningModule):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """DDIM samples ``[B, C, *S]`` (normalised units) from the EMA weights."""
+        """DDIM samples ``[B, C, *S]`` (normalised units) from the EMA weights, through the
+        generation path every command uses (:func:`scidiff.inference.generation.sample_model`)."""
         x_T = torch.randn(shape, device=self.device, generator=generator)
         net = self.sampling_net
         was_training = net.training
         net.eval()
         try:
-            return samplers.ddim_sample(net, self.diffusion, x_T, num_steps=num_steps, eta=eta,
-                                        cond=cond, generator=generator)
+            return sample_model(net, self.diffusion, x_T, cond, sampler=DDIM(steps=num_steps, eta=eta),
+                                generator=generator)
         finally:
             net.train(was_training)
 

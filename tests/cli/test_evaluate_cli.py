@@ -19,7 +19,7 @@ from scidiff.cli.evaluate import main
 
 ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["split=val", "max_samples=3", "batch_size=3", "bound.estimator=importance", "bound.num_terms=4",
-        "sampling.steps=5", "sampling.members=3", "progress=false", "metrics.wasserstein_bins=200"]
+        "sampler.steps=5", "sampling.members=3", "progress=false", "metrics.wasserstein_bins=200"]
 
 
 def run_evaluate(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -86,7 +86,7 @@ def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
 
     # physical units: the quickstart normalises with the training split's mean and std
     # (zscore), so bits/dim in physical units = normalised + log2(std), per sample
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     pre = load_pretrained(run_dir)
     train = np.asarray(pre.split_indices["train"])
@@ -130,7 +130,7 @@ def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_
     MLflow metrics (with the floor and the verdict tag) are all written."""
     from mlflow.tracking import MlflowClient
 
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     run_dir = trained_run / "outputs" / "quickstart" / "tiny"
     pre = load_pretrained(run_dir)

@@ -39,7 +39,7 @@ def fields(data_dir, tmp_path_factory) -> Path:
 
 def test_invert_writes_the_documented_store(trained_run, fields, tmp_path):
     out = tmp_path / "latent.zarr"
-    proc = run_invert([f"checkpoint={RUN}", f"input={fields}", f"out={out}", "steps=10", "refine_steps=2"],
+    proc = run_invert([f"checkpoint={RUN}", f"input={fields}", f"out={out}", "sampler.steps=10", "refine_steps=2"],
                       trained_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -73,7 +73,7 @@ def test_invert_writes_the_documented_store(trained_run, fields, tmp_path):
     # the latent regenerates the stored reconstruction (ddim_sample, same steps, EMA weights)
     from scidiff.conditioning import Conditioning
     from scidiff.diffusion import samplers
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     torch.set_num_threads(1)
     pre = load_pretrained(trained_run / RUN)
@@ -97,8 +97,10 @@ def test_invert_config_errors_name_the_key_or_file(fields, tmp_path):
     base = ["checkpoint=run.ckpt", f"out={tmp_path / 'o.zarr'}"]
     assert "stepz" in error([*base, f"input={fields}", "stepz=3"])
     assert "guidance.scal" in error([*base, f"input={fields}", "guidance.scal=2"])
-    assert "steps: expected int" in error([*base, f"input={fields}", "steps=many"])
-    assert "spacing" in error([*base, f"input={fields}", "spacing=middle"])
+    assert "sampler.steps: expected a positive integer" in error([*base, f"input={fields}", "sampler.steps=many"])
+    assert "sampler.spacing: unknown value 'middle'" in error([*base, f"input={fields}", "sampler.spacing=middle"])
+    assert "deterministic DDIM" in error([*base, f"input={fields}", "sampler.eta=0.5"])
+    assert "deterministic DDIM" in error([*base, f"input={fields}", "sampler=ddpm"])
     assert "input: nowhere.zarr does not exist" in error([*base, "input=nowhere.zarr"])
     assert "input: required" in error(base)
     taken = tmp_path / "taken.zarr"
@@ -123,7 +125,7 @@ def test_invert_cli_errors_are_one_line_with_status_2(trained_run, fields, tmp_p
 
 
 def test_reconstruction_errors_leave_missing_points_out():
-    from scidiff.cli.invert import reconstruction_errors
+    from scidiff.sampling.invert import reconstruction_errors
 
     x = np.array([[[1.0, 2.0, np.nan, 4.0]], [[0.0, 2.0, 3.0, np.nan]]])  # [N=2, C=1, S=4]
     recon = np.array([[[1.5, 2.0, 100.0, 4.0]], [[0.0, 1.0, 3.0, -7.0]]])

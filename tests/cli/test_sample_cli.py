@@ -64,7 +64,7 @@ def test_store_a_user_opens(reference, trained_run):
     assert ds["seed"].dims == ("sample", "member") and len(np.unique(ds["seed"].values)) == TOTAL
     assert ds["x"].values.tolist() == list(range(16)) and bool(ds["done"].all())
     ckpt = trained_run / "outputs" / "quickstart" / "tiny" / "checkpoints" / "last.ckpt"
-    from scidiff.training.pretrained import file_sha256, load_pretrained
+    from scidiff.inference.checkpoint import file_sha256, load_pretrained
 
     assert ds.attrs["checkpoint_sha256"] == file_sha256(ckpt) and ds.attrs["scidiff_version"] == scidiff.__version__
     config = json.loads(ds.attrs["sample_config"])
@@ -72,12 +72,12 @@ def test_store_a_user_opens(reference, trained_run):
     assert config["sampler"]["name"] == "ddim" and config["params"]["grid"]["spectral_index"] == [1.5, 3.0]
 
     # physical units: the stored member is the checkpoint's denormalised sample of that seed
-    from scidiff.sampling.ensemble import GuidanceSpec, SamplerSpec, generate
+    from scidiff.inference import DDIM, GuidanceSpec, generate
 
     torch.set_num_threads(1)
     pre = load_pretrained(ckpt)
     x = generate(pre, torch.tensor([[3.0, 1.0]]), [int(ds["seed"][1, 4])],
-                 sampler=SamplerSpec(steps=6, eta=0.5), guidance=GuidanceSpec(scale=2.0))
+                 sampler=DDIM(steps=6, eta=0.5), guidance=GuidanceSpec(scale=2.0))
     np.testing.assert_array_equal(ds["field"].values[1, 4], x[0, 0].numpy())
     values = ds["field"].values
     assert np.isfinite(values).all() and 0.2 < values.std() < 5.0
@@ -144,8 +144,9 @@ def run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     [
         ("+memberz=3", "memberz: unknown key"),
         ("members=abc", "members: expected int"),
-        ("sampler.name=euler", "sampler.name: expected Literal"),
-        ("guidance.scale=strong", "guidance.scale: expected float"),
+        ("sampler=euler", "sampler=euler: no such config in configs/sampler/"),
+        ("sampler.eta=-1", "sampler.eta: expected >= 0"),
+        ("guidance.scale=strong", "guidance.scale: expected a finite number"),
         ("sampler.stepz=4", "sampler.stepz: unknown config key"),
     ],
 )

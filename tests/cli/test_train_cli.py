@@ -31,7 +31,7 @@ def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
 def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, data_dir):
     """diffusion=edm has sigma_data: auto; the run records the number (the RMS of the z-scored
     training fields: 1) in its config, and the checkpoint loads with it."""
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     run_train(["experiment=quickstart", "diffusion=edm", "run_name=edm", "trainer.max_steps=2",
                "trainer.val_check_interval=2", "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none",

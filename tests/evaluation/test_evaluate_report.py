@@ -37,7 +37,7 @@ from scidiff.evaluation.run import (
     SamplingSettings,
     evaluate,
 )
-from scidiff.training.pretrained import Pretrained
+from scidiff.inference import DDIM, DistContext, GuidanceSpec, Pretrained
 
 N, H, W = 16, 8, 12  # non-square on purpose
 MEAN, STD = 280.0, 50.0  # kelvin
@@ -123,7 +123,7 @@ def make_pretrained(store: Path, ckpt_dir: Path) -> Pretrained:
 
 def settings(**kw) -> EvaluationSettings:
     base = dict(split="val", batch_size=4, bound=BoundSettings(estimator="exact", timestep_batch=40),
-                sampling=SamplingSettings(steps=4, members=3))
+                sampling=SamplingSettings(members=3), sampler=DDIM(steps=4))
     base.update(kw)
     return EvaluationSettings(**base)
 
@@ -151,6 +151,13 @@ def test_physical_bits_differ_by_the_checkpoints_log_det(exact, store):
     np.testing.assert_array_equal(exact.indices, [8, 9, 10, 11])
 
 
+class _OneRankOfTwo(DistContext):
+    """Rank ``rank`` of a 2-rank job whose collectives see this rank only."""
+
+    def gather(self, obj):
+        return [obj]
+
+
 def test_per_sample_numbers_do_not_depend_on_batches_or_ranks(pretrained, exact, monkeypatch):
     """Noise is keyed by (seed, store index, member): batch size 1 and a 2-rank sharding
     (each rank's rows) reproduce the one-batch numbers."""
@@ -161,8 +168,7 @@ def test_per_sample_numbers_do_not_depend_on_batches_or_ranks(pretrained, exact,
         assert ones.scalars[key] == pytest.approx(exact.scalars[key], rel=1e-6)
     rows = {}
     for rank in (0, 1):
-        monkeypatch.setattr(evrun, "dist_info", lambda rank=rank: (rank, 2))
-        monkeypatch.setattr(evrun, "_gather", lambda obj, world: [obj])  # this rank's rows only
+        monkeypatch.setattr(evrun, "current_context", lambda rank=rank: _OneRankOfTwo(rank, 2))  # its rows only
         part = evaluate(pretrained, settings(sampling=SamplingSettings(enabled=False)), device="cpu", progress=False)
         rows.update(dict(zip(part.indices.tolist(), part.per_sample["bpd"].tolist())))
     assert sorted(rows) == exact.indices.tolist()
@@ -379,7 +385,7 @@ def test_any_rank_masks_and_area_weights(layout, tmp_path):
         statistics=dm.statistics, config={"data": cfg}, checkpoint=tmp_path / "x.ckpt", sha256="0" * 64,
         global_step=1, weights="raw", split_indices={k: v.tolist() for k, v in dm.split_indices.items()},
     )
-    ev = evaluate(pre, settings(bound=BoundSettings(timestep_batch=20), sampling=SamplingSettings(steps=2, members=2)),
+    ev = evaluate(pre, settings(bound=BoundSettings(timestep_batch=20), sampling=SamplingSettings(members=2), sampler=DDIM(steps=2)),
                   device="cpu", progress=False)
     # per dimension, the log-determinant is the mean over variables of -ln(std) over valid points
     train = [xr.open_zarr(tmp_path / "store.zarr")[v].values[:4].astype(np.float64) for v in variables]
@@ -402,11 +408,9 @@ def test_guidance_scale_changes_the_members(pretrained, exact):
     """w = 1 is the conditional model (the default numbers); w = 3 extrapolates away from
     the null condition, so the members and their scores change."""
     only_samples = dict(bound=BoundSettings(enabled=False))
-    plain = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(steps=4, members=3,
-                                                                                   guidance_scale=1.0)),
+    plain = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(members=3), sampler=DDIM(steps=4), guidance=GuidanceSpec(scale=1.0)),
                      device="cpu", progress=False)
-    guided = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(steps=4, members=3,
-                                                                                    guidance_scale=3.0)),
+    guided = evaluate(pretrained, settings(**only_samples, sampling=SamplingSettings(members=3), sampler=DDIM(steps=4), guidance=GuidanceSpec(scale=3.0)),
                       device="cpu", progress=False)
     assert plain.scalars["crps/tas"] == exact.scalars["crps/tas"]
     assert guided.scalars["crps/tas"] != pytest.approx(plain.scalars["crps/tas"], rel=1e-3)

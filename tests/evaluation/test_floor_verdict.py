@@ -37,7 +37,7 @@ from scidiff.evaluation.run import (
     evaluate,
 )
 from scidiff.evaluation.verdict import RULES, VerdictSettings, judge, passes
-from scidiff.training.pretrained import Pretrained
+from scidiff.inference import DDIM, GuidanceSpec, Pretrained
 from scidiff_datasets import grf
 
 N, SHAPE, M = 256, (16, 16), 4
@@ -95,7 +95,7 @@ def uncond(store) -> Pretrained:
 
 def settings(**kw) -> EvaluationSettings:
     base = dict(split="test", batch_size=16, bound=BoundSettings(enabled=False),
-                sampling=SamplingSettings(steps=2, members=M))
+                sampling=SamplingSettings(members=M), sampler=DDIM(steps=2))
     base.update(kw)
     return EvaluationSettings(**base)
 
@@ -217,7 +217,7 @@ def test_unconditional_floor_is_random_distinct_and_keyed_by_sample(uncond):
 
 def test_floor_does_not_depend_on_batch_size(cond):
     """Batch size 1 and 8: the same neighbours and the same floor/* numbers."""
-    kw = dict(max_samples=8, sampling=SamplingSettings(steps=2, members=3))
+    kw = dict(max_samples=8, sampling=SamplingSettings(members=3), sampler=DDIM(steps=2))
     one = evaluate(cond, settings(batch_size=1, **kw), device="cpu", progress=False)
     eight = evaluate(cond, settings(batch_size=8, **kw), device="cpu", progress=False)
     np.testing.assert_array_equal(one.floor_indices, eight.floor_indices)

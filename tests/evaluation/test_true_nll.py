@@ -34,7 +34,7 @@ from scidiff.evaluation.run import (
     SamplingSettings,
     evaluate,
 )
-from scidiff.training.pretrained import Pretrained
+from scidiff.inference import Pretrained
 
 N, H, W = 16, 6, 10
 LN2 = math.log(2.0)

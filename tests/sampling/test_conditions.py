@@ -73,7 +73,7 @@ def test_fields_are_normalised_as_in_training(climate):
     (mask as is, sst z-scored with NaN -> 0, tas z-scored then 4x4 block means)."""
     from scidiff.data.dataset import FieldDataset
     from scidiff.sampling.conditions import load_conditions
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     pre = load_pretrained(climate["ckpt"])
     assert pre.metadata.field_names == ("land_sea_mask", "sst", "tas@coarse4x4")
@@ -102,13 +102,13 @@ def test_store_has_one_sample_per_input(climate, tmp_path):
 
     # physical units: a stored member is the denormalised sample of its seed given those fields
     from scidiff.sampling.conditions import load_conditions
-    from scidiff.sampling.ensemble import GuidanceSpec, SamplerSpec, generate
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference import DDIM, GuidanceSpec, generate
+    from scidiff.inference.checkpoint import load_pretrained
 
     pre = load_pretrained(climate["ckpt"])
     fields = load_conditions(climate["input"], pre).fields
     x = generate(pre, torch.tensor([[float(inp["co2_forcing"][1])]]), [int(ds["seed"][1, 2])],
-                 sampler=SamplerSpec(steps=4), guidance=GuidanceSpec(), fields=fields[1:2])
+                 sampler=DDIM(steps=4), guidance=GuidanceSpec(), fields=fields[1:2])
     tas = ds["tas"].values
     np.testing.assert_array_equal(tas[1, 2], x[0, 0].numpy())
     assert np.isfinite(tas).all() and 150.0 < tas.mean() < 350.0
@@ -130,7 +130,7 @@ def test_the_condition_reaches_the_model(climate, tmp_path):
     assert np.abs(a - b).max() > 1e-3
 
     from scidiff.conditioning import Conditioning
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     den = load_pretrained(climate["ckpt"]).denoiser
     x, t = torch.randn(2, 1, 16, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 400])
@@ -181,7 +181,7 @@ def test_resume_identity_holds_the_condition_content(climate, tmp_path):
 def test_coarse_grid_input_downscales_like_the_fine_field(climate):
     """tas given on the 4x coarser grid gives the same coarse condition as the fine tas."""
     from scidiff.sampling.conditions import StoreReader, condition_fields
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     pre = load_pretrained(climate["ckpt"])
     fine = xr.open_zarr(climate["input"]).load()
@@ -198,7 +198,7 @@ def test_coarse_grid_input_downscales_like_the_fine_field(climate):
 def test_bad_inputs_are_one_line_errors(climate, tmp_path):
     from scidiff.sampling import ParameterError, SampleError
     from scidiff.sampling.conditions import ConditionError, load_conditions
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
 
     inp = xr.open_zarr(climate["input"]).load()
     no_sst = write(inp.drop_vars("sst"), tmp_path / "no_sst.zarr")

@@ -10,22 +10,15 @@ import pytest
 import torch
 import xarray as xr
 
-from scidiff.sampling.ensemble import (
-    GuidanceSpec,
-    SamplerSpec,
-    generate,
-    member_seed,
-    member_seeds,
-    rank_members,
-    run_ensemble,
-)
+from scidiff.inference import DDIM, GuidanceSpec, generate, member_seed, member_seeds
+from scidiff.sampling.ensemble import rank_members, run_ensemble
 from scidiff.sampling.grid import ParameterSets
 from scidiff.sampling.store import create_store
-from scidiff.training.pretrained import load_pretrained
+from scidiff.inference.checkpoint import load_pretrained
 
 SETS = ParameterSets(names=("spectral_index", "amplitude"), values=np.array([[1.5, 1.0], [3.0, 1.5]]))
 # guidance w = 2 (both halves of the model in one call) and eta > 0 (noise at every step)
-SAMPLER = SamplerSpec(name="ddim", steps=4, eta=0.5)
+SAMPLER = DDIM(steps=4, eta=0.5)
 GUIDANCE = GuidanceSpec(scale=2.0, rescale=0.3)
 
 

@@ -65,7 +65,7 @@ def spectral_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The Pretrained model of a quickstart-configured run (600 steps) on a one-law GRF store."""
-    from scidiff.training.pretrained import load_pretrained
+    from scidiff.inference.checkpoint import load_pretrained
     from scidiff_datasets.cli import main as make_dataset
 
     root = tmp_path_factory.mktemp("trained_model")

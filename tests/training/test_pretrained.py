@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from scidiff.training.pretrained import CheckpointError, load_pretrained
+from scidiff.inference.checkpoint import CheckpointError, load_pretrained
 
 
 def test_load_by_path_dir_and_run_id(trained_run):

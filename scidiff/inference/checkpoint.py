@@ -1,4 +1,4 @@
-"""Load a trained model for sampling and evaluation: ``load_pretrained``.
+"""A checkpoint loaded into a ready model: :func:`load_pretrained` -> :class:`Pretrained`.
 
 A scidiff checkpoint (written by ``scidiff-train``) holds everything needed to use
 the model without the training data: the resolved config (``checkpoint["scidiff"]
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,16 @@ from scidiff.data.dataset import FieldMetadata
 from scidiff.data.statistics import Statistics
 from scidiff.data.transforms import ChannelTransform
 from scidiff.diffusion import GaussianDiffusion
-from scidiff.training.checkpoint import safe_torch_load
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+from scidiff.inference.tracking import DEFAULT_TRACKING_URI, is_run_id
 
 
 class CheckpointError(ValueError):
     """The file is not a usable scidiff checkpoint (the message names the file and why)."""
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @dataclass
@@ -142,7 +143,7 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
         run_id = rest[0]
         if len(rest) == 2 and rest[1]:
             artifact = rest[1]
-    elif _RUN_ID.match(text):
+    elif is_run_id(text):
         run_id = text
     if run_id is None:
         raise CheckpointError(f"checkpoint: {text} does not exist (give a .ckpt file, a run directory or an MLflow run id)")
@@ -231,4 +232,4 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     )
 
 
-__all__ = ["CheckpointError", "Pretrained", "file_sha256", "load_pretrained", "resolve_checkpoint"]
+__all__ = ["CheckpointError", "Pretrained", "file_sha256", "load_pretrained", "resolve_checkpoint", "safe_torch_load"]

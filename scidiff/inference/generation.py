@@ -1,0 +1,360 @@
+"""The one generation path: sampler spec -> guided denoiser -> sampler -> physical units.
+
+Every command that generates fields from a trained model goes through here:
+``scidiff-sample`` (ensembles), ``scidiff-evaluate`` (the members it scores),
+``scidiff-invert`` (inversion and regeneration) and the training's sample figures.
+New samplers, adapters or latent decoders plug in at this one place.
+
+* A **sampler** is a small frozen dataclass (:class:`DDIM`, :class:`DDPM`) that checks
+  its own settings, knows how it is recorded (:meth:`Sampler.identity`) and runs the
+  stateless sampler of :mod:`scidiff.diffusion.samplers`. Configs choose one with
+  ``_target_`` (``configs/sampler/<name>.yaml``).
+* **Guidance** (:class:`GuidanceSpec`): classifier-free guidance scale and rescale; the
+  denoiser a sampler calls is :func:`guided_denoiser` of the model's own.
+* :func:`sample_model` runs a sampler from given ``x_T`` in model units, and
+  :func:`invert_model` maps fields back to the ``x_T`` deterministic DDIM turns into them;
+  :func:`generate` draws ``x_T`` from per-member seeds and returns physical units.
+
+Reproducibility. Each member has its own CPU generator (:mod:`scidiff.inference.seeds`):
+it draws the member's x_T and then every noise of the sampler. With
+``batch_invariant=True`` the denoiser is evaluated one member at a time
+(:class:`PerMember`), so a member's values do not depend on the batch it is generated
+in: the dense kernels of CPU (MKL/oneDNN) and GPU libraries choose blockings by batch
+size, so a batched call differs from a batch of one by ~1e-7 relative per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from scidiff.conditioning import Conditioning
+from scidiff.diffusion import GaussianDiffusion, inpainting, samplers
+from scidiff.diffusion.guidance import ClassifierFreeGuidance
+from scidiff.inference.seeds import member_generators
+
+
+# ---------------------------------------------------------------------------- samplers
+@dataclass(frozen=True)
+class Sampler:
+    """A reverse process; subclasses set ``name`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the samples (recorded in ensemble stores and evaluations)."""
+        return {"name": self.name}
+
+    def describe(self) -> str:
+        return self.name
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        """Raise ``ValueError`` (naming the ``sampler.*`` key) when the sampler cannot run on ``diffusion``."""
+
+    def run(self, denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor, cond: Conditioning | None,
+            generator: Any) -> Tensor:
+        raise NotImplementedError
+
+    def observation_options(self) -> dict[str, Any]:
+        """Options inpainting takes from the sampler (the step spacing of skipped steps)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class DDPM(Sampler):
+    """Ancestral DDPM sampling over all T steps, with the model's reverse variance."""
+
+    name: ClassVar[str] = "ddpm"
+
+    def describe(self) -> str:
+        return "DDPM (ancestral, all T steps)"
+
+    def run(self, denoiser, diffusion, x_T, cond, generator):
+        return samplers.ddpm_sample(denoiser, diffusion, x_T, cond=cond, generator=generator)
+
+
+@dataclass(frozen=True)
+class DDIM(Sampler):
+    """DDIM with ``steps`` skipped steps (``spacing`` of the timesteps) and noise ``eta``
+    (0: deterministic; 1: DDPM's variance on the skipped chain)."""
+
+    name: ClassVar[str] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: samplers.Spacing = "leading"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampler.steps: expected a positive integer, got {self.steps!r}")
+        if not (isinstance(self.eta, (int, float)) and self.eta >= 0):
+            raise ValueError(f"sampler.eta: expected >= 0, got {self.eta!r}")
+        if self.spacing not in samplers.SPACINGS:
+            raise ValueError(f"sampler.spacing: unknown value {self.spacing!r}; expected one of {samplers.SPACINGS}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": self.steps, "eta": float(self.eta), "spacing": self.spacing}
+
+    def describe(self) -> str:
+        return f"DDIM {self.steps} steps ({self.spacing}), eta {self.eta}"
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        if self.steps > diffusion.num_timesteps:
+            raise ValueError(f"sampler.steps: {self.steps} exceeds the model's T = {diffusion.num_timesteps}")
+
+    def run(self, denoiser, diffusion, x_T, cond, generator):
+        return samplers.ddim_sample(denoiser, diffusion, x_T, num_steps=self.steps, eta=self.eta,
+                                    spacing=self.spacing, cond=cond, generator=generator)
+
+    def observation_options(self) -> dict[str, Any]:
+        return {"spacing": self.spacing}
+
+
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM)}
+
+
+def _settings(cls: type, spec: Mapping[str, Any], key: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    for name in spec:
+        if name not in known:
+            raise ValueError(f"{key}.{name}: not a setting of {cls.__name__} (its settings: "
+                             f"{', '.join(sorted(known)) or 'none'})")
+    return dict(spec)
+
+
+def as_sampler(node: Sampler | Mapping[str, Any]) -> Sampler:
+    """A :class:`Sampler` from a config node: ``{_target_: scidiff.inference.DDIM, steps: 50, ...}``
+    (``configs/sampler/<name>.yaml``), ``{name: ddim, steps: 50}`` (Python), or a sampler.
+
+    >>> as_sampler({"_target_": "scidiff.inference.DDIM", "steps": 20})
+    DDIM(steps=20, eta=0.0, spacing='leading')
+    """
+    if isinstance(node, Sampler):
+        return node
+    if not isinstance(node, Mapping):
+        raise ValueError(f"sampler: expected a sampler config (sampler=ddim | ddpm), got {node!r}")
+    spec = dict(node)
+    target = spec.pop("_target_", None)
+    if target is not None:
+        from hydra.utils import get_object
+
+        try:
+            cls = get_object(str(target))
+        except Exception:  # noqa: BLE001 - hydra raises several kinds; one line naming the key
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+            raise ValueError(f"sampler._target_: {target} is not a scidiff sampler (e.g. scidiff.inference.DDIM)")
+    else:
+        name = spec.pop("name", "ddim")
+        if name not in SAMPLERS:
+            raise ValueError(f"sampler.name: unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+        cls = SAMPLERS[name]
+    return cls(**_settings(cls, spec, "sampler"))
+
+
+def sampler_from_identity(identity: Mapping[str, Any]) -> Sampler:
+    """The sampler an :meth:`Sampler.identity` describes."""
+    spec = dict(identity)
+    name = spec.pop("name", None)
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler.name: unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](**spec)
+
+
+# ---------------------------------------------------------------------------- guidance
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """Classifier-free guidance: scale w (0 unconditional, 1 conditional, > 1 guided), rescale phi in [0, 1]."""
+
+    scale: float = 1.0
+    rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
+            raise ValueError(f"guidance.scale: expected a finite number, got {self.scale!r}")
+        if not (isinstance(self.rescale, (int, float)) and 0.0 <= self.rescale <= 1.0):
+            raise ValueError(f"guidance.rescale: expected a value in [0, 1], got {self.rescale!r}")
+
+    @property
+    def active(self) -> bool:
+        """Whether guidance changes anything (``scale != 1`` or ``rescale != 0``)."""
+        return self.scale != 1.0 or self.rescale != 0.0
+
+    def identity(self) -> dict[str, float]:
+        return {"scale": float(self.scale), "rescale": float(self.rescale)}
+
+
+def as_guidance(node: GuidanceSpec | Mapping[str, Any] | None) -> GuidanceSpec:
+    """A :class:`GuidanceSpec` from a config node ``{scale: 2.0, rescale: 0.7}`` (``None``: no guidance)."""
+    if node is None or isinstance(node, GuidanceSpec):
+        return node or GuidanceSpec()
+    if not isinstance(node, Mapping):
+        raise ValueError(f"guidance: expected {{scale: w, rescale: phi}}, got {node!r}")
+    return GuidanceSpec(**_settings(GuidanceSpec, node, "guidance"))
+
+
+class PerMember(nn.Module):
+    """A denoiser evaluated one sample at a time, so every sample's output is
+    bit-for-bit independent of the batch it is in (see the module docstring)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
+        outs = []
+        for i in range(x.shape[0]):
+            ci = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
+            outs.append(self.denoiser(x[i:i + 1], t[i:i + 1], ci))
+        return torch.cat(outs)
+
+
+def guided_denoiser(denoiser: nn.Module, guidance: GuidanceSpec, conditional: bool,
+                    batch_invariant: bool = False) -> nn.Module:
+    """The denoiser a sampler calls: classifier-free guided when the model is conditional
+    (a no-op at scale 1, rescale 0), wrapped in :class:`PerMember` when ``batch_invariant``."""
+    den = ClassifierFreeGuidance(denoiser, scale=guidance.scale, rescale=guidance.rescale) if conditional else denoiser
+    return PerMember(den) if batch_invariant else den
+
+
+# ------------------------------------------------------------------------ observations
+OBSERVATION_METHODS: dict[str, Any] = {"repaint": inpainting.repaint_sample, "dps": inpainting.dps_sample}
+OBSERVATION_OPTIONS: dict[str, tuple[str, ...]] = {"repaint": ("num_steps", "jump_length", "resample"),
+                                                   "dps": ("num_steps", "step_size")}
+
+
+@dataclass(frozen=True)
+class Observations:
+    """Sparse observations in *model* units for inpainting (RePaint or DPS).
+
+    ``observed`` and ``mask`` are ``[1 or N, C, *S]`` (one map for all parameter
+    sets, or one per set); ``mask`` is 1 where observed. ``options`` are passed to
+    the method (RePaint: ``num_steps``, ``jump_length``, ``resample``; DPS:
+    ``num_steps``, ``step_size``; both: ``spacing``).
+    """
+
+    observed: Tensor
+    mask: Tensor
+    method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in OBSERVATION_METHODS:
+            raise ValueError(f"observations.method: unknown method {self.method!r}; expected one of "
+                             f"{tuple(OBSERVATION_METHODS)}")
+        if self.observed.shape != self.mask.shape:
+            raise ValueError(f"observations: values {tuple(self.observed.shape)} and mask "
+                             f"{tuple(self.mask.shape)} differ in shape")
+
+    def take(self, samples: Sequence[int]) -> Observations:
+        """The observations of the members of the given parameter sets (one row per member)."""
+        idx = torch.as_tensor([0 if self.observed.shape[0] == 1 else j for j in samples], dtype=torch.long)
+        return Observations(self.observed[idx], self.mask[idx], self.method, self.options)
+
+
+# --------------------------------------------------------------------------- the path
+def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """x_T ~ N(0, I) ``[len(generators), *shape]``, each row from its own generator, on ``device``."""
+    return torch.cat([torch.randn((1, *shape), generator=g, device=g.device, dtype=dtype) for g in generators]).to(device)
+
+
+def sample_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor, cond: Conditioning | None, *,
+                 sampler: Sampler,
+                 guidance: GuidanceSpec = GuidanceSpec(), generator: Any = None,
+                 observations: Observations | None = None, batch_invariant: bool = False) -> Tensor:
+    """Run ``sampler`` (or inpainting with ``observations``) from ``x_T``; model units.
+
+    Args:
+        denoiser, diffusion: the model (e.g. a :class:`~scidiff.inference.checkpoint.Pretrained`'s);
+            ``denoiser`` is the model's own, guidance is added here.
+        x_T: ``[B, C, *S]`` on the model's device.
+        cond: the (normalised) condition of each row, or ``None``.
+        generator: one generator or a list of ``B`` (one per row) for the sampler's noise.
+        observations: ``[B, ...]`` rows (:meth:`Observations.take`) to inpaint, or ``None``.
+    """
+    den = guided_denoiser(denoiser, guidance, cond is not None, batch_invariant)
+    if observations is None:
+        return sampler.run(den, diffusion, x_T, cond, generator)
+    method = OBSERVATION_METHODS[observations.method]  # DPS differentiates through the denoiser
+    options = {**sampler.observation_options(), **dict(observations.options)}
+    return method(den, diffusion, x_T, observations.observed.to(x_T.device),
+                  observations.mask.to(x_T.device), cond=cond, generator=generator, **options)
+
+
+def invert_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x0: Tensor, cond: Conditioning | None, *,
+                 sampler: Sampler, guidance: GuidanceSpec = GuidanceSpec(), refine_steps: int = 0) -> Tensor:
+    """The x_T that ``sampler`` (deterministic DDIM) maps back to ``x0``: DDIM inversion through the
+    same guided denoiser :func:`sample_model` uses; model units."""
+    if not isinstance(sampler, DDIM):
+        raise ValueError(f"sampler: inversion needs deterministic DDIM (sampler=ddim), got {sampler.describe()}")
+    if sampler.eta != 0:
+        raise ValueError(f"sampler.eta: inversion needs deterministic DDIM (eta 0), got {sampler.eta}")
+    den = guided_denoiser(denoiser, guidance, cond is not None)
+    return samplers.ddim_invert(den, diffusion, x0, sampler.steps, sampler.spacing, cond, refine_steps=refine_steps)
+
+
+def generate(
+    pretrained,
+    params: Tensor | None,
+    seeds: Sequence[int],
+    *,
+    sampler: Sampler,
+    guidance: GuidanceSpec = GuidanceSpec(),
+    observations: Observations | None = None,
+    fields: Tensor | None = None,
+    batch_invariant: bool = True,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Generate ``b = len(seeds)`` members, in *physical* units, ``[b, C, *S]`` float32 on CPU.
+
+    Args:
+        pretrained: a :class:`~scidiff.inference.checkpoint.Pretrained` (on ``device``).
+        params: physical parameters ``[b, P]`` in the order of ``pretrained.param_names``;
+            ``None`` for an unconditional model.
+        seeds: one seed per member (:func:`~scidiff.inference.seeds.member_seed`); the
+            member's generator draws its x_T first, then the sampler's noise.
+        observations: ``b`` rows in model units, for inpainting; ``None`` for free generation.
+        fields: condition fields ``[b, Cf, *S]`` in model units; ``None`` for a model without
+            field conditioning. Guidance's null condition drops them with the parameters.
+    """
+    device = torch.device(device)
+    gens = member_generators(seeds)
+    x_T = initial_noise(pretrained.sample_shape, gens, device)
+    model_params = None
+    if params is not None and params.shape[1] > 0:
+        model_params = pretrained.params_to_model(params.to(torch.float64)).to(device, torch.float32)
+    if fields is not None and fields.shape[0] != len(gens):
+        raise ValueError(f"fields has {fields.shape[0]} rows for {len(gens)} members")
+    cond = None
+    if model_params is not None or fields is not None:
+        cond = Conditioning(params=model_params, fields=None if fields is None else fields.to(device, torch.float32))
+    x0 = sample_model(pretrained.denoiser, pretrained.diffusion, x_T, cond, sampler=sampler, guidance=guidance, generator=gens,
+                      observations=observations, batch_invariant=batch_invariant)
+    with torch.no_grad():
+        return pretrained.to_physical(x0.detach()).to("cpu", torch.float32)
+
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "OBSERVATION_METHODS",
+    "OBSERVATION_OPTIONS",
+    "SAMPLERS",
+    "GuidanceSpec",
+    "Observations",
+    "PerMember",
+    "Sampler",
+    "as_guidance",
+    "as_sampler",
+    "generate",
+    "guided_denoiser",
+    "initial_noise",
+    "invert_model",
+    "sample_model",
+    "sampler_from_identity",
+]
