@@ -3,7 +3,7 @@
 The Hydra config tree (top-level ``configs/``) is installed as package data under
 ``scidiff/_configs``, so the console scripts find it outside a source checkout.
 The bundled dataset generators live in the top-level ``datasets/`` folder (see
-DESIGN.md) and are installed as ``scidiff_datasets``: a top-level package named
+docs/architecture.md) and are installed as ``scidiff_datasets``: a top-level package named
 ``datasets`` would shadow Hugging Face's library of that name.
 """
 
