@@ -1,4 +1,5 @@
-"""The one ``main`` of the compose-API commands (``scidiff-sample``, ``-evaluate``, ``-invert``).
+"""The one ``main`` of the compose-API commands (``scidiff-sample``, ``-evaluate``, ``-invert``),
+and the error conventions every command shares (:func:`guarded`, also used by ``scidiff-train``).
 
 Every command does the same around its own work: ``--help`` prints the usage and the
 config file; ``--cfg`` prints the composed config; the config is composed (Hydra's
@@ -66,23 +67,32 @@ def run_command(command: Command, argv: Sequence[str] | None = None) -> None:
         plain = command.check(compose_config(command.config_name, argv))
     except ConfigError as exc:
         report_and_exit(exc, status=2)
+    status = guarded(lambda: command.run(plain), command.input_errors, lambda: command.log_dir(plain))
+    if status:
+        sys.exit(status)
+
+
+def guarded(work: Callable[[], int | None], input_errors: Sequence[type[BaseException]] = (),
+            log_dir: Callable[[], Path | None] = lambda: None) -> int | None:
+    """Run ``work`` with the commands' error conventions (module docstring): a ``ConfigError`` or
+    one of ``input_errors`` exits 2 with one line; any other exception exits 1 with one line
+    (the traceback in ``log_dir()/error.log``, or raised with ``SCIDIFF_TRACEBACK=1``)."""
     try:
-        status = command.run(plain)
+        return work()
     except ConfigError as exc:
         report_and_exit(exc, status=2)
-    except tuple(command.input_errors) as exc:
+    except tuple(input_errors) as exc:
         report_and_exit(ConfigError(str(exc)), status=2)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # one line on the terminal; the traceback in a log file or on request
         if os.environ.get("SCIDIFF_TRACEBACK"):
             raise
-        log_dir = command.log_dir(plain)
-        if log_dir is None:
+        directory = log_dir()
+        if directory is None:
             try:
                 exc = type(exc)(f"{exc} (set SCIDIFF_TRACEBACK=1 for the traceback)")
             except Exception:  # noqa: BLE001 - an exception type that takes other arguments
                 pass
-        report_and_exit(exc, log_dir, status=1)
-    if status:
-        sys.exit(status)
+        report_and_exit(exc, directory, status=1)
+    return None

@@ -201,21 +201,14 @@ def _hydra_app() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, open_dict
 
-    from scidiff.cli.errors import ConfigError, report_and_exit
+    from scidiff.cli.runner import guarded
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def app(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
-        try:
-            train(cfg)
-        except ConfigError as exc:
-            report_and_exit(exc, status=2)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one line on the terminal, the traceback in the run dir
-            report_and_exit(exc, run_dir, status=1)
+        guarded(lambda: train(cfg), log_dir=lambda: run_dir)  # the traceback goes to the run dir
 
     app()
 
