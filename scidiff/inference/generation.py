@@ -222,30 +222,100 @@ def guided_denoiser(denoiser: nn.Module, guidance: GuidanceSpec, conditional: bo
 
 
 # ------------------------------------------------------------------------ observations
-OBSERVATION_METHODS: dict[str, Any] = {"repaint": inpainting.repaint_sample, "dps": inpainting.dps_sample}
-OBSERVATION_OPTIONS: dict[str, tuple[str, ...]] = {"repaint": ("num_steps", "jump_length", "resample"),
-                                                   "dps": ("num_steps", "step_size")}
+@dataclass(frozen=True)
+class ObservationMethod:
+    """How sparse observations steer a sampler (inpainting); subclasses set ``name``."""
+
+    name: ClassVar[str] = ""
+
+    def run(self, denoiser, diffusion, x_T, observed, mask, cond, generator, spacing) -> Tensor:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+@dataclass(frozen=True)
+class RePaint(ObservationMethod):
+    """RePaint (Lugmayr et al. 2022): ``num_steps`` levels (None: all T), jumps back of
+    ``jump_length`` states, ``resample`` descents per segment
+    (:func:`scidiff.diffusion.inpainting.repaint_sample`)."""
+
+    name: ClassVar[str] = "repaint"
+    num_steps: int | None = None
+    jump_length: int = 10
+    resample: int = 10
+
+    def __post_init__(self) -> None:
+        for key in ("jump_length", "resample") + (("num_steps",) if self.num_steps is not None else ()):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"observations.{key}: expected a positive integer, got {value!r}")
+
+    def run(self, denoiser, diffusion, x_T, observed, mask, cond, generator, spacing):
+        return inpainting.repaint_sample(denoiser, diffusion, x_T, observed, mask, cond=cond, generator=generator,
+                                         num_steps=self.num_steps, jump_length=self.jump_length,
+                                         resample=self.resample, spacing=spacing)
+
+
+@dataclass(frozen=True)
+class DPS(ObservationMethod):
+    """Diffusion posterior sampling (Chung et al. 2023) over ``num_steps`` skipped steps with
+    normalised gradient steps ``step_size`` (:func:`scidiff.diffusion.inpainting.dps_sample`)."""
+
+    name: ClassVar[str] = "dps"
+    num_steps: int | None = 50
+    step_size: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_steps is not None and (isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int)
+                                           or self.num_steps < 1):
+            raise ValueError(f"observations.num_steps: expected a positive integer, got {self.num_steps!r}")
+        if not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
+            raise ValueError(f"observations.step_size: expected a number > 0, got {self.step_size!r}")
+
+    def run(self, denoiser, diffusion, x_T, observed, mask, cond, generator, spacing):
+        return inpainting.dps_sample(denoiser, diffusion, x_T, observed, mask, cond=cond, generator=generator,
+                                     num_steps=self.num_steps, step_size=self.step_size, spacing=spacing)
+
+
+OBSERVATION_METHODS: dict[str, type[ObservationMethod]] = {cls.name: cls for cls in (RePaint, DPS)}
+
+
+def as_observation_method(node: ObservationMethod | Mapping[str, Any]) -> ObservationMethod:
+    """An :class:`ObservationMethod` from ``{method: repaint, num_steps: 50, ...}`` (unset options:
+    ``None``, the method's default) or a method object."""
+    if isinstance(node, ObservationMethod):
+        return node
+    spec = {k: v for k, v in dict(node).items() if v is not None}
+    name = spec.pop("method", "repaint")
+    if name not in OBSERVATION_METHODS:
+        raise ValueError(f"observations.method: unknown method {name!r}; expected one of "
+                         f"{', '.join(OBSERVATION_METHODS)}")
+    cls = OBSERVATION_METHODS[name]
+    known = {f.name for f in fields(cls)}
+    for key in spec:
+        if key not in known:
+            raise ValueError(f"observations.{key}: not an option of method {name} (its options: "
+                             f"{', '.join(sorted(known))})")
+    return cls(**spec)
 
 
 @dataclass(frozen=True)
 class Observations:
-    """Sparse observations in *model* units for inpainting (RePaint or DPS).
+    """Sparse observations in *model* units for inpainting, and the method that uses them.
 
     ``observed`` and ``mask`` are ``[1 or N, C, *S]`` (one map for all parameter
-    sets, or one per set); ``mask`` is 1 where observed. ``options`` are passed to
-    the method (RePaint: ``num_steps``, ``jump_length``, ``resample``; DPS:
-    ``num_steps``, ``step_size``; both: ``spacing``).
+    sets, or one per set); ``mask`` is 1 where observed.
     """
 
     observed: Tensor
     mask: Tensor
-    method: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    method: ObservationMethod = field(default_factory=RePaint)
 
     def __post_init__(self) -> None:
-        if self.method not in OBSERVATION_METHODS:
-            raise ValueError(f"observations.method: unknown method {self.method!r}; expected one of "
-                             f"{tuple(OBSERVATION_METHODS)}")
+        if not isinstance(self.method, ObservationMethod):
+            raise ValueError(f"observations.method: expected RePaint or DPS, got {self.method!r}")
         if self.observed.shape != self.mask.shape:
             raise ValueError(f"observations: values {tuple(self.observed.shape)} and mask "
                              f"{tuple(self.mask.shape)} differ in shape")
@@ -253,7 +323,7 @@ class Observations:
     def take(self, samples: Sequence[int]) -> Observations:
         """The observations of the members of the given parameter sets (one row per member)."""
         idx = torch.as_tensor([0 if self.observed.shape[0] == 1 else j for j in samples], dtype=torch.long)
-        return Observations(self.observed[idx], self.mask[idx], self.method, self.options)
+        return Observations(self.observed[idx], self.mask[idx], self.method)
 
 
 # --------------------------------------------------------------------------- the path
@@ -280,10 +350,9 @@ def sample_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor,
     den = guided_denoiser(denoiser, guidance, cond is not None, batch_invariant)
     if observations is None:
         return sampler.run(den, diffusion, x_T, cond, generator)
-    method = OBSERVATION_METHODS[observations.method]  # DPS differentiates through the denoiser
-    options = {**sampler.observation_options(), **dict(observations.options)}
-    return method(den, diffusion, x_T, observations.observed.to(x_T.device),
-                  observations.mask.to(x_T.device), cond=cond, generator=generator, **options)
+    spacing = sampler.observation_options().get("spacing", "leading")  # DPS differentiates through the denoiser
+    return observations.method.run(den, diffusion, x_T, observations.observed.to(x_T.device),
+                                   observations.mask.to(x_T.device), cond, generator, spacing)
 
 
 def invert_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x0: Tensor, cond: Conditioning | None, *,
@@ -342,14 +411,17 @@ def generate(
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPS",
     "OBSERVATION_METHODS",
-    "OBSERVATION_OPTIONS",
+    "ObservationMethod",
+    "RePaint",
     "SAMPLERS",
     "GuidanceSpec",
     "Observations",
     "PerMember",
     "Sampler",
     "as_guidance",
+    "as_observation_method",
     "as_sampler",
     "generate",
     "guided_denoiser",

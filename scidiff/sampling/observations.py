@@ -12,22 +12,20 @@ unobserved points are set to 0 there (the methods never read them).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from scidiff.inference.generation import Observations
+from scidiff.inference.generation import ObservationMethod, Observations
 
 
 class ObservationError(ValueError):
     """Observations that cannot be used; the message names the file and the variable."""
 
 
-def load_observations(path: str | os.PathLike, pretrained, num_samples: int, *, method: str,
-                      mask: str | None = "mask", options: Mapping[str, Any] | None = None) -> Observations:
+def load_observations(path: str | os.PathLike, pretrained, num_samples: int, *, method: ObservationMethod,
+                      mask: str | None = "mask") -> Observations:
     """Read observations for ``pretrained``'s channels (see the module docstring)."""
     from scidiff.data.dataset import open_store
 
@@ -85,7 +83,7 @@ def load_observations(path: str | os.PathLike, pretrained, num_samples: int, *, 
     with torch.no_grad():
         model = torch.nan_to_num(pretrained.to_model(phys), nan=0.0, posinf=0.0, neginf=0.0)
     mask_t = torch.as_tensor(obs_mask, dtype=torch.float32)
-    return Observations(observed=model * mask_t, mask=mask_t, method=method, options=dict(options or {}))
+    return Observations(observed=model * mask_t, mask=mask_t, method=method)
 
 
 __all__ = ["ObservationError", "load_observations"]

@@ -40,7 +40,13 @@ import torch
 
 import scidiff
 from scidiff.inference.checkpoint import load_pretrained
-from scidiff.inference.generation import OBSERVATION_OPTIONS, GuidanceSpec, Sampler, as_guidance, as_sampler
+from scidiff.inference.generation import (
+    GuidanceSpec,
+    Sampler,
+    as_guidance,
+    as_observation_method,
+    as_sampler,
+)
 from scidiff.inference.runtime import DeviceError, DistContext, distributed_context, resolve_device
 from scidiff.inference.seeds import member_seeds
 from scidiff.sampling.ensemble import FieldConditions, run_ensemble
@@ -173,18 +179,12 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
     observations = None
     if obs_cfg is not None:
         obs_cfg = dict(obs_cfg)
-        method = obs_cfg.get("method", "repaint")
-        options = {k: v for k, v in obs_cfg.items() if k not in ("path", "method", "mask") and v is not None}
-        accepted = OBSERVATION_OPTIONS.get(method)
-        if accepted is None:
-            raise SampleError(f"observations.method: unknown method {method!r}; expected one of "
-                              f"{', '.join(OBSERVATION_OPTIONS)}")
-        for key in options:
-            if key not in accepted:
-                raise SampleError(f"observations.{key}: not an option of method {method} "
-                                  f"(its options: {', '.join(accepted)})")
+        try:
+            method = as_observation_method({k: v for k, v in obs_cfg.items() if k not in ("path", "mask")})
+        except ValueError as exc:
+            raise SampleError(str(exc)) from None
         observations = load_observations(obs_cfg["path"], pretrained, len(sets), method=method,
-                                         mask=obs_cfg.get("mask", "mask"), options=options)
+                                         mask=obs_cfg.get("mask", "mask"))
 
     seeds = member_seeds(int(cfg["seed"]), len(sets), members)
     identity = _identity(cfg, pretrained, sets, sampler, guidance if conditional else None, obs_cfg, conditions)
