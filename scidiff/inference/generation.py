@@ -60,10 +60,6 @@ class Sampler:
             generator: Any) -> Tensor:
         raise NotImplementedError
 
-    def observation_options(self) -> dict[str, Any]:
-        """Options inpainting takes from the sampler (the step spacing of skipped steps)."""
-        return {}
-
 
 @dataclass(frozen=True)
 class DDPM(Sampler):
@@ -109,9 +105,6 @@ class DDIM(Sampler):
     def run(self, denoiser, diffusion, x_T, cond, generator):
         return samplers.ddim_sample(denoiser, diffusion, x_T, num_steps=self.steps, eta=self.eta,
                                     spacing=self.spacing, cond=cond, generator=generator)
-
-    def observation_options(self) -> dict[str, Any]:
-        return {"spacing": self.spacing}
 
 
 SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM)}
@@ -350,7 +343,8 @@ def sample_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor,
     den = guided_denoiser(denoiser, guidance, cond is not None, batch_invariant)
     if observations is None:
         return sampler.run(den, diffusion, x_T, cond, generator)
-    spacing = sampler.observation_options().get("spacing", "leading")  # DPS differentiates through the denoiser
+    # inpainting takes the sampler's step spacing (DPS differentiates through the denoiser)
+    spacing = getattr(sampler, "spacing", "leading")
     return observations.method.run(den, diffusion, x_T, observations.observed.to(x_T.device),
                                    observations.mask.to(x_T.device), cond, generator, spacing)
 
