@@ -8,6 +8,7 @@ from torch import Tensor
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """View ``v`` (shape ``[B]`` or ``[B, ...]``) with trailing singleton dims up to ``ndim``.
 
+    >>> import torch
     >>> append_dims(torch.ones(4), 5).shape
     torch.Size([4, 1, 1, 1, 1])
     """

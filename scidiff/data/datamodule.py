@@ -5,9 +5,15 @@ variable, dim and parameter), splits the samples, computes the statistics out
 of core on the training split (or loads them from ``statistics_path``) and
 builds one lazy :class:`~scidiff.data.FieldDataset` per split. Loaders use
 ``__getitems__`` (one read per variable per batch), optional workers (each opens
-its own handle) and pinned memory. Under DDP, Lightning's ``DistributedSampler``
-injection (``Trainer(use_distributed_sampler=True)``, the default) gives each
-rank a disjoint shard.
+its own handle) and pinned memory.
+
+It is a plain class (``scidiff.data`` does not import Lightning) with the methods of
+a Lightning data module (``setup``, ``*_dataloader``, ``state_dict``,
+``load_state_dict``, ``teardown``). To train with a ``lightning.Trainer``, wrap it in
+:class:`scidiff.training.ResumableDataModule`, as ``scidiff-train`` does: that
+``LightningDataModule`` shards and orders the training split itself, and under DDP
+Lightning's ``DistributedSampler`` injection gives each rank a disjoint shard of the
+validation and test loaders.
 
 Everything later stages need is here: ``metadata`` (names, units, spatial dims
 and coordinates, parameter names), ``statistics`` (``save_statistics`` writes the
@@ -22,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -33,8 +38,8 @@ from scidiff.data.statistics import Statistics, compute_statistics
 from scidiff.data.transforms import ChannelTransform
 
 
-class FieldDataModule(L.LightningDataModule):
-    """Lightning data module over a zarr/netCDF store.
+class FieldDataModule:
+    """Splits, statistics, transforms and loaders over a zarr/netCDF store (module docstring).
 
     Args:
         path, variables, spatial_dims, sample_dims, params, fields, mask, engine,
@@ -77,7 +82,6 @@ class FieldDataModule(L.LightningDataModule):
         engine: str | None = None,
         open_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -129,6 +133,12 @@ class FieldDataModule(L.LightningDataModule):
         self._need_stats()
         return self._base.has_mask
 
+    def open_store(self):
+        """The store as an ``xarray.Dataset``, opened with this module's engine and options
+        (the caller closes it): for variables the module does not read, e.g. a per-sample
+        log-likelihood."""
+        return open_store(self.path, self._base.engine, self._base.open_kwargs)
+
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """Physical ``[B, C, *S]`` -> normalised."""
         return self.x_transform(x)
@@ -160,6 +170,8 @@ class FieldDataModule(L.LightningDataModule):
     # -- lifecycle --------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
+        """Split, compute or load the statistics and build the datasets (``stage`` is
+        unused: every split is prepared). Keeps statistics and splits already restored."""
         if self.split_indices is None:
             ds = open_store(self.path, self._base.engine, self._base.open_kwargs)
             try:
@@ -191,7 +203,8 @@ class FieldDataModule(L.LightningDataModule):
         return self._need_stats().save(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints by Lightning: statistics, metadata and splits as plain python."""
+        """Statistics, metadata and splits as plain python: what a checkpoint keeps (under
+        the key of the Lightning data module that wraps this one, ``"ResumableDataModule"``)."""
         if self.statistics is None:
             return {}
         return {
@@ -244,6 +257,7 @@ class FieldDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def teardown(self, stage: str | None = None) -> None:
+        """Close every open store handle (they are reopened on next use)."""
         for ds in self.datasets.values():
             ds.close()
         self._base.close()

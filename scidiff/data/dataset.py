@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 from torch.utils.data import Dataset
 
-from scidiff.data.statistics import ChannelSpec, Statistics
+from scidiff.data.statistics import ChannelSpec, PhysicalBlock, Statistics
 from scidiff.data.transforms import ChannelTransform, Scaling, TransformName, check_mode, resolve_transform
 
 MaskMode = Literal["auto", "always", "never"]
@@ -224,15 +224,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return str(v)
-
-
-@dataclass(frozen=True)
-class PhysicalBlock:
-    """Samples in physical units, as read from the store (NaN = missing)."""
-
-    x: np.ndarray  # [N, C, *S]
-    params: np.ndarray | None  # [N, P]
-    fields: np.ndarray | None  # [N, Cv, *S], the variable fields only
 
 
 def open_store(path: str | os.PathLike, engine: str | None = None,

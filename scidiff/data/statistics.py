@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from scidiff.data.atomic import atomic_write_text
 from scidiff.data.transforms import (
     ChannelTransform,
     Pointwise,
@@ -36,9 +36,6 @@ from scidiff.data.transforms import (
     affine_from_stats,
     warp_domain_ok,
 )
-
-if TYPE_CHECKING:
-    from scidiff.data.dataset import FieldDataset
 
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -155,13 +152,8 @@ class Statistics:
 
     def save(self, path: str | Path) -> Path:
         """Write the statistics as JSON (a few kB) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # atomic: DDP ranks may write the same file while another reads it
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.state_dict(), indent=1, default=_json_default))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.state_dict(), indent=1, default=_json_default))
 
     @classmethod
     def load(cls, path: str | Path) -> Statistics:
@@ -231,6 +223,31 @@ class ChannelSpec:
     fixed_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class PhysicalBlock:
+    """Samples in physical units, as read from the store (NaN = missing)."""
+
+    x: np.ndarray  # [N, C, *S]
+    params: np.ndarray | None  # [N, P]
+    fields: np.ndarray | None  # [N, Cv, *S], the variable fields only
+
+
+class SampleSource(Protocol):
+    """What :func:`compute_statistics` reads samples from; a
+    :class:`~scidiff.data.FieldDataset` is one."""
+
+    indices: np.ndarray  # the flat sample indices it serves
+    sample_nbytes: int  # bytes of one sample's target channels (float32)
+
+    def channel_specs(self) -> tuple[Sequence[ChannelSpec], Sequence[ChannelSpec], Sequence[ChannelSpec]]:
+        """Specs of the target channels, the parameters and the variable fields."""
+        ...
+
+    def read_physical(self, flat_indices: np.ndarray) -> PhysicalBlock:
+        """The samples ``flat_indices`` in physical units."""
+        ...
+
+
 def _warp_np(block: np.ndarray, specs: Sequence[ChannelSpec], kind: str) -> np.ndarray:
     """Check the domain and apply each channel's pointwise warp, ``[N, C, ...]`` float64."""
     block = np.asarray(block, np.float64)
@@ -281,7 +298,7 @@ def iter_blocks(indices: np.ndarray, block_size: int) -> Iterator[np.ndarray]:
 
 
 def compute_statistics(
-    dataset: FieldDataset,
+    dataset: SampleSource,
     indices: Sequence[int] | np.ndarray | None = None,
     block_size: int | None = None,
     info: Mapping[str, Any] | None = None,
@@ -289,8 +306,9 @@ def compute_statistics(
     """Statistics of ``dataset``'s samples ``indices`` (the training split), out of core.
 
     Args:
-        dataset: a :class:`~scidiff.data.FieldDataset`; its channel specs say which
-            warp and scaling each channel gets.
+        dataset: what the samples are read from (a :class:`SampleSource`, e.g. a
+            :class:`~scidiff.data.FieldDataset`); its channel specs say which warp and
+            scaling each channel gets.
         indices: flat sample indices into the store (default: the dataset's own).
         block_size: samples read at a time (default: about 32 MiB of target data).
         info: provenance recorded in the statistics (store path, split, ...).

@@ -12,7 +12,10 @@ EDM's F for the diffusion's ``prediction`` (``GaussianDiffusion.target`` of the 
 E[x_0 | x_t] and E[eps | x_t]): the minimiser of the training loss, so a sampler or a
 bound run with it shows the error of the algorithm alone. Like any denoiser it is
 called on the model input (c_in x_t for ``"edm"``) and recovers x_t from it with
-``GaussianDiffusion.unscale_model_input``.
+``GaussianDiffusion.unscale_model_input``. :func:`exact_output` does that round trip
+for every exact denoiser (also
+:class:`~scidiff.diffusion.analytic_full.FullCovarianceGaussianDenoiser`): each gives
+only its posterior means, and the diffusion alone converts them to its parameterisation.
 
 :class:`GaussianFieldDenoiser` does the same for a stationary periodic Gaussian
 random field (power spectrum P(k)): the Wiener filter, diagonal in Fourier space.
@@ -23,12 +26,31 @@ variational bound and the ODE likelihood are tested.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion.process import GaussianDiffusion
+
+
+# (x_t, ab) -> (E[x_0 | x_t], E[eps | x_t]), float64, shaped like x_t; ab = alpha-bar_t [B, 1, ...]
+PosteriorMeans = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def exact_output(diffusion: GaussianDiffusion, x_in: Tensor, t: Tensor, posterior_means: PosteriorMeans) -> Tensor:
+    """The output of a Bayes-optimal denoiser for the model input ``x_in``.
+
+    x_t is recovered from ``x_in`` (x_t, or c_in x_t for ``"edm"``) in float64, the
+    exact posterior means come from ``posterior_means(x_t, ab)``, and
+    ``GaussianDiffusion.target`` turns them into the diffusion's ``prediction``
+    (eps, x0, v or EDM's F), returned in ``x_in``'s dtype.
+    """
+    x_t = diffusion.unscale_model_input(x_in.to(torch.float64), t)
+    ab = diffusion.coef("alphas_cumprod", t, x_t)
+    x0, eps = posterior_means(x_t, ab)
+    return diffusion.target(x0, eps, t).to(x_in.dtype)
 
 
 class GaussianDataDenoiser(nn.Module):
@@ -50,24 +72,24 @@ class GaussianDataDenoiser(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64))
         self.register_buffer("var", std**2)
 
-    def _moments(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ab = self.diffusion.coef("alphas_cumprod", t, x_t.to(torch.float64))
-        mu, var0 = self.mean, self.var
-        denom = ab * var0 + 1.0 - ab
-        resid = x_t.to(torch.float64) - ab.sqrt() * mu
-        return ab, resid / denom, denom
+    def _moments(self, x_t: Tensor, ab: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t - sqrt(ab) mu) / denom and denom = ab s^2 + 1 - ab, float64."""
+        denom = ab * self.var + 1.0 - ab
+        resid = x_t.to(torch.float64) - ab.sqrt() * self.mean
+        return resid / denom, denom
 
     def forward(self, x_in: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """The exact output for the model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
-        x_t = self.diffusion.unscale_model_input(x_in.to(torch.float64), t)
-        ab, scaled, _ = self._moments(x_t, t)
-        eps = (1.0 - ab).sqrt() * scaled
-        x0 = self.mean + ab.sqrt() * self.var * scaled
-        return self.diffusion.target(x0, eps, t).to(x_in.dtype)
+        return exact_output(self.diffusion, x_in, t, self._posterior_means)
+
+    def _posterior_means(self, x_t: Tensor, ab: Tensor) -> tuple[Tensor, Tensor]:
+        scaled, _ = self._moments(x_t, ab)
+        return self.mean + ab.sqrt() * self.var * scaled, (1.0 - ab).sqrt() * scaled
 
     def posterior_x0_variance(self, x_t: Tensor, t: Tensor) -> Tensor:
         """Var[x_0 | x_t], broadcast to ``x_t``'s shape."""
-        ab, _, denom = self._moments(x_t, t)
+        ab = self.diffusion.coef("alphas_cumprod", t, x_t.to(torch.float64))
+        _, denom = self._moments(x_t, ab)
         return (self.var * (1.0 - ab) / denom).expand(x_t.shape).to(x_t.dtype)
 
     def log_prob(self, x0: Tensor, extra_variance: float = 0.0) -> Tensor:
@@ -128,13 +150,11 @@ class GaussianFieldDenoiser(nn.Module):
 
     def forward(self, x_in: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """The exact output for the model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
-        x = self.diffusion.unscale_model_input(x_in.to(torch.float64), t)
-        ab = self.diffusion.coef("alphas_cumprod", t, x)
-        resid = x - ab.sqrt() * self.mean
-        scaled = self._filter(resid, 1.0 / (ab * self.power + 1.0 - ab))
-        eps = (1.0 - ab).sqrt() * scaled
-        x0 = self.mean + ab.sqrt() * self._filter(scaled, self.power)
-        return self.diffusion.target(x0, eps, t).to(x_in.dtype)
+        return exact_output(self.diffusion, x_in, t, self._posterior_means)
+
+    def _posterior_means(self, x_t: Tensor, ab: Tensor) -> tuple[Tensor, Tensor]:
+        scaled = self._filter(x_t - ab.sqrt() * self.mean, 1.0 / (ab * self.power + 1.0 - ab))
+        return self.mean + ab.sqrt() * self._filter(scaled, self.power), (1.0 - ab).sqrt() * scaled
 
     def log_prob(self, x0: Tensor, extra_variance: float = 0.0) -> Tensor:
         """Exact log N(x_0; mu, C + extra_variance I) per sample ``[B]``, nats (summed over

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
+from scidiff.diffusion.analytic import exact_output
 from scidiff.diffusion.process import GaussianDiffusion
 
 
@@ -94,13 +95,16 @@ class FullCovarianceGaussianDenoiser(nn.Module):
         model input ``x_in`` (x_t, or c_in x_t for ``"edm"``)."""
         if tuple(x_in.shape[1:]) != self.shape:
             raise ValueError(f"x_t has shape {tuple(x_in.shape)}, this denoiser models fields of shape {self.shape}")
-        x = self.diffusion.unscale_model_input(x_in.to(torch.float64), t).flatten(1)
-        ab = self.diffusion.coef("alphas_cumprod", t, x)  # [B, 1]
+        return exact_output(self.diffusion, x_in, t, self._posterior_means)
+
+    def _posterior_means(self, x_t: Tensor, ab: Tensor) -> tuple[Tensor, Tensor]:
+        """E[x_0 | x_t] and E[eps | x_t] (module docstring), shaped like x_t."""
+        x, ab = x_t.flatten(1), ab.flatten(1)  # [B, N], [B, 1]
         resid = x - ab.sqrt() * self.mean
         denom = ab * self.eigvals + 1.0 - ab
         eps = self._in_eigenbasis(resid, (1.0 - ab).sqrt() / denom)
         x0 = self.mean + self._in_eigenbasis(resid, ab.sqrt() * self.eigvals / denom)
-        return self.diffusion.target(x0, eps, t).reshape(x_in.shape).to(x_in.dtype)
+        return x0.reshape(x_t.shape), eps.reshape(x_t.shape)
 
     def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
         """``num`` draws ``[num, *shape]`` (float64): mu + V sqrt(lambda) w, w ~ N(0, I)."""

@@ -71,11 +71,11 @@ import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
+from scidiff.diffusion.averaging import LN2, normalised_point_weights, valid_points
 from scidiff.diffusion.gaussian import discretized_gaussian_log_likelihood, gaussian_log_density, normal_kl
+from scidiff.diffusion.ode_likelihood import ODELikelihood, ode_nll
 from scidiff.diffusion.process import DECODERS, GaussianDiffusion
 from scidiff.shapes import append_dims, check_field, mean_flat
-
-LN2 = math.log(2.0)
 
 ReverseVariance = Literal["fixed_small", "fixed_large", "learned_range"]
 REVERSE_VARIANCES: tuple[str, ...] = get_args(ReverseVariance)
@@ -149,50 +149,6 @@ class BoundEstimate:
         out.index_add_(1, self.timesteps.to(w.device), w / w.shape[1])
         out[:, 0] = self.reconstruction.to(w.dtype)
         return out
-
-
-# ------------------------------------------------------------ point weights
-def point_weights(x0: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor | None:
-    """Weights of the per-dimension averages, ``[B|1, C|1, *S]`` in x0's dtype, or None.
-
-    w = mask * weights, normalised per sample so that the mean weight over the valid
-    points is 1 (sum_p w_p = number of valid points): a weighted mean is then
-    sum_p w_p v_p / sum_p w_p and without weights it is the plain mean over valid points.
-
-    Args:
-        x0: ``[B, C, *S]``.
-        mask: 1 = valid, broadcastable to x0 with x0's rank.
-        weights: non-negative area weights, ``[*S]`` or broadcastable to x0 with its
-            rank (e.g. ``[B, 1, *S]``); e.g. cos(latitude) on a lat/lon grid.
-    """
-    if mask is None and weights is None:
-        return None
-    w = torch.ones((1,) * x0.ndim, dtype=x0.dtype, device=x0.device)
-    for name, part in (("mask", mask), ("weights", weights)):
-        if part is None:
-            continue
-        part = torch.as_tensor(part, device=x0.device).to(x0.dtype)
-        if name == "weights" and part.ndim == x0.ndim - 2:
-            part = part.reshape(1, 1, *part.shape)
-        try:
-            fits = part.ndim == x0.ndim and torch.broadcast_shapes(part.shape, x0.shape) == x0.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"{name} of shape {tuple(part.shape)} does not broadcast to x0 of shape {tuple(x0.shape)}")
-        if not torch.isfinite(part).all() or (part < 0).any():
-            raise ValueError(f"{name} must be finite and non-negative")
-        w = w * part
-    total = w.expand_as(x0).flatten(1).sum(dim=1)
-    if (total <= 0).any():
-        raise ValueError("every sample needs valid points with positive weight")
-    return w * append_dims(_valid_points(x0, mask) / total, x0.ndim)
-
-
-def _valid_points(x0: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return torch.full((x0.shape[0],), x0[0].numel(), dtype=x0.dtype, device=x0.device)
-    return (mask.to(x0.dtype).expand_as(x0) > 0).flatten(1).sum(dim=1).to(x0.dtype)
 
 
 # --------------------------------------------------------- reverse variance
@@ -338,7 +294,7 @@ def estimate_optimal_variance(
     count = 0
     for x0, c, m in batches:
         check_field(x0, "x0")
-        w = point_weights(x0, m, weights)
+        w = normalised_point_weights(x0, m, weights)
         sums = []
         for chunk in ts_all.split(timestep_batch):
             b, k = x0.shape[0], chunk.numel()
@@ -437,7 +393,7 @@ def prior_term(
     t = torch.full((x0.shape[0],), diffusion.num_timesteps - 1, dtype=torch.long, device=x0.device)
     mean, _, log_var = diffusion.q_mean_variance(x0, t)
     kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var))
-    return mean_flat(kl, point_weights(x0, mask, weights))
+    return mean_flat(kl, normalised_point_weights(x0, mask, weights))
 
 
 def _replicate(x0, timesteps, cond, w, generator):
@@ -477,7 +433,7 @@ def timestep_terms(
     check_field(x0, "x0")
     variance = _check_variance(diffusion, variance)
     dec = _resolve_decoder(diffusion, x0, decoder, bin_width, data_range, False)
-    w = point_weights(x0, mask, weights)
+    w = normalised_point_weights(x0, mask, weights)
     b, k = x0.shape[0], timesteps.numel()
     xs, ts, noise, rep_cond, rep_w = _replicate(x0, timesteps, cond, w, generator)
     x_t = diffusion.q_sample(xs, ts, noise)
@@ -637,20 +593,17 @@ def _prepare(diffusion, x0, mask, weights, decoder, bin_width, data_range, dequa
     if log_det is not None:
         raise ValueError("dequantize=True bounds a probability of bins, which has no units: pass no log_det")
     log_w = torch.log(dec.bin_width).expand_as(x0)
-    return _dequantize(x0, dec, generator), -mean_flat(log_w, point_weights(x0, mask, weights))
+    return _dequantize(x0, dec, generator), -mean_flat(log_w, normalised_point_weights(x0, mask, weights))
 
 
 def _finish(terms, prior, total, x0, mask, log_det) -> VariationalBound:
-    dims = _valid_points(x0, mask)
+    dims = valid_points(x0, mask)
     if log_det is not None:
         if log_det.shape != (x0.shape[0],):
             raise ValueError(f"log_det must have shape [B] = [{x0.shape[0]}], got {tuple(log_det.shape)}")
         total = total - log_det.to(total) / dims.clamp_min(1)
     return VariationalBound(terms=terms, prior=prior, nats_per_dim=total, bits_per_dim=total / LN2, dims=dims)
 
-
-# The ODE likelihood reuses this module's helpers, so it is imported last.
-from scidiff.diffusion.ode_likelihood import ODELikelihood, ode_nll  # noqa: E402
 
 __all__ = [
     "OPTIMAL_VARIANCE_METHODS",
@@ -660,9 +613,9 @@ __all__ = [
     "VariationalBound",
     "estimate_bound",
     "estimate_optimal_variance",
+    "normalised_point_weights",
     "ode_nll",
     "optimal_variance_from_gamma",
-    "point_weights",
     "prior_term",
     "reverse_step",
     "timestep_terms",

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion.gaussian import gaussian_log_density
-from scidiff.diffusion.likelihood import LN2, _valid_points, point_weights
+from scidiff.diffusion.averaging import LN2, normalised_point_weights, valid_points
 from scidiff.diffusion.process import GaussianDiffusion
 from scidiff.shapes import check_field, mean_flat
 
@@ -168,7 +168,7 @@ def ode_nll(
     k = 1 if exact_trace else num_probes
     grid = ode_timesteps(diffusion, num_steps)
     sigma = _log_sigma(diffusion).exp()
-    w = point_weights(x0, mask, weights)
+    w = normalised_point_weights(x0, mask, weights)
     w_full = torch.ones_like(x0) if w is None else w.expand_as(x0)
     xbar = x0.detach().clone() if mask is None else torch.where(mask.expand_as(x0) > 0, x0, torch.zeros_like(x0))
     integral = torch.zeros(k, x0.shape[0], dtype=torch.float64, device=x0.device)
@@ -191,7 +191,7 @@ def ode_nll(
     ab_end = float(diffusion.schedule.alphas_cumprod[-1])
     log_prior = gaussian_log_density(xbar, torch.zeros_like(xbar), torch.full_like(xbar, -math.log(ab_end)))
     prior = -mean_flat(log_prior, w).to(torch.float64)
-    dims = _valid_points(x0, mask)
+    dims = valid_points(x0, mask)
     per_probe = prior - integral / dims.to(torch.float64)  # [K, B]
     nats = per_probe.mean(dim=0)
     se = torch.zeros_like(nats) if exact_trace else per_probe.std(dim=0) / math.sqrt(k)

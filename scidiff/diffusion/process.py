@@ -1,7 +1,7 @@
 """The Gaussian diffusion process: forward noising, posteriors, parameterisations, losses.
 
 Notation follows Ho et al. (2020, "DDPM") and Nichol & Dhariwal (2021, "Improved
-DDPM"), with 0-based timesteps (DESIGN.md): a_t = alphas[t], ab_t = alphas_cumprod[t],
+DDPM"), with 0-based timesteps (docs/theory/conventions.md#time): a_t = alphas[t], ab_t = alphas_cumprod[t],
 ab_{t-1} = alphas_cumprod_prev[t] (= 1 at t = 0).
 
     q(x_t | x_0)          = N( sqrt(ab_t) x_0, (1 - ab_t) I )                     DDPM eq. 4
@@ -82,30 +82,6 @@ AMPLIFICATION_LIMIT = 10.0
 class ErrorAmplificationWarning(UserWarning):
     """A parameterisation/schedule pair multiplies a model error at some step by more than
     ``AMPLIFICATION_LIMIT`` in the reverse mean (see :meth:`GaussianDiffusion.error_amplification`)."""
-
-
-# Names of the per-timestep coefficient tables kept (float64) for fast lookup.
-_TABLES = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "fixed_large_log_variance",
-    "log_betas",
-    "log_sigma",
-    "edm_c_in",
-    "edm_c_skip",
-    "edm_c_out",
-    "edm_eps_coef_x",
-    "edm_eps_coef_out",
-    "edm_target_coef_x0",
-    "edm_target_coef_eps",
-)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Noise schedules of the discrete forward process, in float64.
 
-Conventions (DESIGN.md, "Time"): timesteps ``t`` run over ``{0, ..., T-1}``; step
+Conventions (docs/theory/conventions.md#time): timesteps ``t`` run over ``{0, ..., T-1}``; step
 ``t`` adds noise of variance ``betas[t]``, and
 
     alphas[t]          = 1 - betas[t]

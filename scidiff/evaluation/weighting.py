@@ -28,6 +28,13 @@ def point_weights(
 ) -> Tensor:
     """Per-point weights ``w = mask * weights``, float64, expanded to ``like.shape``.
 
+    The raw product, not normalised: metrics keep float64 sums of ``w * v`` and of
+    ``w`` (exact under DDP) and divide at the end. The likelihoods' per-dimension
+    averages use :func:`scidiff.diffusion.averaging.normalised_point_weights` instead:
+    the same product in the field's dtype, rescaled per sample to mean 1 over the valid
+    points, and stricter about shapes (mask and weights of the field's rank, or weights
+    ``[*S]``) and values (finite).
+
     Args:
         like: the tensor the weights apply to, e.g. a field ``[B, C, *S]``.
         mask: 1 = valid, 0 = missing (bool or float), broadcastable to ``like``

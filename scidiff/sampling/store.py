@@ -1,4 +1,4 @@
-"""The zarr ensemble store (DESIGN.md, "Ensemble output").
+"""The zarr ensemble store (docs/architecture.md#ensemble-output).
 
 Layout, for ``N`` parameter sets and ``M`` members per set::
 
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from scidiff.data.atomic import atomic_path
 from scidiff.data.dataset import FieldMetadata
 from scidiff.sampling.grid import ParameterSets
 
@@ -219,12 +220,8 @@ def create_store(
     encoding = {name: {"chunks": chunks} for name in names}
     encoding["done"] = {"chunks": (1, 1)}
 
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_zarr(str(tmp), mode="w-", compute=False, encoding=encoding, consolidated=True, zarr_format=2)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.to_zarr(str(tmp), mode="w-", compute=False, encoding=encoding, consolidated=True, zarr_format=2)
     return EnsembleStore.open(path)
 
 

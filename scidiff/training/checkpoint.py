@@ -1,8 +1,9 @@
 """Atomic, code-free checkpoints and finding the newest one in a run directory.
 
-Writes go to a temporary file in the same directory, are flushed to disk and then
-renamed over the target with ``os.replace`` (atomic on POSIX), so a process killed
-while saving leaves the previous checkpoint intact. Reads use
+Writes go to a hidden temporary file in the same directory
+(:func:`scidiff.data.atomic.atomic_path`), are flushed to disk and then renamed over
+the target with ``os.replace`` (atomic on POSIX), so a process killed while saving
+leaves the previous checkpoint intact; the file gets the umask's permissions. Reads use
 ``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain python
 containers only, never objects whose unpickling would run code.
 """
@@ -10,37 +11,26 @@ containers only, never objects whose unpickling would run code.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from scidiff.data.atomic import atomic_path
+from scidiff.inference.checkpoint import safe_torch_load
+
 CHECKPOINT_SUFFIX = ".ckpt"
-_TMP_PREFIX = ".tmp-"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,12 +50,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def newest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The most recently written ``*.ckpt`` under ``directory`` (temporary files
-    of an interrupted write are ignored), or ``None``."""
+    """The most recently written ``*.ckpt`` under ``directory`` (hidden files, such as
+    the temporaries of an interrupted write, are ignored), or ``None``."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    files = [p for p in directory.rglob(f"*{CHECKPOINT_SUFFIX}") if not p.name.startswith(_TMP_PREFIX)]
+    files = [p for p in directory.rglob(f"*{CHECKPOINT_SUFFIX}") if not p.name.startswith(".")]
     if not files:
         return None
     return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))

@@ -1,4 +1,10 @@
-"""Training data order that a resumed run reproduces exactly.
+"""The Lightning side of the data: a ``LightningDataModule`` around a plain data module,
+with a training data order that a resumed run reproduces exactly.
+
+:class:`ResumableDataModule` is what ``scidiff-train`` hands to ``Trainer.fit``: it
+wraps the plain :class:`~scidiff.data.FieldDataModule` (``scidiff.data`` imports no
+Lightning) and forwards the hooks, the checkpoint state and every other attribute to
+it. Checkpoints keep that state under the key ``"ResumableDataModule"``.
 
 The order of epoch ``e`` is a pure function of ``(seed, e)``: a permutation drawn
 from ``numpy.random.default_rng([seed, e])``, padded to a multiple of the number
@@ -95,17 +101,21 @@ class ResumableLoader(DataLoader):
 
 
 class ResumableDataModule(L.LightningDataModule):
-    """Wraps a data module (e.g. :class:`~scidiff.data.FieldDataModule`): its
-    validation/test loaders, statistics and transforms as they are, and a
-    :class:`ResumableLoader` over its training split.
+    """The ``LightningDataModule`` of training: wraps a plain data module (e.g.
+    :class:`~scidiff.data.FieldDataModule`), keeps its validation/test loaders,
+    statistics and transforms as they are, and gives a :class:`ResumableLoader` over
+    its training split.
 
-    The wrapped module must expose ``datasets["train"]`` after ``setup``, and
-    ``batch_size``, ``num_workers``, ``pin_memory``, ``drop_last``, ``seed`` and
-    ``shuffle`` attributes. Attribute reads fall through to it
-    (``dm.inverse_transform``, ``dm.metadata``...).
+    The wrapped module must have ``setup(stage)``, ``teardown(stage)``,
+    ``state_dict()``, ``load_state_dict(state)``, ``val_dataloader()``,
+    ``test_dataloader()``, ``datasets["train"]`` after ``setup``, and ``batch_size``,
+    ``num_workers``, ``pin_memory``, ``drop_last``, ``seed`` and ``shuffle`` attributes
+    (``prepare_data()``, ``persistent_workers`` and ``prefetch_factor`` are used when
+    present). Attribute
+    reads fall through to it (``dm.inverse_transform``, ``dm.metadata``...).
     """
 
-    def __init__(self, inner: L.LightningDataModule) -> None:
+    def __init__(self, inner: Any) -> None:
         super().__init__()
         self.inner = inner
         self.sampler: ResumableSampler | None = None
@@ -119,10 +129,11 @@ class ResumableDataModule(L.LightningDataModule):
             return getattr(self.inner, name)
 
     def prepare_data(self) -> None:
-        self.inner.prepare_data()
+        prepare = getattr(self.inner, "prepare_data", None)
+        if prepare is not None:
+            prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        self.inner.trainer = self.trainer
         self.inner.setup(stage)
 
     def teardown(self, stage: str | None = None) -> None:
@@ -144,6 +155,8 @@ class ResumableDataModule(L.LightningDataModule):
         kwargs: dict[str, Any] = {}
         if inner.num_workers > 0:
             kwargs["persistent_workers"] = getattr(inner, "persistent_workers", False)
+            if getattr(inner, "prefetch_factor", None) is not None:
+                kwargs["prefetch_factor"] = inner.prefetch_factor
         return ResumableLoader(dataset, batch_size=inner.batch_size, sampler=self.sampler,
                                drop_last=inner.drop_last, num_workers=inner.num_workers,
                                pin_memory=inner.pin_memory, **kwargs)

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -119,16 +121,26 @@ class _Probe(L.LightningModule):
 
 
 def test_trainer_fit_and_checkpoint_carry_the_statistics(climate_store, tmp_path):
+    """The Lightning side: scidiff-train's wrapper around the plain data module."""
+    from scidiff.training import ResumableDataModule
+
     dm = _dm(climate_store)
+    assert not isinstance(dm, L.LightningDataModule)
     model = _Probe()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=ResumableDataModule(dm))
     assert len(model.seen) == 3 and all(len(i) == 4 for i in model.seen)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert Statistics.from_state(ckpt["FieldDataModule"]["statistics"]) == dm.statistics
+    assert Statistics.from_state(ckpt["ResumableDataModule"]["statistics"]) == dm.statistics
+
+
+def test_the_data_package_loads_no_lightning():
+    code = "import sys, scidiff.data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def _schema_store(kind, tmp_path):
