@@ -115,18 +115,6 @@ def _alpha_bar(diffusion: GaussianDiffusion, t: int) -> float:
     return 1.0 if t < 0 else float(diffusion.schedule.alphas_cumprod[t])
 
 
-def _timestep_batch(t: int, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-
-
-def _progress(seq, progress: bool, desc: str):
-    if not progress:
-        return seq
-    from tqdm.auto import tqdm
-
-    return tqdm(seq, desc=desc, leave=False)
-
-
 def _reverse_step(diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, t: int, t_prev: int,
                   full: bool, eta: float, generator: GeneratorLike) -> Tensor:
     """p_theta(x_{t_prev} | x_t): the diffusion's own DDPM step over all T steps, else the
@@ -196,16 +184,16 @@ def repaint_sample(
     Returns:
         ``[B, C, *S]`` samples equal to ``observed`` where ``obs_mask`` is 1.
     """
-    samplers._check_call(diffusion, x_T, cond, "x_T")
+    samplers.check_call(diffusion, x_T, cond, "x_T")
     y, m = check_observations(x_T, observed, obs_mask)
     levels = _levels(diffusion, num_steps, spacing)
     full = num_steps is None
     path = repaint_schedule(len(levels) - 1, jump_length, resample)
     x = x_T
-    for i, j in _progress(list(zip(path[:-1], path[1:])), progress, "RePaint"):
+    for i, j in samplers.progress_steps(list(zip(path[:-1], path[1:])), progress, "RePaint"):
         t, t_next = levels[i], levels[j]
         if j == i + 1:  # reverse step t -> t_next (eq. 8-10)
-            out = diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond)
+            out = diffusion.model_output(denoiser, x, samplers.timestep_batch(t, x), cond)
             unknown = _reverse_step(diffusion, out, x, t, t_next, full, 1.0, generator)
             ab = _alpha_bar(diffusion, t_next)
             known = y if t_next < 0 else math.sqrt(ab) * y + math.sqrt(1.0 - ab) * randn_like(x, generator)
@@ -249,7 +237,7 @@ def dps_sample(
     Returns:
         ``[B, C, *S]`` samples.
     """
-    samplers._check_call(diffusion, x_T, cond, "x_T")
+    samplers.check_call(diffusion, x_T, cond, "x_T")
     if not step_size > 0:
         raise ValueError(f"step_size must be > 0, got {step_size}")
     y, m = check_observations(x_T, observed, obs_mask)
@@ -257,8 +245,8 @@ def dps_sample(
     levels = _levels(diffusion, num_steps, spacing)
     full = num_steps is None
     x = x_T.detach()
-    for t, t_next in _progress(list(zip(levels[:-1], levels[1:])), progress, "DPS"):
-        tb = _timestep_batch(t, x)
+    for t, t_next in samplers.progress_steps(list(zip(levels[:-1], levels[1:])), progress, "DPS"):
+        tb = samplers.timestep_batch(t, x)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             out = diffusion.model_output(denoiser, x_in, tb, cond)  # the gradient includes c_in

@@ -74,11 +74,11 @@ from scidiff.conditioning import Conditioning
 from scidiff.diffusion.averaging import LN2, normalised_point_weights, valid_points
 from scidiff.diffusion.gaussian import discretized_gaussian_log_likelihood, gaussian_log_density, normal_kl
 from scidiff.diffusion.ode_likelihood import ODELikelihood, ode_nll
-from scidiff.diffusion.process import DECODERS, GaussianDiffusion
+from scidiff.diffusion.process import DECODERS, VARIANCES, GaussianDiffusion, Variance
 from scidiff.shapes import append_dims, check_field, mean_flat
 
-ReverseVariance = Literal["fixed_small", "fixed_large", "learned_range"]
-REVERSE_VARIANCES: tuple[str, ...] = get_args(ReverseVariance)
+ReverseVariance = Variance  # the diffusion's own vocabulary (process.VARIANCES), one list
+REVERSE_VARIANCES: tuple[str, ...] = VARIANCES
 VarianceChoice = ReverseVariance | Tensor | None
 OptimalVarianceMethod = Literal["analytic", "mse"]
 OPTIMAL_VARIANCE_METHODS: tuple[str, ...] = get_args(OptimalVarianceMethod)

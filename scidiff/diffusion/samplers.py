@@ -141,11 +141,13 @@ def randn_like(x: Tensor, generator: GeneratorLike = None) -> Tensor:
     )
 
 
-def _timestep_batch(t: int, x: Tensor) -> Tensor:
+def timestep_batch(t: int, x: Tensor) -> Tensor:
+    """The timestep ``t`` for every sample of ``x``: int64 ``[B]`` on ``x``'s device."""
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
-def _check_call(diffusion: GaussianDiffusion, x: Tensor, cond: Conditioning | None, name: str) -> None:
+def check_call(diffusion: GaussianDiffusion, x: Tensor, cond: Conditioning | None, name: str) -> None:
+    """Raise ``ValueError`` (naming ``name``) unless a sampler can run on ``(diffusion, x, cond)``."""
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
     check_field(x, name)
@@ -156,7 +158,8 @@ def _check_call(diffusion: GaussianDiffusion, x: Tensor, cond: Conditioning | No
             raise ValueError(f"cond has batch size {cond.batch_size} but {name} has {x.shape[0]}")
 
 
-def _steps(seq, progress: bool, desc: str):
+def progress_steps(seq, progress: bool, desc: str):
+    """``seq``, with a tqdm bar labelled ``desc`` when ``progress``."""
     if not progress:
         return seq
     from tqdm.auto import tqdm
@@ -179,7 +182,7 @@ def ddpm_step(
     x_{t-1} = mean + sigma_t z with the mean and variance of
     :meth:`GaussianDiffusion.p_mean_variance`; z = 0 at t = 0.
     """
-    p = diffusion.p_mean_variance(model_output, x_t, _timestep_batch(t, x_t))
+    p = diffusion.p_mean_variance(model_output, x_t, timestep_batch(t, x_t))
     if t == 0:
         return StepOutput(prev_sample=p.mean, pred_x0=p.pred_x0)
     z = randn_like(x_t, generator) if noise is None else noise
@@ -198,11 +201,11 @@ def ddpm_sample(
     progress: bool = False,
 ) -> Tensor:
     """DDPM ancestral sampling over all T steps, from ``x_T`` ``[B, C, *S]`` to x_0."""
-    _check_call(diffusion, x_T, cond, "x_T")
+    check_call(diffusion, x_T, cond, "x_T")
     x = x_T
     T = diffusion.num_timesteps
-    for i, t in enumerate(_steps(range(T - 1, -1, -1), progress, "DDPM")):
-        out = ddpm_step(diffusion, diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond), x, t,
+    for i, t in enumerate(progress_steps(range(T - 1, -1, -1), progress, "DDPM")):
+        out = ddpm_step(diffusion, diffusion.model_output(denoiser, x, timestep_batch(t, x), cond), x, t,
                         generator=generator)
         x = out.prev_sample
         if callback is not None:
@@ -237,7 +240,7 @@ def ddim_step(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     pred, _ = diffusion.split_output(model_output, x_t)
-    pred_x0, pred_eps = diffusion.predictions(pred, x_t, _timestep_batch(t, x_t))
+    pred_x0, pred_eps = diffusion.predictions(pred, x_t, timestep_batch(t, x_t))
     ab_t = _alpha_bar(diffusion, t, 1.0)
     ab_prev = _alpha_bar(diffusion, t_prev, final_alpha_bar(diffusion, final_alpha_cumprod))
     # (1 - ab_t / ab_prev) is 1 - alpha of the skipped segment; at ab_t = ab_prev = 0 use 0.
@@ -277,15 +280,15 @@ def ddim_sample(
         final_alpha_cumprod: ``"one"`` (the last step lands on the data,
             alpha-bar = 1) or ``"first"`` (alpha-bar_0).
     """
-    _check_call(diffusion, x_T, cond, "x_T")
+    check_call(diffusion, x_T, cond, "x_T")
     final_alpha_bar(diffusion, final_alpha_cumprod)  # validates the name
     seq = timestep_sequence(diffusion.num_timesteps, num_steps, spacing).tolist()
     prevs = seq[1:] + [-1]
     x = x_T
-    for i, (t, t_prev) in enumerate(_steps(list(zip(seq, prevs)), progress, "DDIM")):
+    for i, (t, t_prev) in enumerate(progress_steps(list(zip(seq, prevs)), progress, "DDIM")):
         out = ddim_step(
             diffusion,
-            diffusion.model_output(denoiser, x, _timestep_batch(t, x), cond),
+            diffusion.model_output(denoiser, x, timestep_batch(t, x), cond),
             x,
             t,
             t_prev,
@@ -301,7 +304,7 @@ def ddim_sample(
 
 # --------------------------------------------------------------- inversion
 def _eps(denoiser: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: int, cond) -> Tensor:
-    tb = _timestep_batch(t, x)
+    tb = timestep_batch(t, x)
     pred, _ = diffusion.split_output(diffusion.model_output(denoiser, x, tb, cond), x)
     return diffusion.predictions(pred, x, tb)[1]
 
@@ -362,11 +365,11 @@ def ddim_invert(
             which loses about 10 % relative L2 at 50 steps even with an exact
             denoiser; each iteration costs one denoiser evaluation per step).
     """
-    _check_call(diffusion, x0, cond, "x0")
+    check_call(diffusion, x0, cond, "x0")
     seq = timestep_sequence(diffusion.num_timesteps, num_steps, spacing).flip(0).tolist()
     prevs = [-1] + seq[:-1]
     x = x0
-    for i, (t_prev, t) in enumerate(_steps(list(zip(prevs, seq)), progress, "DDIM inversion")):
+    for i, (t_prev, t) in enumerate(progress_steps(list(zip(prevs, seq)), progress, "DDIM inversion")):
         x = ddim_invert_step(
             denoiser,
             diffusion,
