@@ -27,7 +27,9 @@ is not run again when the command is repeated with the same ``--out``):
    (mean over members); ``<out>/report/grf_conditional.json`` and ``.png``
    (requested vs measured with the identity line; mean spectra per slope against the
    analytic ``A k^-n``), logged to the checkpoint's MLflow run (metrics
-   ``grf_conditional/*``, artifacts under ``grf_conditional/``).
+   ``grf_conditional/*``, artifacts under ``grf_conditional/``); with ``--page
+   docs/benchmarks/grf-conditional.md`` also the documentation's benchmark page (with
+   the date, the hardware and this command; see ``benchmarks/page.py``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # ~10 min on 2 CPU cores (measured figures in README, "Workflow: held-out spectral slopes")
+    # ~10 min on 2 CPU cores (measured figures: docs/benchmarks/grf-conditional.md)
     "cpu": Preset(
         shape=32, num_samples=2048, members=16,
         train_overrides=(
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra scidiff-train override (repeatable), e.g. trainer.max_steps=3000")
     p.add_argument("--sample-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra scidiff-sample override (repeatable), e.g. sampler.steps=100")
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/grf-conditional.md)")
     args = p.parse_args(argv)
     preset = PRESETS[args.size]
     if args.members is not None:
@@ -400,7 +404,64 @@ def main(argv: list[str] | None = None) -> int:
           f"{m.get('inrange/mae_mean', float('nan')):.3f}) | true-GRF floor MAE "
           f"{m.get('reference/all/mae_member', float('nan')):.3f} | {sampled['members_per_s']:.2f} members/s | "
           f"{timings['total_s']:.0f} s | {js}" + (f" | MLflow run {run_id}" if run_id else ""), flush=True)
+    if args.page:
+        write_benchmark_page(args.page, doc, report, argv)
     return 0
+
+
+def page_tables(report: SlopeReport) -> str:
+    """The report as markdown: the metrics per band and the measured mean per requested n."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from page import markdown_table
+
+    m = report.metrics
+    nan = float("nan")
+    rows = []
+    for key, label in (("heldout", "held out"), ("inrange", "in range")):
+        sel = [n for n, h in zip(report.requested, report.held_out) if h == (key == "heldout")]
+        if not sel:
+            continue
+        rows.append([f"{label} ({', '.join(f'{n:g}' for n in sel)})",
+                     f"{m.get(f'{key}/mae_member', nan):.3f}", f"{m.get(f'{key}/mae_mean', nan):.3f}",
+                     f"{m.get(f'{key}/bias_mean', nan):+.3f}", f"{m.get(f'{key}/corr_mean', nan):.3f}",
+                     f"{m.get(f'{key}/corr_member', nan):.2f}",
+                     f"{m.get(f'reference/{key}/mae_member', nan):.3f} / "
+                     f"{m.get(f'reference/{key}/mae_mean', nan):.3f}"])
+    summary = markdown_table(
+        ["slopes", "member MAE", "ensemble-mean MAE", "ensemble-mean bias", "ensemble-mean r", "member r",
+         "true GRFs, same estimator: member MAE / mean MAE"], rows)
+    means = markdown_table(
+        ["requested n", "held out", "measured n, mean over members", "sd over members", "true GRFs, mean"],
+        [[f"{n:g}", "yes" if h else "", f"{mean:.2f}", f"{sd:.2f}", f"{ref:.2f}"]
+         for n, h, mean, sd, ref in zip(report.requested, report.held_out, report.measured_mean,
+                                        report.measured_std, report.reference_mean)])
+    return f"{summary}\n\nPer requested slope:\n\n{means}"
+
+
+def write_benchmark_page(path: Path, doc: dict[str, Any], report: SlopeReport, argv: list[str] | None) -> Path:
+    """The documentation's benchmark page (``benchmarks/page.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from page import command, hardware, write_page
+
+    preset = doc["preset"]
+    steps = doc.get("training_global_step")
+    train_s = doc.get("training_wall_time_s")
+    summary = (
+        f"A model conditioned on (spectral_index n, amplitude A) of {preset['num_samples']} periodic GRFs of "
+        f"{preset['shape']}x{preset['shape']} (preset `--size {doc['size']}`), with the band n in "
+        f"[{doc['held_out_band'][0]}, {doc['held_out_band'][1]}] held out of training; "
+        + (f"{steps} training steps" if steps is not None else "trained")
+        + (f" in {train_s:.0f} s" if isinstance(train_s, (int, float)) else "")
+        + f". {preset['members']} members per slope sampled at {doc['members_per_s']:.1f} members/s "
+        f"(guidance scale {doc['guidance_scale']:g}); {doc['timings_s'].get('total_s', float('nan')):.0f} s end to "
+        "end (steps already done when the command was repeated count ~0). Each member's n by log-periodogram "
+        "regression (`scidiff.evaluation.slopes.fit_power_law`) against the requested n; the same estimator on "
+        "true GRF fields is the floor."
+    )
+    device = "cuda" if doc["size"] == "gpu" else None
+    return write_page(path, "Held-out spectral slopes (GRF conditional)", summary,
+                      command(__file__, sys.argv[1:] if argv is None else argv), page_tables(report),
+                      hardware_line=hardware(device))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ Steps (through the public CLIs; a finished step is not run again with the same `
    * ``ode``: the probability-flow ODE NLL (Hutchinson, ``--ode-probes`` probes) on
      ``--ode-samples`` fields, with its 95% confidence interval.
 4. **report**: ``<out>/report/grf_likelihood.json`` and a markdown table printed at
-   the end (and written to ``grf_likelihood.md``).
+   the end (and written to ``grf_likelihood.md``); with ``--page
+   docs/benchmarks/likelihood-gap.md`` also the documentation's benchmark page (with the
+   date, the hardware and this command; see ``benchmarks/page.py``).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def dominant_terms(file: Path, top: int = 5) -> dict[str, Any]:
     """Where the exact bound's denoising + reconstruction sum comes from (mean terms, bits/dim)."""
     import xarray as xr
 
-    from scidiff.evaluation.report import _netcdf_engine
+    from scidiff.evaluation.report import netcdf_engine as _netcdf_engine
 
     with xr.open_dataset(file, engine=_netcdf_engine()) as ds:
         terms = np.asarray(ds["bound_terms"].values, np.float64)
@@ -170,7 +172,7 @@ def dominant_samples(file: Path) -> dict[str, Any]:
     """How the exact bound's excess is spread over fields: the largest per-field gaps."""
     import xarray as xr
 
-    from scidiff.evaluation.report import _netcdf_engine
+    from scidiff.evaluation.report import netcdf_engine as _netcdf_engine
 
     with xr.open_dataset(file, engine=_netcdf_engine()) as ds:
         gap_vars = [v for v in ds.data_vars if str(v).startswith("gap__")]
@@ -227,6 +229,44 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def terms_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each model's exact bound comes from: its mean terms by range of timesteps."""
+    lines = []
+    for name, m in models.items():
+        d = m["exact_terms"]
+        lines.append(
+            f"{name}: exact per-timestep terms (bits/dim, normalised units): L_0 {d['L0_reconstruction_bpd']:.3f}, "
+            f"t=1..10 {d['first_10_denoising_steps_bpd']:.3f}, t=11..T-11 {d['middle_steps_bpd']:.3f}, "
+            f"last 10 {d['last_10_steps_bpd']:.3f} (t=T-1 alone {d['last_step_bpd']:.3f}); largest "
+            + ", ".join(f"t={x['t']}: {x['bpd']:.3f}" for x in d["largest"]))
+    return lines
+
+
+def write_benchmark_page(path: Path, doc: dict[str, Any], table: str, terms: list[str],
+                         argv: list[str] | None) -> Path:
+    """The documentation's benchmark page: the report's table and the terms (``benchmarks/page.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from page import command, write_page
+
+    shape = "x".join(map(str, doc["shape"]))
+    summary = (
+        f"Bits/dim of conditional GRF models next to the true NLL of the data. {doc['num_samples']} GRF fields of "
+        f"{shape} (split 90/5/5); two `unet_tiny` models without attention conditioned on (spectral_index, "
+        f"amplitude), trained for {doc['steps']} steps each"
+        + (" at the same time" if doc["trained_concurrently"] else "")
+        + ": `fixed` (eps-prediction, `fixed_small` variance, simple loss) and `learned` (`learned_range`, "
+        "Improved DDPM's hybrid loss). Evaluated with `scidiff-evaluate` on the test split: the exact bound (all "
+        f"T terms) and the importance estimate (K = {doc['num_terms']}) on {doc['eval_samples']} fields with "
+        "several reverse variances, the full exact bound timed on "
+        f"{doc['timing_samples']} fields and scaled to 1,000, and the probability-flow ODE NLL "
+        f"({doc['ode_steps']} Heun steps, {doc['ode_probes']} Hutchinson probes) on {doc['ode_samples']} fields. "
+        "The gap is bound - true NLL per field, then averaged (paired standard error)."
+    )
+    result = table + "\n\nMean exact terms by timestep:\n\n" + "\n".join(f"- {line}" for line in terms)
+    return write_page(path, "The gap to the true NLL (GRF likelihood)", summary,
+                      command(__file__, sys.argv[1:] if argv is None else argv), result)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ode-steps", type=int, default=100)
     p.add_argument("--ode-probes", type=int, default=4)
     p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/likelihood-gap.md)")
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -295,13 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (report_dir / "grf_likelihood.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
     (report_dir / "grf_likelihood.md").write_text(table + "\n")
-    for name, m in models.items():
-        d = m["exact_terms"]
-        print(f"{name}: exact per-timestep terms (bits/dim, normalised units): L_0 {d['L0_reconstruction_bpd']:.3f}, "
-              f"t=1..10 {d['first_10_denoising_steps_bpd']:.3f}, t=11..T-11 {d['middle_steps_bpd']:.3f}, "
-              f"last 10 {d['last_10_steps_bpd']:.3f} (t=T-1 alone {d['last_step_bpd']:.3f}); largest "
-              + ", ".join(f"t={x['t']}: {x['bpd']:.3f}" for x in d["largest"]))
+    terms = terms_lines(models)
+    for line in terms:
+        print(line)
     print(table)
+    if args.page:
+        write_benchmark_page(args.page, doc, table, terms, argv)
     print(f"grf_likelihood: {report_dir / 'grf_likelihood.json'} ({doc['total_wall_time_s']:.0f} s)", flush=True)
     return 0
 

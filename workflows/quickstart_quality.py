@@ -22,6 +22,8 @@ held-out band (the validation split: spectral indices n in [2.0, 2.5], never tra
 
 Writes ``<out>/quality.json`` and ``<out>/quality.md`` (the tables of the docs' quickstart
 page) and prints the tables. A finished step is not run again with the same ``--out``.
+``--page docs/benchmarks/quickstart-quality.md`` also writes the tables to the documentation's
+benchmark page (with the date, the hardware and this command; see ``benchmarks/page.py``).
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ SAMPLERS: dict[str, tuple[str, int, str]] = {
 }
 
 
-def _sampler_overrides(spec: tuple[str, int, str], evaluate: bool) -> list[str]:
-    """The sampler as scidiff-evaluate (sampling.sampler, ...) or scidiff-sample (sampler.name, ...) spells it."""
+def _sampler_overrides(spec: tuple[str, int, str]) -> list[str]:
+    """The sampler as every command spells it: the ``sampler=`` group and its settings."""
     name, steps, spacing = spec
-    prefix, key = ("sampling.", "sampler") if evaluate else ("sampler.", "name")
-    return [f"{prefix}{key}={name}", f"{prefix}steps={steps}", f"{prefix}spacing={spacing}"]
+    if name == "ddpm":  # all T steps: no settings
+        return ["sampler=ddpm"]
+    return [f"sampler={name}", f"sampler.steps={steps}", f"sampler.spacing={spacing}"]
+
+
 METRICS = ("std_ratio", "spectral_error", "rank_deviation", "crps", "spread_skill", "w1", "energy_score")
 
 
@@ -86,7 +91,7 @@ def sample_metrics(run: Path, out: Path, samples: int, members: int, log: Path) 
         dest = out / "eval" / name
         if not (dest / "evaluation.nc").exists():
             seconds = _run([_bin("scidiff-evaluate"), f"checkpoint={run}", "split=val", f"max_samples={samples}",
-                            f"sampling.members={members}", *_sampler_overrides(spec, True), "bound.enabled=false",
+                            f"sampling.members={members}", *_sampler_overrides(spec), "bound.enabled=false",
                             "logger.enabled=false", "progress=false", f"out={dest}"], log)
             (dest / "seconds.txt").write_text(f"{seconds:.1f}\n")
         results[name] = {**_evaluation(dest / "evaluation.nc"),
@@ -106,7 +111,7 @@ def slopes(run: Path, out: Path, members: int, log: Path) -> dict:
             store.parent.mkdir(parents=True, exist_ok=True)
             _run([_bin("scidiff-sample"), f"checkpoint={run}", f"params.list={plist}", f"members={members}",
                   "batch_invariant=false", "batch_size=64", "progress=false", "mlflow.run=none", f"out={store}",
-                  *_sampler_overrides(spec, False)], log)
+                  *_sampler_overrides(spec)], log)
         report, _ = analyse_ensemble(store, band=(2.0, 2.5))
         results[name] = {"requested": report.requested, "measured": report.measured_mean,
                          "member_sd": report.measured_std, "reference": report.reference_mean}
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=8, help="members per held-out field")
     p.add_argument("--slope-members", type=int, default=32, help="members per held-out n for the slopes")
     p.add_argument("--likelihood-samples", type=int, default=16)
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/quickstart-quality.md)")
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,28 @@ def main(argv: list[str] | None = None) -> int:
     md = tables(doc)
     (out / "quality.md").write_text(md)
     print(md)
+    if args.page:
+        write_benchmark_page(args.page, doc, md, argv, args.slope_members)
     return 0
+
+
+def write_benchmark_page(path: Path, doc: dict, md: str, argv: list[str] | None, slope_members: int) -> Path:
+    """The documentation's benchmark page: the tables of ``quality.md`` (``benchmarks/page.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from page import command, write_page
+
+    summary = (
+        f"How faithful the quickstart's model (`{Path(doc['run']).name}`) is on its held-out band of spectral "
+        "indices (n in [2.0, 2.5], never trained on), with every sampler, through the public CLIs: "
+        f"`scidiff-evaluate` on {doc['samples']} held-out fields x {doc['members']} members per sampler "
+        "(each sample metric beside its noise floor, and the verdict), `scidiff-sample` at n = "
+        f"{', '.join(map(str, HELD_OUT))} with {slope_members} members each (the members' spectral index by "
+        "log-periodogram regression, next to the same estimator on real fields), and the likelihood of "
+        f"{doc['likelihood_samples']} held-out fields against the store's exact conditional log-likelihood. "
+        "The seconds column is the wall time of each evaluation."
+    )
+    return write_page(path, "Quickstart model quality", summary, command(__file__, sys.argv[1:] if argv is None else argv),
+                      md)
 
 
 if __name__ == "__main__":

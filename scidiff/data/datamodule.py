@@ -42,8 +42,8 @@ class FieldDataModule:
     """Splits, statistics, transforms and loaders over a zarr/netCDF store (module docstring).
 
     Args:
-        path, variables, spatial_dims, sample_dims, params, fields, mask, engine,
-            open_kwargs: as for :class:`~scidiff.data.FieldDataset`.
+        path, variables, spatial_dims, sample_dims, params, fields, mask, engine, open_kwargs: as for
+            :class:`~scidiff.data.FieldDataset`.
         split: an object with ``indices(ds, sample_dims) -> {"train", "val", "test"}``
             (:class:`IndexSplit`, :class:`FractionSplit`, :class:`CoordinateSplit`);
             default ``FractionSplit(0.8, 0.1, 0.1)``.

@@ -314,8 +314,8 @@ def compute_statistics(
         info: provenance recorded in the statistics (store path, split, ...).
 
     Raises:
-        ValueError naming the channel for an all-NaN channel, zero variance, +-inf
-        values or values outside a log transform's domain.
+        ValueError: naming the channel, for an all-NaN channel, zero variance, +-inf
+            values or values outside a log transform's domain.
     """
     indices = np.asarray(dataset.indices if indices is None else indices, np.int64)
     if indices.size == 0:

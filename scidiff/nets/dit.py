@@ -103,8 +103,8 @@ class DiT(nn.Module):
         num_heads: attention heads (``D`` divisible by it).
         mlp_ratio: MLP width as a multiple of ``D``.
         learned_variance: output ``2C`` channels instead of ``C``.
-        num_params, param_fourier_features, param_fourier_scale, field_channels,
-        field_resample, embedding_dim: conditioning, as for :class:`~scidiff.nets.UNet`.
+        num_params, param_fourier_features, param_fourier_scale, field_channels, field_resample, embedding_dim:
+            conditioning, as for :class:`~scidiff.nets.UNet`.
         checkpoint: gradient checkpointing of every block (less memory, more compute).
     """
 

@@ -18,6 +18,9 @@ machine hits both alike; the table reports the fastest round of each model
 
     python workflows/benchmarks/denoiser_throughput.py --device cpu --size tiny
     python workflows/benchmarks/denoiser_throughput.py --device cuda --dtype bf16 --size s --batch 32 --json out.json
+
+``--page docs/benchmarks/denoiser-throughput.md`` writes the table to the documentation's
+benchmark page (with the date, the hardware and this command; see ``page.py``).
 """
 
 from __future__ import annotations
@@ -230,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=None, help="write the results here"
     )
+    parser.add_argument(
+        "--page",
+        type=Path,
+        default=None,
+        help="write the documentation's benchmark page here "
+        "(docs/benchmarks/denoiser-throughput.md)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -331,7 +341,53 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.page:
+        write_benchmark_page(args, argv, device, rows)
     return 0
+
+
+def write_benchmark_page(args, argv, device: torch.device, rows) -> Path:
+    """The documentation's benchmark page: the printed table in markdown (``page.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from page import command, hardware, markdown_table, software, write_page
+
+    cuda = device.type == "cuda"
+    header = ["model", "grid", "batch", "params (M) ours / diffusers", "scidiff samples/s",
+              "diffusers samples/s", "ratio"] + (["peak GiB ours / diffusers"] if cuda else [])
+    table = []
+    for label, ours, theirs in rows:
+        cells = [
+            label,
+            ours.shape,
+            ours.batch,
+            f"{ours.params_m:.2f}" + (f" / {theirs.params_m:.2f}" if theirs else ""),
+            f"{ours.samples_per_s:.2f}",
+            f"{theirs.samples_per_s:.2f}" if theirs else "-",
+            f"**{ours.samples_per_s / theirs.samples_per_s:.2f}**" if theirs else "-",
+        ]
+        if cuda:
+            cells.append(f"{ours.peak_mem_gib:.2f}" + (f" / {theirs.peak_mem_gib:.2f}" if theirs else ""))
+        table.append(cells)
+    extra = {}
+    if "diffusers" in sys.modules:
+        extra["diffusers"] = sys.modules["diffusers"].__version__
+    summary = (
+        "One training step (forward + backward, no optimizer) of scidiff's denoisers against "
+        "diffusers' equivalents with the same widths, blocks per level, attention levels, head "
+        "width and scale-shift injection (UNet), or the same depth, width, heads and patch (DiT); "
+        f"and scidiff's 3-D UNet. Preset `--size {args.size}`, {args.dtype}, device `{device}`. "
+        f"Rounds of the two models of a pair alternate ({args.rounds} rounds of {args.steps} steps "
+        f"after {args.warmup} untimed ones); the fastest round of each model is reported, in samples/s."
+    )
+    return write_page(
+        args.page,
+        "Denoiser throughput",
+        summary,
+        command(__file__, sys.argv[1:] if argv is None else argv),
+        markdown_table(header, table),
+        hardware_line=hardware(str(device)),
+        software_line=software(extra),
+    )
 
 
 if __name__ == "__main__":

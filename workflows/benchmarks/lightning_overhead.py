@@ -12,6 +12,9 @@ loops; the table reports each loop's median round and the ratio.
 
     python workflows/benchmarks/lightning_overhead.py --steps 60 --rounds 5
     python workflows/benchmarks/lightning_overhead.py --device cuda --preset unet --size 64 --batch 64
+
+``--page docs/benchmarks/lightning-overhead.md`` writes the result to the documentation's
+benchmark page (with the date, the hardware and this command; see ``page.py``).
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/lightning-overhead.md)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
@@ -153,7 +158,44 @@ def main(argv: list[str] | None = None) -> int:
           f"overhead {result['overhead_percent']:+.1f} %")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.page:
+        write_benchmark_page(args, argv, result)
     return 0
+
+
+def write_benchmark_page(args, argv, result: dict) -> Path:
+    """The documentation's benchmark page: the medians and every round (``page.py``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from page import command, hardware, markdown_table, software, write_page
+
+    shape = "x".join(map(str, result["shape"][2:]))
+    table = markdown_table(
+        ["preset", "batch x grid", "device", "torch threads", "plain PyTorch ms/step", "Lightning ms/step",
+         "overhead"],
+        [[args.preset, f"{result['shape'][0]} x {shape}", args.device, result["threads"],
+          f"{result['plain_ms_per_step']:.1f}", f"{result['lightning_ms_per_step']:.1f}",
+          f"**{result['overhead_percent']:+.1f} %**"]],
+    )
+    rounds = markdown_table(
+        ["round", "plain ms/step", "Lightning ms/step"],
+        [[i, f"{a:.1f}", f"{b:.1f}"]
+         for i, (a, b) in enumerate(zip(result["rounds_plain_ms"], result["rounds_lightning_ms"]))],
+    )
+    summary = (
+        "The cost of running a training step under `lightning.Trainer` rather than in a plain PyTorch "
+        f"loop doing the same work: the same `{args.preset}` denoiser, AdamW, gradient clipping, the EMA "
+        "update and the loss logged every step, on the same in-memory batches; no validation, checkpoints "
+        f"or progress bar. Each round times steps {args.warmup} to {args.steps} of each loop; the loops "
+        f"alternate for {args.rounds} rounds and the median round of each is reported."
+    )
+    return write_page(
+        args.page, "Lightning's cost per step", summary,
+        command(__file__, sys.argv[1:] if argv is None else argv),
+        f"Medians of {args.rounds} rounds:\n\n{table}\n\nEvery round:\n\n{rounds}",
+        hardware_line=hardware(args.device), software_line=software({"lightning": L.__version__}),
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ float32 target data (what the model receives), and the ratio to the naive loop.
 The synthetic store mimics the bundled generators' layout: float32 fields
 ``(sample, y, x)``, one chunk spanning all spatial points and about 4 MiB along
 ``sample``.
+
+``--page docs/benchmarks/loader-throughput.md`` writes the table to the documentation's
+benchmark page (with the date, the hardware and this command; see ``page.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -75,7 +79,7 @@ def ours(store: str, args: argparse.Namespace, workers: int, num_samples: int) -
     return time.perf_counter() - start, first, seen
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", help="an existing zarr store (default: a synthetic one in a temp dir)")
     p.add_argument("--variables", nargs="+", default=["field"])
@@ -88,7 +92,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/loader-throughput.md)")
+    args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
     torch.set_num_threads(1)
@@ -125,6 +131,37 @@ def main() -> None:
         print(f"\n{'method':<20} {'workers':>7} {'samples/s':>10} {'MB/s':>8} {'ratio':>6} {'first batch s':>13}")
         for name, w, rate, mbs, ratio, first in rows:
             print(f"{name:<20} {w:>7} {rate:>10.1f} {mbs:>8.1f} {ratio:>6.2f} {first:>13.2f}")
+        if args.page:
+            write_benchmark_page(args, argv, n, sample_mb, chunks, rows, synthetic=args.store is None)
+
+
+def write_benchmark_page(args, argv, n: int, sample_mb: float, chunks: dict, rows: list, synthetic: bool) -> Path:
+    """The documentation's benchmark page: the printed table in markdown (``page.py``)."""
+    import zarr
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from page import command, hardware, markdown_table, software, write_page
+
+    store = (f"a synthetic {' x '.join(map(str, args.shape))} float32 store" if synthetic
+             else f"the store `{args.store}` (variables {', '.join(args.variables)})")
+    chunking = ", ".join(f"{v}: {c}" for v, c in chunks.items())
+    summary = (
+        f"Reads {n} samples of {store} ({sample_mb * 1e3:.1f} kB of float32 target data a sample; "
+        f"chunks {chunking}) in one shuffled order: through a naive "
+        "`xarray.open_zarr(...).isel(sample=i).values` loop, and through `FieldDataModule` "
+        f"(batch {args.batch_size}, one epoch including worker start-up, workers "
+        f"{', '.join(map(str, args.workers))}). MB/s counts the float32 data the model receives; the ratio "
+        "is against the naive loop."
+    )
+    table = markdown_table(
+        ["method", "workers", "samples/s", "MB/s", "ratio", "first batch s"],
+        [[name, w, f"{rate:.0f}", f"{mbs:.1f}", f"{ratio:.2f}", "-" if first != first else f"{first:.2f}"]
+         for name, w, rate, mbs, ratio, first in rows],
+    )
+    return write_page(
+        args.page, "Loader throughput", summary, command(__file__, sys.argv[1:] if argv is None else argv),
+        table, hardware_line=hardware(), software_line=software({"zarr": zarr.__version__, "xarray": xr.__version__}),
+    )
 
 
 if __name__ == "__main__":
