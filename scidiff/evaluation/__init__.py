@@ -14,9 +14,17 @@ Modules:
     likelihood   BitsPerDim, BoundTerms (per-timestep variational bound terms)
     molecules    AtomCounts of voxel densities (integrated density and peak finding)
     weighting    point weights (mask x area weights) and the point-mean base class
-    run          ``evaluate``: the bound and the sample metrics of a trained model on a split
+    run          ``evaluate``: the loop, the bound and the sample metrics of a trained model on a split
+    settings     ``EvaluationSettings`` and its sections, each checking its own values
+    data         the checkpoint's data module rebuilt, the split, grid spacing/units/area weights,
+                 the store's true log-likelihood
+    members      the members: generated through the inference layer, or read from a scidiff-sample store
+    bound        the variational bound of every sample, its variants, the ODE NLL, the gap to the true NLL
+    suite        the sample metrics: ``FieldMetricSuite`` (``metrics._target_`` in the config)
     floor        the noise floor: the sample metrics of ensembles of real fields (nearest conditions)
     verdict      each sample metric against its floor: pass/fail by the rules of one table
+    result       ``Evaluation`` (what ``evaluate`` returns) and ``EvaluationError``
+    checks       the value checks of the settings (one line naming the key)
     report       the evaluation file (netCDF), MLflow logging, the summary line
     plots        figures of an evaluation (import ``scidiff.evaluation.plots``; matplotlib)
 """
@@ -48,16 +56,10 @@ from scidiff.evaluation.spectra import (
     radial_power_spectrum,
 )
 from scidiff.evaluation.report import log_to_mlflow, read_evaluation_metrics, write_evaluation_file
-from scidiff.evaluation.run import (
-    BoundSettings,
-    Evaluation,
-    EvaluationError,
-    EvaluationSettings,
-    MetricSettings,
-    ODESettings,
-    SamplingSettings,
-    evaluate,
-)
+from scidiff.evaluation.result import Evaluation, EvaluationError
+from scidiff.evaluation.run import evaluate
+from scidiff.evaluation.settings import BoundSettings, EvaluationSettings, ODESettings, SamplingSettings
+from scidiff.evaluation.suite import FieldMetricSuite, MetricSettings, as_suite
 from scidiff.evaluation.verdict import RULES, MetricVerdict, Verdict, VerdictSettings, judge
 from scidiff.evaluation.weighting import point_weights
 
@@ -74,6 +76,7 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "EvaluationSettings",
+    "FieldMetricSuite",
     "FloorEnsemble",
     "FloorSettings",
     "MetricSettings",
@@ -89,6 +92,7 @@ __all__ = [
     "Verdict",
     "VerdictSettings",
     "Wasserstein1",
+    "as_suite",
     "count_peaks",
     "crps_ensemble",
     "energy_score",

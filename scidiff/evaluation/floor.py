@@ -20,7 +20,8 @@ The *floor* is what a model that draws from the data's own distribution gets:
 * ties (equal conditions) are broken by the same key, never by position in the store.
 
 The floor ensembles go through exactly the metrics of the model's ensembles (a second
-``_SampleMetrics`` of :mod:`scidiff.evaluation.run`, torchmetrics with sum states), named
+:class:`~scidiff.evaluation.suite.SampleMetrics` of the same metric suite, torchmetrics
+with sum states), named
 ``floor/<metric>`` (``floor/std_ratio/<var>``, ``floor/crps/<var>``, ...). A perfect model
 reaches the floor in expectation. For a conditional model the floor is slightly
 *pessimistic*: the neighbours' conditions differ a little from ``j``'s, so the floor
@@ -51,13 +52,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scidiff.evaluation.checks import check_bool, check_choice
+
 POOLS = ("all", "train", "val", "test")
 FEATURE_BYTES = 1 << 27  # condition features read per chunk of the pool (128 MiB of float64)
 DISTANCE_ELEMENTS = 1 << 24  # query x pool x feature elements per exact distance block
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FloorSettings:
     """Args:
     enabled: compute the floor (needs sampling: the floor is that of the sample metrics).
@@ -69,13 +72,9 @@ class FloorSettings:
     enabled: bool = True
     pool: Literal["all", "train", "val", "test"] = "all"
 
-
-def check_settings(settings: FloorSettings) -> None:
-    """Raise ``ValueError`` naming the ``floor.`` key of a bad setting."""
-    if not isinstance(settings.enabled, bool):
-        raise ValueError(f"floor.enabled: expected true or false, got {settings.enabled!r}")
-    if settings.pool not in POOLS:
-        raise ValueError(f"floor.pool: expected one of {list(POOLS)}, got {settings.pool!r}")
+    def __post_init__(self) -> None:
+        check_bool("floor.enabled", self.enabled)
+        check_choice("floor.pool", self.pool, POOLS)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -104,9 +103,8 @@ def tie_keys(seed: int | None, query: np.ndarray, pool: np.ndarray, keys: np.nda
 
 # ------------------------------------------------------------------------------ pool
 def pool_indices(dm, pool: str) -> np.ndarray:
-    """Sorted flat store indices of the pool: the union of every split (``all``) or one split."""
-    if pool not in POOLS:
-        raise ValueError(f"floor.pool: expected one of {list(POOLS)}, got {pool!r}")
+    """Sorted flat store indices of the pool: the union of every split (``all``) or one split
+    (``pool``: a :class:`FloorSettings` pool, checked there)."""
     splits = dm.split_indices
     names = ("train", "val", "test") if pool == "all" else (pool,)
     parts = [np.asarray(splits[n], np.int64) for n in names if n in splits]
@@ -216,7 +214,6 @@ class FloorEnsemble:
 
     def __init__(self, dm, reader, metadata, indices: np.ndarray, members: int, settings: FloorSettings,
                  seed: int) -> None:
-        check_settings(settings)
         self.reader, self.members, self.pool = reader, int(members), settings.pool
         self.conditional = is_conditional(metadata)
         query = np.asarray(indices, np.int64).reshape(-1)
@@ -276,7 +273,6 @@ __all__ = [
     "POOLS",
     "FloorEnsemble",
     "FloorSettings",
-    "check_settings",
     "condition_features",
     "is_conditional",
     "nearest_neighbours",

@@ -1,4 +1,4 @@
-"""Figures of an :class:`~scidiff.evaluation.run.Evaluation` (matplotlib, Agg backend).
+"""Figures of an :class:`~scidiff.evaluation.result.Evaluation` (matplotlib, Agg backend).
 
 Each function returns a ``Figure``; :func:`evaluation_figures` draws all that apply
 and saves them as PNG files. Everything is in physical units except the bound terms,

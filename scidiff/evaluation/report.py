@@ -1,4 +1,4 @@
-"""Reporting an :class:`~scidiff.evaluation.run.Evaluation`: the evaluation file, MLflow, one line.
+"""Reporting an :class:`~scidiff.evaluation.result.Evaluation`: the evaluation file, MLflow, one line.
 
 **The evaluation file** is netCDF (one self-describing file that ``xarray.open_dataset``
 reads; written with h5netcdf as netCDF-4 when it is installed, else with scipy as
@@ -35,6 +35,9 @@ netCDF-3), written atomically (a temporary file in the same directory, then
 figures and the file as artifacts under ``eval/<split>/``; with a verdict, the tags
 ``verdict`` and ``eval/<split>/verdict`` (``faithful`` or ``not faithful``) and the
 artifact ``eval/<split>/verdict.json`` (the per-metric table).
+
+:func:`publish` does all of it for one evaluation (the figures of
+:mod:`~scidiff.evaluation.plots`, the file, MLflow), as ``scidiff-evaluate`` does on rank 0.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scidiff.data.atomic import atomic_path
-from scidiff.evaluation.run import Evaluation, EvaluationError
+from scidiff.evaluation.result import Evaluation, EvaluationError
 
 UNITS_NOTE = (
     "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
@@ -61,7 +65,8 @@ UNITS_NOTE = (
 )
 
 
-def _netcdf_engine() -> str:
+def netcdf_engine() -> str:
+    """The engine the evaluation file is written and read with: ``h5netcdf`` when installed, else ``scipy``."""
     try:
         import h5netcdf  # noqa: F401
         import h5py  # noqa: F401
@@ -148,7 +153,7 @@ def write_evaluation_file(ev: Evaluation, path: str | os.PathLike, attrs: dict[s
     """Write the evaluation netCDF atomically (temporary file, then rename); returns the path."""
     path = Path(path)
     ds = to_dataset(ev, attrs)
-    engine = _netcdf_engine()
+    engine = netcdf_engine()
     if engine == "scipy":  # netCDF-3 has no variable-length strings
         ds = ds.assign_coords(metric=ds.metric.astype(str), channel=ds.channel.astype(str))
         if "verdict_metric" in ds.coords:
@@ -162,7 +167,7 @@ def read_evaluation_metrics(path: str | os.PathLike) -> dict[str, float]:
     """``{name: value}`` of the scalars in an evaluation file (names as under ``eval/<split>/``)."""
     import xarray as xr
 
-    with xr.open_dataset(path, engine=_netcdf_engine()) as ds:
+    with xr.open_dataset(path, engine=netcdf_engine()) as ds:
         return {str(k): float(v) for k, v in zip(ds["metric"].values, ds["metric_value"].values)}
 
 
@@ -271,6 +276,64 @@ def log_to_mlflow(
     return run_id
 
 
+@dataclass(frozen=True)
+class Publication:
+    """Where :func:`publish` put an evaluation: the file, the figures, the MLflow run (None: not logged)."""
+
+    file: Path
+    figures: list[Path]
+    run_id: str | None
+    tracking_uri: str | None
+
+
+def publish(ev: Evaluation, pretrained, out: Path, *, log: bool = True, tracking_uri: str | None = None,
+            new_run: bool = False, experiment_name: str | None = None,
+            params: dict[str, Any] | None = None) -> Publication:
+    """Write everything of ``ev`` (call on rank 0): the figures and the evaluation file to
+    ``out``, and with ``log`` the scalars, the figures and the file to MLflow.
+
+    The store is :func:`resolve_tracking_uri` of ``tracking_uri``; the run is the
+    checkpoint's training run, or with ``new_run`` (or a checkpoint without one) a new run
+    in ``experiment_name`` (None: the training run's experiment, else ``scidiff-eval``)
+    that records ``params``. The file names the run it is logged to; a new run's id is
+    known only once it exists, so the run is created first and the file logged last.
+    """
+    from scidiff.evaluation.plots import evaluation_figures
+
+    figures = evaluation_figures(ev, out)
+    uri = resolve_tracking_uri(tracking_uri, pretrained) if log else None
+    run_id = pretrained.mlflow_run_id if uri is not None and not new_run else None
+    attrs = {"checkpoint": str(pretrained.checkpoint), "checkpoint_sha256": pretrained.sha256,
+             "split": ev.split, "mlflow_tracking_uri": uri or "", "global_step": pretrained.global_step}
+    file = out / "evaluation.nc"
+    if uri is not None:
+        experiment = experiment_name or _experiment_of(uri, pretrained.mlflow_run_id) or "scidiff-eval"
+        run_id = log_to_mlflow(ev, tracking_uri=uri, run_id=pretrained.mlflow_run_id,
+                               new_run=new_run or pretrained.mlflow_run_id is None, experiment_name=experiment,
+                               step=pretrained.global_step, artifacts=figures, params=params)
+        attrs["mlflow_run_id"] = run_id
+    write_evaluation_file(ev, file, attrs)
+    if uri is not None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).log_artifact(run_id, str(file), f"eval/{ev.split}")
+    return Publication(file.resolve(), figures, run_id, uri)
+
+
+def _experiment_of(uri: str, run_id: str | None) -> str | None:
+    """The experiment of the run ``run_id`` in the store ``uri`` (None: no such run)."""
+    if run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException:
+        return None
+
+
 def verdict_lines(ev: Evaluation) -> list[str]:
     """The verdict as a few aligned lines (a header, one line per metric, the overall
     ``verdict: ...`` line), or one line saying why there is none."""
@@ -320,8 +383,11 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
 
 __all__ = [
     "UNITS_NOTE",
+    "Publication",
     "log_to_mlflow",
     "metric_key",
+    "netcdf_engine",
+    "publish",
     "read_evaluation_metrics",
     "resolve_tracking_uri",
     "summary_line",

@@ -66,6 +66,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from scidiff.evaluation.checks import check_bool, check_number
+
 Kind = Literal["zero", "ratio", "score"]
 
 RULES: dict[str, Kind] = {
@@ -81,7 +83,7 @@ RULES: dict[str, Kind] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerdictSettings:
     """Args:
     factor: how far (x) above the floor a metric whose ideal is 0 may be.
@@ -98,17 +100,12 @@ class VerdictSettings:
     score_tolerance: float = 0.1
     fail_on_unfaithful: bool = False
 
-
-def check_settings(settings: VerdictSettings) -> None:
-    """Raise ``ValueError`` naming the ``verdict.`` key of a bad setting."""
-    for key, low, strict in (("factor", 0.0, True), ("ratio_factor", 0.0, True), ("ratio_tolerance", 0.0, False),
-                             ("score_tolerance", 0.0, False)):
-        value = getattr(settings, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (value <= low if strict else value < low):
-            raise ValueError(f"verdict.{key}: must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-    if not isinstance(settings.fail_on_unfaithful, bool):
-        raise ValueError(f"verdict.fail_on_unfaithful: expected true or false, got {settings.fail_on_unfaithful!r}")
+    def __post_init__(self) -> None:
+        check_number("verdict.factor", self.factor, 0.0, strict=True)
+        check_number("verdict.ratio_factor", self.ratio_factor, 0.0, strict=True)
+        check_number("verdict.ratio_tolerance", self.ratio_tolerance, 0.0)
+        check_number("verdict.score_tolerance", self.score_tolerance, 0.0)
+        check_bool("verdict.fail_on_unfaithful", self.fail_on_unfaithful)
 
 
 def rule_text(kind: Kind, s: VerdictSettings) -> str:
@@ -201,7 +198,6 @@ def judge(scalars: Mapping[str, float], settings: VerdictSettings | None = None)
     (``<metric>/<var>`` or ``energy_score``) and a floor (``floor/...``) in ``scalars``;
     None when there is no floor."""
     s = settings or VerdictSettings()
-    check_settings(s)
     lines = []
     for name, kind in RULES.items():
         keys = [k for k in scalars if k == name or k.startswith(name + "/")]
@@ -220,7 +216,6 @@ __all__ = [
     "MetricVerdict",
     "Verdict",
     "VerdictSettings",
-    "check_settings",
     "judge",
     "passes",
     "rule_text",

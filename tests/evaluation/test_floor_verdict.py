@@ -26,16 +26,10 @@ from torch import nn
 
 from scidiff.data import FieldDataModule, FractionSplit
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule
+from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate
+from scidiff.evaluation.data import build_datamodule
 from scidiff.evaluation.floor import FloorEnsemble, FloorSettings, nearest_neighbours, pool_indices
 from scidiff.evaluation.report import verdict_lines, write_evaluation_file
-from scidiff.evaluation.run import (
-    BoundSettings,
-    EvaluationError,
-    EvaluationSettings,
-    SamplingSettings,
-    build_datamodule,
-    evaluate,
-)
 from scidiff.evaluation.verdict import RULES, VerdictSettings, judge, passes
 from scidiff.inference import DDIM, GuidanceSpec, Pretrained
 from scidiff_datasets import grf
@@ -135,10 +129,12 @@ def test_rules_of_the_table():
     assert v.failing == ["std_ratio/a", "energy_score"] and not v.faithful and v.label == "not faithful"
     assert v.summary().startswith("NOT faithful: std_ratio/a, energy_score")
     assert judge({"crps/a": 1.0}, s) is None
-    for bad, key in ((VerdictSettings(factor=-1.0), "verdict.factor"), (VerdictSettings(ratio_tolerance=-0.1),
-                                                                         "verdict.ratio_tolerance")):
-        with pytest.raises(ValueError, match=key):
-            judge(scalars, bad)
+    # bad settings never reach judge: constructing them is the check, naming the key
+    for bad, message in ((dict(factor=-1.0), "verdict.factor: must be a finite number > 0, got -1.0"),
+                         (dict(ratio_tolerance=-0.1),
+                          "verdict.ratio_tolerance: must be a finite number >= 0, got -0.1")):
+        with pytest.raises(ValueError, match=message):
+            VerdictSettings(**bad)
 
 
 # ---------------------------------------------------------------------- the neighbours
@@ -237,10 +233,11 @@ def test_floor_skipped_without_sampling_and_bad_settings(cond):
     assert ev.verdict is None and ev.power_floor is None and not any(k.startswith("floor/") for k in ev.scalars)
     assert ev.info["floor"] == "none: sampling is off"
     assert verdict_lines(ev) == ["verdict: none (no floor: sampling is off)"]
-    for bad, key in ((dict(floor=FloorSettings(pool="bogus")), "floor.pool"),
-                     (dict(verdict=VerdictSettings(factor=-1.0)), "verdict.factor")):
-        with pytest.raises(EvaluationError, match=key):
-            evaluate(cond, settings(max_samples=2, **bad), device="cpu", progress=False)
+    # bad settings cannot be made, so they never reach evaluate
+    for make, message in ((lambda: FloorSettings(pool="bogus"), r"floor.pool: expected one of \['all', 'train', "),
+                          (lambda: VerdictSettings(factor=-1.0), "verdict.factor: must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 # --------------------------------------------------------------------------- the verdict

@@ -25,11 +25,11 @@ from torch import nn
 from scidiff.data import FieldDataModule, FractionSplit
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule
 from scidiff.evaluation.report import read_evaluation_metrics, summary_line, write_evaluation_file
-from scidiff.evaluation.run import (
+from scidiff.evaluation import (
     BoundSettings,
     EvaluationError,
     EvaluationSettings,
-    MetricSettings,
+    FieldMetricSuite,
     ODESettings,
     SamplingSettings,
     evaluate,
@@ -202,9 +202,9 @@ def test_unconditional_model_on_a_mixture_reports_a_conditional_nll(store):
 
 def test_disabled_absent_or_wrong_units(store, tmp_path):
     pre = make_pretrained(store)
-    off = evaluate(pre, settings(metrics=MetricSettings(true_loglik_variable=None)), device="cpu", progress=False)
+    off = evaluate(pre, settings(metrics=FieldMetricSuite(true_loglik_variable=None)), device="cpu", progress=False)
     assert not any("nll" in k or k.startswith("gap") for k in off.scalars) and off.info["true_nll"] == "none"
-    other = evaluate(pre, settings(metrics=MetricSettings(true_loglik_variable="no_such_variable")), device="cpu",
+    other = evaluate(pre, settings(metrics=FieldMetricSuite(true_loglik_variable="no_such_variable")), device="cpu",
                      progress=False)
     assert "true_nll_bpd" not in other.scalars
     bits = make_pretrained(make_store(tmp_path / "bits.zarr", units="bit"))
