@@ -52,9 +52,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scidiff.data.splits import SPLIT_NAMES
 from scidiff.evaluation.checks import check_bool, check_choice
 
-POOLS = ("all", "train", "val", "test")
+POOLS = ("all", *SPLIT_NAMES)
 FEATURE_BYTES = 1 << 27  # condition features read per chunk of the pool (128 MiB of float64)
 DISTANCE_ELEMENTS = 1 << 24  # query x pool x feature elements per exact distance block
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -106,7 +107,7 @@ def pool_indices(dm, pool: str) -> np.ndarray:
     """Sorted flat store indices of the pool: the union of every split (``all``) or one split
     (``pool``: a :class:`FloorSettings` pool, checked there)."""
     splits = dm.split_indices
-    names = ("train", "val", "test") if pool == "all" else (pool,)
+    names = SPLIT_NAMES if pool == "all" else (pool,)
     parts = [np.asarray(splits[n], np.int64) for n in names if n in splits]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 

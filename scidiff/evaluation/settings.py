@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from scidiff.data.splits import SPLIT_NAMES
 from scidiff.diffusion.process import VARIANCES
 from scidiff.evaluation.checks import check_bool, check_choice, check_instance, check_integer, settings_of
 from scidiff.evaluation.floor import FloorSettings
@@ -27,7 +28,7 @@ from scidiff.evaluation.suite import FieldMetricSuite, as_suite
 from scidiff.evaluation.verdict import VerdictSettings
 from scidiff.inference.generation import DDIM, GuidanceSpec, Sampler, as_guidance, as_sampler
 
-SPLITS = ("train", "val", "test")
+SPLITS = SPLIT_NAMES  # the data layer's one split vocabulary
 ESTIMATORS = ("exact", "importance")
 # the reverse variances of the diffusion, and the Analytic-DPM optimum estimated here
 VARIANCE_CHOICES = (*VARIANCES, "optimal")
