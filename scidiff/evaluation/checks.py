@@ -58,16 +58,6 @@ def check_instance(key: str, value: Any, cls: type, how: str) -> None:
         raise ValueError(f"{key}: expected {how}, got {value!r}")
 
 
-def settings_of(cls: type, node: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """The keyword arguments of the settings dataclass ``cls`` from a config node; a key
-    that is not one of its fields raises ``<key>.<name>: not a setting of <cls>``."""
-    known = [f.name for f in dataclasses.fields(cls)]
-    for name in node:
-        if name not in known:
-            raise ValueError(f"{key}.{name}: not a setting of {cls.__name__} (its settings: {', '.join(known)})")
-    return dict(node)
-
-
 __all__ = [
     "check_bool",
     "check_choice",
@@ -75,5 +65,4 @@ __all__ = [
     "check_integer",
     "check_number",
     "is_integer",
-    "settings_of",
 ]

@@ -22,11 +22,12 @@ from typing import Any, Literal
 
 from scidiff.data.splits import SPLIT_NAMES
 from scidiff.diffusion.process import VARIANCES
-from scidiff.evaluation.checks import check_bool, check_choice, check_instance, check_integer, settings_of
+from scidiff.evaluation.checks import check_bool, check_choice, check_instance, check_integer
 from scidiff.evaluation.floor import FloorSettings
 from scidiff.evaluation.suite import FieldMetricSuite, as_suite
 from scidiff.evaluation.verdict import VerdictSettings
 from scidiff.inference.generation import DDIM, GuidanceSpec, Sampler, as_guidance, as_sampler
+from scidiff.inference.specs import settings_of
 
 SPLITS = SPLIT_NAMES  # the data layer's one split vocabulary
 ESTIMATORS = ("exact", "importance")

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scidiff.evaluation.checks import check_choice, check_instance, check_integer, check_number, settings_of
+from scidiff.evaluation.checks import check_choice, check_instance, check_integer, check_number
 from scidiff.evaluation.data import grid_spacing
 from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
 from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
 from scidiff.evaluation.molecules import AtomCounts
 from scidiff.evaluation.result import EvaluationError
 from scidiff.evaluation.spectra import SpectralError
+from scidiff.inference.specs import settings_of, target_class
 
 AREA_WEIGHTS = ("auto", "none")
 ATOMS = ("auto", "on", "off")
@@ -91,15 +92,7 @@ def suite_class(target: str | None) -> type[FieldMetricSuite]:
     """The suite a ``metrics._target_`` names (None: :class:`FieldMetricSuite`)."""
     if target is None:
         return FieldMetricSuite
-    from hydra.utils import get_object
-
-    try:
-        cls = get_object(str(target))
-    except Exception:  # noqa: BLE001 - hydra raises several kinds; one line naming the key
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, FieldMetricSuite)):
-        raise ValueError(f"metrics._target_: {target} is not a metric suite (e.g. scidiff.evaluation.FieldMetricSuite)")
-    return cls
+    return target_class(target, FieldMetricSuite, "metrics", "scidiff.evaluation.FieldMetricSuite")
 
 
 def as_suite(node: FieldMetricSuite | Mapping[str, Any] | None) -> FieldMetricSuite:

@@ -37,6 +37,7 @@ from scidiff.conditioning import Conditioning
 from scidiff.diffusion import GaussianDiffusion, inpainting, samplers
 from scidiff.diffusion.guidance import ClassifierFreeGuidance
 from scidiff.inference.seeds import member_generators
+from scidiff.inference.specs import settings_of, target_class
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -110,15 +111,6 @@ class DDIM(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM)}
 
 
-def _settings(cls: type, spec: Mapping[str, Any], key: str) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    for name in spec:
-        if name not in known:
-            raise ValueError(f"{key}.{name}: not a setting of {cls.__name__} (its settings: "
-                             f"{', '.join(sorted(known)) or 'none'})")
-    return dict(spec)
-
-
 def as_sampler(node: Sampler | Mapping[str, Any]) -> Sampler:
     """A :class:`Sampler` from a config node: ``{_target_: scidiff.inference.DDIM, steps: 50, ...}``
     (``configs/sampler/<name>.yaml``), ``{name: ddim, steps: 50}`` (Python), or a sampler.
@@ -133,20 +125,13 @@ def as_sampler(node: Sampler | Mapping[str, Any]) -> Sampler:
     spec = dict(node)
     target = spec.pop("_target_", None)
     if target is not None:
-        from hydra.utils import get_object
-
-        try:
-            cls = get_object(str(target))
-        except Exception:  # noqa: BLE001 - hydra raises several kinds; one line naming the key
-            cls = None
-        if not (isinstance(cls, type) and issubclass(cls, Sampler)):
-            raise ValueError(f"sampler._target_: {target} is not a scidiff sampler (e.g. scidiff.inference.DDIM)")
+        cls = target_class(target, Sampler, "sampler", "scidiff.inference.DDIM")
     else:
         name = spec.pop("name", "ddim")
         if name not in SAMPLERS:
             raise ValueError(f"sampler.name: unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
         cls = SAMPLERS[name]
-    return cls(**_settings(cls, spec, "sampler"))
+    return cls(**settings_of(cls, spec, "sampler"))
 
 
 def sampler_from_identity(identity: Mapping[str, Any]) -> Sampler:
@@ -187,7 +172,7 @@ def as_guidance(node: GuidanceSpec | Mapping[str, Any] | None) -> GuidanceSpec:
         return node or GuidanceSpec()
     if not isinstance(node, Mapping):
         raise ValueError(f"guidance: expected {{scale: w, rescale: phi}}, got {node!r}")
-    return GuidanceSpec(**_settings(GuidanceSpec, node, "guidance"))
+    return GuidanceSpec(**settings_of(GuidanceSpec, node, "guidance"))
 
 
 class PerMember(nn.Module):
@@ -286,12 +271,7 @@ def as_observation_method(node: ObservationMethod | Mapping[str, Any]) -> Observ
         raise ValueError(f"observations.method: unknown method {name!r}; expected one of "
                          f"{', '.join(OBSERVATION_METHODS)}")
     cls = OBSERVATION_METHODS[name]
-    known = {f.name for f in fields(cls)}
-    for key in spec:
-        if key not in known:
-            raise ValueError(f"observations.{key}: not an option of method {name} (its options: "
-                             f"{', '.join(sorted(known))})")
-    return cls(**spec)
+    return cls(**settings_of(cls, spec, "observations"))
 
 
 @dataclass(frozen=True)

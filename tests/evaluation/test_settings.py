@@ -107,9 +107,9 @@ def test_the_metric_suite_is_named_by_target():
     assert type(mine) is MySuite and mine.atoms == "on"
     with pytest.raises(ValueError, match=r"^metrics.bins: not a setting of FieldMetricSuite \(its settings: area_w"):
         as_suite({"_target_": "scidiff.evaluation.FieldMetricSuite", "bins": 10})
-    with pytest.raises(ValueError, match=r"^metrics._target_: scidiff.evaluation.CRPS is not a metric suite"):
+    with pytest.raises(ValueError, match=r"^metrics._target_: scidiff.evaluation.CRPS is not a FieldMetricSuite"):
         as_suite({"_target_": "scidiff.evaluation.CRPS"})
-    with pytest.raises(ValueError, match=r"^metrics._target_: no.such.Suite is not a metric suite"):
+    with pytest.raises(ValueError, match=r"^metrics._target_: no.such.Suite is not a FieldMetricSuite"):
         as_suite({"_target_": "no.such.Suite"})
 
 
@@ -126,7 +126,7 @@ def test_the_configs_defaults_are_the_dataclasses(tmp_path):
     assert s.sampler.name == "ddpm"
     with pytest.raises(ConfigError, match=r"^bound.num_terms: must be >= 2 \(for a standard error\), got 1$"):
         check_config(compose_config("evaluate", [f"checkpoint={tmp_path}", "bound.num_terms=1"]))
-    with pytest.raises(ConfigError, match=r"^metrics._target_: os.path is not a metric suite"):
+    with pytest.raises(ConfigError, match=r"^metrics._target_: os.path is not a FieldMetricSuite"):
         check_config(compose_config("evaluate", [f"checkpoint={tmp_path}", "metrics._target_=os.path"]))
 
 

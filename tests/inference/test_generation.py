@@ -126,7 +126,7 @@ def test_sampler_specs_from_configs_and_their_errors():
     cases = [
         ({"_target_": "scidiff.inference.DDIM", "stepz": 3}, "sampler.stepz: not a setting of DDIM"),
         ({"_target_": "scidiff.inference.DDPM", "steps": 3}, "sampler.steps: not a setting of DDPM"),
-        ({"_target_": "os.path"}, "sampler._target_: os.path is not a scidiff sampler"),
+        ({"_target_": "os.path"}, "sampler._target_: os.path is not a Sampler"),
         ({"name": "euler"}, "sampler.name: unknown sampler 'euler'"),
         ({"name": "ddim", "steps": 0}, "sampler.steps: expected a positive integer"),
         ({"name": "ddim", "steps": True}, "sampler.steps: expected a positive integer"),
@@ -150,8 +150,8 @@ def test_guidance_and_observation_specs_check_their_values():
             as_guidance(node)
     assert as_observation_method({"method": "repaint", "num_steps": None, "jump_length": 2}) == RePaint(jump_length=2)
     assert as_observation_method({"method": "dps", "step_size": 0.5}) == DPS(step_size=0.5)
-    for node, message in [({"method": "repaint", "step_size": 1.0}, "observations.step_size: not an option of "
-                                                                     "method repaint"),
+    for node, message in [({"method": "repaint", "step_size": 1.0}, "observations.step_size: not a setting of "
+                                                                     "RePaint"),
                           ({"method": "dps", "step_size": 0}, "observations.step_size: expected a number > 0"),
                           ({"method": "repaint", "resample": 0}, "observations.resample: expected a positive"),
                           ({"method": "smc"}, "observations.method: unknown method 'smc'")]:

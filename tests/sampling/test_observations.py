@@ -49,7 +49,7 @@ def test_repaint_reproduces_observations_and_varies_elsewhere(trained_run, obs_s
 def test_bad_observations_name_the_problem(trained_run, obs_store, tmp_path):
     path, _ = obs_store
     out = tmp_path / "x.zarr"
-    with pytest.raises(SampleError, match="observations.step_size: not an option of method repaint"):
+    with pytest.raises(SampleError, match="observations.step_size: not a setting of RePaint"):
         sample_ensemble(config(trained_run, out, {"path": str(path), "method": "repaint", "step_size": 1.0}))
     with pytest.raises(ObservationError, match="missing.zarr does not exist"):
         sample_ensemble(config(trained_run, out, {"path": str(tmp_path / "missing.zarr"), "method": "dps"}))
