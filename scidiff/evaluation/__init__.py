@@ -7,26 +7,26 @@ ensembles are ``[B, M, C, *S]``. Means over grid points take an optional
 ``mask`` (1 = valid) and area ``weights`` (e.g. cos latitude). Results are in
 the units of the field unless stated otherwise, per channel by default.
 
-Modules:
-    ensemble     CRPS (fair/ensemble), SpreadSkillRatio, EnergyScore, RankHistogram
-    spectra      radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError
-    fields       BiasStdMaps (per-point moments), Wasserstein1 (value distributions)
-    likelihood   BitsPerDim, BoundTerms (per-timestep variational bound terms)
-    molecules    AtomCounts of voxel densities (integrated density and peak finding)
-    weighting    point weights (mask x area weights) and the point-mean base class
-    run          ``evaluate``: the loop, the bound and the sample metrics of a trained model on a split
-    settings     ``EvaluationSettings`` and its sections, each checking its own values
-    data         the checkpoint's data module rebuilt, the split, grid spacing/units/area weights,
-                 the store's true log-likelihood
-    members      the members: generated through the inference layer, or read from a scidiff-sample store
-    bound        the variational bound of every sample, its variants, the ODE NLL, the gap to the true NLL
-    suite        the sample metrics: ``FieldMetricSuite`` (``metrics._target_`` in the config)
-    floor        the noise floor: the sample metrics of ensembles of real fields (nearest conditions)
-    verdict      each sample metric against its floor: pass/fail by the rules of one table
-    result       ``Evaluation`` (what ``evaluate`` returns) and ``EvaluationError``
-    checks       the value checks of the settings (one line naming the key)
-    report       the evaluation file (netCDF), MLflow logging, the summary line
-    plots        figures of an evaluation (import ``scidiff.evaluation.plots``; matplotlib)
+The modules:
+
+* :mod:`~scidiff.evaluation.ensemble` -- CRPS (fair/ensemble), SpreadSkillRatio, EnergyScore, RankHistogram
+* :mod:`~scidiff.evaluation.spectra` -- radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError
+* :mod:`~scidiff.evaluation.fields` -- BiasStdMaps (per-point moments), Wasserstein1 (value distributions)
+* :mod:`~scidiff.evaluation.likelihood` -- BitsPerDim, BoundTerms (per-timestep variational bound terms)
+* :mod:`~scidiff.evaluation.molecules` -- AtomCounts of voxel densities (integrated density and peak finding)
+* :mod:`~scidiff.evaluation.weighting` -- point weights (mask x area weights) and the point-mean base class
+* :mod:`~scidiff.evaluation.run` -- ``evaluate``: the loop, the bound and the sample metrics of a trained model on a split
+* :mod:`~scidiff.evaluation.settings` -- ``EvaluationSettings`` and its sections, each checking its own values
+* :mod:`~scidiff.evaluation.data` -- the checkpoint's data module rebuilt, the split, grid spacing/units/area weights, the store's true log-likelihood
+* :mod:`~scidiff.evaluation.members` -- the members: generated through the inference layer, or read from a scidiff-sample store
+* :mod:`~scidiff.evaluation.bound` -- the variational bound of every sample, its variants, the ODE NLL, the gap to the true NLL
+* :mod:`~scidiff.evaluation.suite` -- the sample metrics: ``FieldMetricSuite`` (``metrics._target_`` in the config)
+* :mod:`~scidiff.evaluation.floor` -- the noise floor: the sample metrics of ensembles of real fields (nearest conditions)
+* :mod:`~scidiff.evaluation.verdict` -- each sample metric against its floor: pass/fail by the rules of one table
+* :mod:`~scidiff.evaluation.result` -- ``Evaluation`` (what ``evaluate`` returns) and ``EvaluationError``
+* :mod:`~scidiff.evaluation.checks` -- the value checks of the settings (one line naming the key)
+* :mod:`~scidiff.evaluation.report` -- the evaluation file (netCDF), MLflow logging, the summary line
+* :mod:`~scidiff.evaluation.plots` -- figures of an evaluation (import ``scidiff.evaluation.plots``; matplotlib)
 """
 
 from scidiff.evaluation.ensemble import (
