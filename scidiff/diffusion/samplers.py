@@ -7,7 +7,8 @@ progress=False, ...)``: the denoiser is called through
 ``prediction="edm"`` and ``denoiser(x_t, t, cond)`` otherwise; all randomness comes
 from ``generator`` (one ``torch.Generator``, or a list with one per sample so that a
 sample does not depend on the batch it is drawn in), and ``callback(StepInfo)`` is
-called after every step.
+called after every step. Every sampler but DDPM takes a timestep grid
+(:mod:`scidiff.diffusion.grids`: uniform in t, uniform in log-SNR, Karras, or a list).
 
 The single-step functions (:func:`ddpm_step`, :func:`ddim_step`) are exposed for
 users who write their own loops. They take the model output, not the model: such a
@@ -20,6 +21,10 @@ itself, or an ``"edm"`` model sees unscaled inputs.
 * :func:`ddim_sample`  -- DDIM (Song et al. 2021, eq. 12) on a sub-sequence of
   timesteps; ``eta = 0`` is deterministic, ``eta = 1`` has the DDPM posterior
   variance when all T steps are taken.
+* :func:`dpm_solver_sample` -- DPM-Solver++ multistep, orders 1-3, and its SDE variant
+  (Lu et al. 2022): one model call per grid point;
+* :func:`heun_sample`  -- Heun's second-order method on the probability-flow ODE
+  (Karras et al. 2022): two model calls per step;
 * :func:`ddim_invert`  -- the deterministic DDIM map run backwards (data -> noise),
   each step refined by fixed-point iteration so that :func:`ddim_sample` with the
   same steps reconstructs the data.
@@ -36,12 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
+from scidiff.diffusion.grids import GRID_KINDS, SPACINGS, GridKind, Spacing, timestep_grid, timestep_sequence
 from scidiff.diffusion.process import GaussianDiffusion
 from scidiff.shapes import check_field
 
-Spacing = Literal["leading", "trailing", "linspace"]
 FinalAlphaCumprod = Literal["one", "first"]
-SPACINGS: tuple[str, ...] = get_args(Spacing)
 FINAL_ALPHA_CUMPRODS: tuple[str, ...] = get_args(FinalAlphaCumprod)
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
@@ -76,37 +80,6 @@ Callback = Callable[[StepInfo], None]
 
 
 # ---------------------------------------------------------------- timesteps
-def timestep_sequence(num_timesteps: int, num_steps: int, spacing: Spacing = "leading") -> Tensor:
-    """The timesteps a skipping sampler visits, in the order it visits them (descending).
-
-    With T = ``num_timesteps`` and n = ``num_steps``:
-
-    * ``"leading"``:  {0, k, 2k, ..., (n-1)k} with k = T // n (DDIM's original choice);
-    * ``"trailing"``: round(T - i T/n) - 1 for i = 0..n-1, which always starts at
-      T - 1 (Lin et al. 2024, table 2);
-    * ``"linspace"``: round(linspace(0, T - 1, n)).
-
-    The step after the smallest element goes to the final level (see
-    ``final_alpha_cumprod`` of :func:`ddim_sample`).
-    """
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing: unknown value {spacing!r}; expected one of {SPACINGS}")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if num_steps > num_timesteps:
-        raise ValueError(f"num_steps ({num_steps}) must not exceed the number of timesteps T = {num_timesteps}")
-    if spacing == "leading":
-        ts = torch.arange(num_steps, dtype=torch.float64) * (num_timesteps // num_steps)
-    elif spacing == "trailing":
-        ts = torch.round(num_timesteps - torch.arange(num_steps, dtype=torch.float64) * (num_timesteps / num_steps)) - 1
-    else:
-        ts = torch.round(torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64))
-    ts = torch.sort(ts.long(), descending=True).values
-    if torch.unique(ts).numel() != num_steps:  # cannot happen for num_steps <= T; guards edits
-        raise ValueError(f"spacing {spacing!r} gave repeated timesteps for num_steps={num_steps}")
-    return ts
-
-
 def final_alpha_bar(diffusion: GaussianDiffusion, final_alpha_cumprod: FinalAlphaCumprod = "one") -> float:
     """alpha-bar of the level the last step lands on: 1 (the data) or alpha-bar_0."""
     if final_alpha_cumprod not in FINAL_ALPHA_CUMPRODS:
@@ -261,11 +234,13 @@ def ddim_sample(
     x_T: Tensor,
     num_steps: int = 50,
     eta: float = 0.0,
-    spacing: Spacing = "leading",
+    spacing: GridKind = "leading",
     cond: Conditioning | None = None,
     generator: GeneratorLike = None,
     *,
     final_alpha_cumprod: FinalAlphaCumprod = "one",
+    timesteps: Sequence[int] | Tensor | None = None,
+    rho: float = 7.0,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -274,15 +249,18 @@ def ddim_sample(
     Args:
         num_steps: number of denoiser evaluations, 1 <= num_steps <= T.
         eta: 0 for deterministic DDIM, 1 for DDPM-like ancestral noise.
-        spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (see
-            :func:`timestep_sequence`); each step goes to the next element of the
-            sequence, the last to the final level.
+        spacing: the grid (:func:`scidiff.diffusion.grids.timestep_grid`: ``"leading"``,
+            ``"trailing"``, ``"linspace"``, ``"logsnr"``, ``"karras"`` with ``rho``); each
+            step goes to the next element of the grid, the last to the final level.
+        timesteps: the grid given as a list (strictly decreasing, in ``[0, T)``); replaces
+            ``num_steps`` and ``spacing``.
         final_alpha_cumprod: ``"one"`` (the last step lands on the data,
             alpha-bar = 1) or ``"first"`` (alpha-bar_0).
     """
     check_call(diffusion, x_T, cond, "x_T")
     final_alpha_bar(diffusion, final_alpha_cumprod)  # validates the name
-    seq = timestep_sequence(diffusion.num_timesteps, num_steps, spacing).tolist()
+    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    num_steps = len(seq)
     prevs = seq[1:] + [-1]
     x = x_T
     for i, (t, t_prev) in enumerate(progress_steps(list(zip(seq, prevs)), progress, "DDIM")):
@@ -299,6 +277,176 @@ def ddim_sample(
         x = out.prev_sample
         if callback is not None:
             callback(StepInfo(index=i, num_steps=num_steps, t=t, x=x, pred_x0=out.pred_x0))
+    return x
+
+
+# ------------------------------------------------------- high-order solvers
+def _levels(diffusion: GaussianDiffusion, t: int) -> tuple[float, float, float]:
+    """(alpha, sigma, lambda) of the VP marginal at timestep ``t``: x_t = alpha x_0 + sigma eps,
+    lambda = log(alpha / sigma); ``t = -1`` is the data (1, 0, +inf)."""
+    if t < 0:
+        return 1.0, 0.0, math.inf
+    ab = float(diffusion.schedule.alphas_cumprod[t])
+    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+    lam = math.log(alpha) - math.log(sigma) if alpha > 0 and sigma > 0 else (-math.inf if alpha == 0 else math.inf)
+    return alpha, sigma, lam
+
+
+def _denoised(denoiser: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: int, cond) -> tuple[Tensor, Tensor]:
+    """The model's (x0, eps) estimates at (x, t)."""
+    tb = timestep_batch(t, x)
+    pred, _ = diffusion.split_output(diffusion.model_output(denoiser, x, tb, cond), x)
+    return diffusion.predictions(pred, x, tb)
+
+
+def _check_grid_order(grid: list[int], order: int, key: str) -> None:
+    if order not in (1, 2, 3):
+        raise ValueError(f"order: expected 1, 2 or 3, got {order!r}")
+    if len(grid) < order:
+        raise ValueError(f"{key}: {len(grid)} model calls are fewer than the solver's order {order}; "
+                         f"give at least {order} steps")
+
+
+DPM_SOLVER_ORDERS: tuple[int, ...] = (1, 2, 3)
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    denoiser: nn.Module,
+    diffusion: GaussianDiffusion,
+    x_T: Tensor,
+    num_steps: int = 20,
+    spacing: GridKind = "logsnr",
+    cond: Conditioning | None = None,
+    generator: GeneratorLike = None,
+    *,
+    order: int = 2,
+    stochastic: bool = False,
+    timesteps: Sequence[int] | Tensor | None = None,
+    rho: float = 7.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", algorithm 2) in data prediction:
+    one model call per grid point, ``num_steps`` calls in all.
+
+    With lambda = log(alpha / sigma) and h = lambda_next - lambda, the step from x at the grid
+    point t to the next one integrates the probability-flow ODE exactly for an x0 prediction
+    that is a polynomial in lambda through the last ``order`` predictions:
+
+        x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D
+
+    with D = x0^ (order 1: DDIM), the 2M correction D = x0^ + (x0^ - x0^_prev) / (2 r)
+    (r = h_prev / h), or the 3M correction with two previous predictions. ``stochastic``
+    gives the SDE variant (SDE-DPM-Solver++, orders 1-2):
+
+        x_next = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z.
+
+    Early steps use the orders their history allows; the last step lands on the data with
+    the last x0 prediction (sigma = 0: the higher-order terms vanish with e^-h).
+
+    Args:
+        num_steps, spacing, rho, timesteps: the grid (:func:`scidiff.diffusion.grids.timestep_grid`).
+        order: 1, 2 or 3 (``stochastic``: 1 or 2); at least ``order`` grid points.
+        generator: the noise of the stochastic variant (one per sample, or one for the batch).
+    """
+    check_call(diffusion, x_T, cond, "x_T")
+    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    if stochastic and order == 3:
+        raise ValueError("order: the stochastic DPM-Solver++ takes order 1 or 2, got 3")
+    _check_grid_order(grid, order, "sampler.steps" if timesteps is None else "timesteps")
+    x = x_T
+    history: list[tuple[Tensor, float]] = []  # (x0 prediction, lambda) at the last grid points
+    name = f"DPM-Solver++ ({'SDE ' if stochastic else ''}{order}M)"
+    for i, t in enumerate(progress_steps(grid, progress, name)):
+        x0, _ = _denoised(denoiser, diffusion, x, t, cond)
+        alpha, sigma, lam = _levels(diffusion, t)
+        history = [(x0, lam), *history][:3]
+        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+        a_n, s_n, lam_n = _levels(diffusion, t_next)
+        if t_next < 0:
+            x = x0  # sigma_next = 0, alpha_next = 1: every other term vanishes
+        elif not math.isfinite(lam):  # from pure noise (zero terminal SNR): the first-order step
+            x = a_n * x0 + s_n * (randn_like(x, generator) if stochastic else _eps_from(x, x0, alpha, sigma))
+        else:
+            h = lam_n - lam
+            k = min(order, len(history))
+            m0 = history[0][0]
+            if k >= 2:
+                h0 = lam - history[1][1]
+                d1_0 = (m0 - history[1][0]) * (h / h0)
+            if stochastic:
+                e2 = -math.expm1(-2.0 * h)  # 1 - e^-2h
+                x = (s_n / sigma) * math.exp(-h) * x + a_n * e2 * m0
+                if k >= 2:
+                    x = x + 0.5 * a_n * e2 * d1_0
+                x = x + s_n * math.sqrt(e2) * randn_like(x, generator)
+            else:
+                e1 = math.expm1(-h)  # e^-h - 1
+                x = (s_n / sigma) * x - a_n * e1 * m0
+                if k == 2:
+                    x = x - 0.5 * a_n * e1 * d1_0
+                elif k == 3:
+                    h1 = history[1][1] - history[2][1]
+                    r0, r1 = h0 / h, h1 / h
+                    d1_1 = (history[1][0] - history[2][0]) / r1
+                    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    x = x + a_n * (e1 / h + 1.0) * d1 - a_n * ((e1 + h) / h**2 - 0.5) * d2
+        if callback is not None:
+            callback(StepInfo(index=i, num_steps=len(grid), t=t, x=x, pred_x0=x0))
+    return x
+
+
+def _eps_from(x: Tensor, x0: Tensor, alpha: float, sigma: float) -> Tensor:
+    return (x - alpha * x0) / sigma
+
+
+@torch.no_grad()
+def heun_sample(
+    denoiser: nn.Module,
+    diffusion: GaussianDiffusion,
+    x_T: Tensor,
+    num_steps: int = 18,
+    spacing: GridKind = "karras",
+    cond: Conditioning | None = None,
+    generator: GeneratorLike = None,
+    *,
+    timesteps: Sequence[int] | Tensor | None = None,
+    rho: float = 7.0,
+    max_sigma: float = 80.0,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, algorithm 1,
+    deterministic): up to 2 ``num_steps`` - 1 model calls.
+
+    In the variance-exploding coordinates x / alpha with sigma = sigma_t / alpha_t the ODE is
+    dx/dsigma = eps^(x, sigma). A step from sigma to sigma_next takes the Euler (DDIM) step,
+    evaluates eps^ there and averages the two slopes; the last step, onto the data
+    (sigma = 0), is Euler's. The trapezoid needs slopes that vary slowly over a step: a
+    step that starts above ``max_sigma`` (EDM's sigma_max, 80; a VP schedule's last
+    timesteps reach sigma ~ 1e4) is an Euler step, exact there to first order, and costs
+    one call. ``generator`` is unused (the method is deterministic).
+    """
+    check_call(diffusion, x_T, cond, "x_T")
+    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    x = x_T
+    for i, t in enumerate(progress_steps(grid, progress, "Heun")):
+        x0, eps = _denoised(denoiser, diffusion, x, t, cond)
+        alpha, sigma, _ = _levels(diffusion, t)
+        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+        a_n, s_n, _ = _levels(diffusion, t_next)
+        x_euler = a_n * x0 + s_n * eps  # the DDIM step: x0 + sigma_ve_next eps, back in VP units
+        if t_next < 0 or alpha == 0.0 or sigma > max_sigma * alpha:
+            x = x_euler
+        else:
+            _, eps_next = _denoised(denoiser, diffusion, x_euler, t_next, cond)
+            sigma_ve, sigma_ve_next = sigma / alpha, s_n / a_n
+            x_ve = x / alpha + (sigma_ve_next - sigma_ve) * 0.5 * (eps + eps_next)
+            x = a_n * x_ve
+        if callback is not None:
+            callback(StepInfo(index=i, num_steps=len(grid), t=t, x=x, pred_x0=x0))
     return x
 
 
@@ -349,16 +497,18 @@ def ddim_invert(
     diffusion: GaussianDiffusion,
     x0: Tensor,
     num_steps: int = 50,
-    spacing: Spacing = "leading",
+    spacing: GridKind = "leading",
     cond: Conditioning | None = None,
     *,
     refine_steps: int = 3,
     final_alpha_cumprod: FinalAlphaCumprod = "one",
+    timesteps: Sequence[int] | Tensor | None = None,
+    rho: float = 7.0,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Map data ``x0`` ``[B, C, *S]`` to the noise x_T that :func:`ddim_sample` (eta = 0,
-    same ``num_steps``, ``spacing`` and ``final_alpha_cumprod``) turns back into x0.
+    the same grid and ``final_alpha_cumprod``) turns back into x0.
 
     Args:
         refine_steps: fixed-point iterations per step (0 = plain DDIM inversion,
@@ -366,7 +516,8 @@ def ddim_invert(
             denoiser; each iteration costs one denoiser evaluation per step).
     """
     check_call(diffusion, x0, cond, "x0")
-    seq = timestep_sequence(diffusion.num_timesteps, num_steps, spacing).flip(0).tolist()
+    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).flip(0).tolist()
+    num_steps = len(seq)
     prevs = [-1] + seq[:-1]
     x = x0
     for i, (t_prev, t) in enumerate(progress_steps(list(zip(prevs, seq)), progress, "DDIM inversion")):

@@ -5,7 +5,8 @@ sample figures share.
   (:func:`load_pretrained` -> :class:`Pretrained`: EMA weights, diffusion, statistics,
   unit conversions, parameter ranges);
 * :mod:`~scidiff.inference.generation` -- the one generation path: sampler spec
-  (:class:`DDIM`, :class:`DDPM`) -> guided denoiser -> sampler -> physical units;
+  (:class:`DDIM`, :class:`DPMSolver`, :class:`Heun`, :class:`DDPM`) -> guided denoiser ->
+  sampler -> physical units;
 * :mod:`~scidiff.inference.seeds`      -- seeds and generators keyed by what they are for;
 * :mod:`~scidiff.inference.runtime`    -- the device and the ranks of a distributed job;
 * :mod:`~scidiff.inference.tracking`   -- MLflow stores: default, reachability, flattening;
@@ -23,7 +24,9 @@ from scidiff.inference.checkpoint import CheckpointError, Pretrained, load_pretr
 from scidiff.inference.generation import (
     DDIM,
     DDPM,
+    DPMSolver,
     GuidanceSpec,
+    Heun,
     Observations,
     Sampler,
     as_guidance,
@@ -38,6 +41,8 @@ from scidiff.inference.seeds import key_seed, member_seed, member_seeds
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPMSolver",
+    "Heun",
     "CheckpointError",
     "DistContext",
     "GuidanceSpec",

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
-from scidiff.diffusion import GaussianDiffusion, inpainting, samplers
+from scidiff.diffusion import GaussianDiffusion, grids, inpainting, samplers
 from scidiff.diffusion.guidance import ClassifierFreeGuidance
 from scidiff.inference.seeds import member_generators
 from scidiff.inference.specs import settings_of, target_class
@@ -75,48 +75,169 @@ class DDPM(Sampler):
         return samplers.ddpm_sample(denoiser, diffusion, x_T, cond=cond, generator=generator)
 
 
-@dataclass(frozen=True)
-class DDIM(Sampler):
-    """DDIM with ``steps`` skipped steps (``spacing`` of the timesteps) and noise ``eta``
-    (0: deterministic; 1: DDPM's variance on the skipped chain)."""
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridSampler(Sampler):
+    """A sampler on a timestep grid (:mod:`scidiff.diffusion.grids`): ``steps`` grid points
+    placed by ``spacing`` (``leading``, ``trailing``, ``linspace``, ``logsnr``, ``karras``
+    with ``rho``), or the grid itself as ``timesteps`` (a strictly decreasing list in [0, T),
+    which then replaces ``steps`` and ``spacing``)."""
+
+    steps: int = 50
+    spacing: str = "leading"
+    rho: float = 7.0
+    timesteps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("sampler.steps", self.steps)
+        if self.spacing not in grids.GRID_KINDS:
+            raise ValueError(f"sampler.spacing: unknown value {self.spacing!r}; expected one of {grids.GRID_KINDS}")
+        if not (isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool) and self.rho > 0):
+            raise ValueError(f"sampler.rho: expected a number > 0, got {self.rho!r}")
+        if self.timesteps is not None:
+            if isinstance(self.timesteps, (str, bytes)) or not isinstance(self.timesteps, Sequence):
+                raise ValueError(f"sampler.timesteps: expected a list of timesteps, got {self.timesteps!r}")
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+            grids.check_grid(list(self.timesteps), 2**62, "sampler.timesteps")  # order and type; T in check()
+
+    def grid(self, diffusion: GaussianDiffusion) -> Tensor:
+        """The timesteps this sampler visits on ``diffusion``'s schedule."""
+        key = "sampler.timesteps" if self.timesteps is not None else "sampler.steps"
+        if self.timesteps is not None:
+            return grids.check_grid(list(self.timesteps), diffusion.num_timesteps, key)
+        if self.steps > diffusion.num_timesteps:
+            raise ValueError(f"{key}: {self.steps} exceeds the model's T = {diffusion.num_timesteps}")
+        return grids.timestep_grid(diffusion, self.steps, self.spacing, rho=self.rho)
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        self.grid(diffusion)
+
+    def _grid_identity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps, "spacing": self.spacing}
+        if self.spacing == "karras":
+            out["rho"] = float(self.rho)
+        if self.timesteps is not None:
+            out = {"timesteps": list(self.timesteps)}
+        return out
+
+    def _grid_text(self) -> str:
+        if self.timesteps is not None:
+            return f"{len(self.timesteps)} given timesteps"
+        return f"{self.steps} steps ({self.spacing}{f', rho {self.rho:g}' if self.spacing == 'karras' else ''})"
+
+    def _grid_kwargs(self) -> dict[str, Any]:
+        return {"num_steps": self.steps, "spacing": self.spacing, "rho": self.rho,
+                "timesteps": None if self.timesteps is None else list(self.timesteps)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDIM(GridSampler):
+    """DDIM: one model call per grid point; noise ``eta`` (0: deterministic, the
+    probability-flow ODE's first-order exponential integrator; 1: DDPM's variance on the
+    skipped chain)."""
 
     name: ClassVar[str] = "ddim"
     steps: int = 50
     eta: float = 0.0
-    spacing: samplers.Spacing = "leading"
+    spacing: str = "leading"
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampler.steps: expected a positive integer, got {self.steps!r}")
-        if not (isinstance(self.eta, (int, float)) and self.eta >= 0):
+        super().__post_init__()
+        if not (isinstance(self.eta, (int, float)) and not isinstance(self.eta, bool) and self.eta >= 0):
             raise ValueError(f"sampler.eta: expected >= 0, got {self.eta!r}")
-        if self.spacing not in samplers.SPACINGS:
-            raise ValueError(f"sampler.spacing: unknown value {self.spacing!r}; expected one of {samplers.SPACINGS}")
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": self.steps, "eta": float(self.eta), "spacing": self.spacing}
+        grid = self._grid_identity()
+        if "timesteps" in grid:
+            return {"name": self.name, "eta": float(self.eta), **grid}
+        return {"name": self.name, "steps": self.steps, "eta": float(self.eta), **{k: v for k, v in grid.items()
+                                                                                      if k != "steps"}}
 
     def describe(self) -> str:
-        return f"DDIM {self.steps} steps ({self.spacing}), eta {self.eta}"
-
-    def check(self, diffusion: GaussianDiffusion) -> None:
-        if self.steps > diffusion.num_timesteps:
-            raise ValueError(f"sampler.steps: {self.steps} exceeds the model's T = {diffusion.num_timesteps}")
+        return f"DDIM {self._grid_text()}, eta {self.eta}"
 
     def run(self, denoiser, diffusion, x_T, cond, generator):
-        return samplers.ddim_sample(denoiser, diffusion, x_T, num_steps=self.steps, eta=self.eta,
-                                    spacing=self.spacing, cond=cond, generator=generator)
+        return samplers.ddim_sample(denoiser, diffusion, x_T, eta=self.eta, cond=cond, generator=generator,
+                                    **self._grid_kwargs())
 
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM)}
+@dataclass(frozen=True, kw_only=True)
+class DPMSolver(GridSampler):
+    """DPM-Solver++ multistep (Lu et al. 2022): one model call per grid point, ``order`` 1-3
+    (1 is DDIM); ``stochastic`` for SDE-DPM-Solver++ (order 1-2)."""
+
+    name: ClassVar[str] = "dpm_solver"
+    steps: int = 20
+    spacing: str = "logsnr"
+    order: int = 2
+    stochastic: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.order not in samplers.DPM_SOLVER_ORDERS or isinstance(self.order, bool):
+            raise ValueError(f"sampler.order: expected 1, 2 or 3, got {self.order!r}")
+        if not isinstance(self.stochastic, bool):
+            raise ValueError(f"sampler.stochastic: expected true or false, got {self.stochastic!r}")
+        if self.stochastic and self.order == 3:
+            raise ValueError("sampler.order: the stochastic DPM-Solver++ takes order 1 or 2, got 3")
+        calls = len(self.timesteps) if self.timesteps is not None else self.steps
+        if calls < self.order:
+            key = "sampler.timesteps" if self.timesteps is not None else "sampler.steps"
+            raise ValueError(f"{key}: {calls} model calls are fewer than the solver's order {self.order}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "order": self.order, "stochastic": self.stochastic, **self._grid_identity()}
+
+    def describe(self) -> str:
+        return f"DPM-Solver++ ({'SDE ' if self.stochastic else ''}{self.order}M) {self._grid_text()}"
+
+    def run(self, denoiser, diffusion, x_T, cond, generator):
+        return samplers.dpm_solver_sample(denoiser, diffusion, x_T, cond=cond, generator=generator, order=self.order,
+                                          stochastic=self.stochastic, **self._grid_kwargs())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heun(GridSampler):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022): two model
+    calls per step (one for the last step and for steps above ``max_sigma``)."""
+
+    name: ClassVar[str] = "heun"
+    steps: int = 18
+    spacing: str = "karras"
+    max_sigma: float = 80.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.max_sigma, (int, float)) and not isinstance(self.max_sigma, bool)
+                and self.max_sigma > 0):
+            raise ValueError(f"sampler.max_sigma: expected a number > 0, got {self.max_sigma!r}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "max_sigma": float(self.max_sigma), **self._grid_identity()}
+
+    def describe(self) -> str:
+        return f"Heun {self._grid_text()}"
+
+    def run(self, denoiser, diffusion, x_T, cond, generator):
+        return samplers.heun_sample(denoiser, diffusion, x_T, cond=cond, generator=generator,
+                                    max_sigma=self.max_sigma, **self._grid_kwargs())
+
+
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver, Heun)}
 
 
 def as_sampler(node: Sampler | Mapping[str, Any]) -> Sampler:
     """A :class:`Sampler` from a config node: ``{_target_: scidiff.inference.DDIM, steps: 50, ...}``
     (``configs/sampler/<name>.yaml``), ``{name: ddim, steps: 50}`` (Python), or a sampler.
 
-    >>> as_sampler({"_target_": "scidiff.inference.DDIM", "steps": 20})
-    DDIM(steps=20, eta=0.0, spacing='leading')
+    >>> as_sampler({"_target_": "scidiff.inference.DDIM", "steps": 20}).describe()
+    'DDIM 20 steps (leading), eta 0.0'
+    >>> as_sampler({"name": "dpm_solver", "order": 3}).describe()
+    'DPM-Solver++ (3M) 20 steps (logsnr)'
     """
     if isinstance(node, Sampler):
         return node
@@ -338,7 +459,7 @@ def invert_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x0: Tensor, 
     if sampler.eta != 0:
         raise ValueError(f"sampler.eta: inversion needs deterministic DDIM (eta 0), got {sampler.eta}")
     den = guided_denoiser(denoiser, guidance, cond is not None)
-    return samplers.ddim_invert(den, diffusion, x0, sampler.steps, sampler.spacing, cond, refine_steps=refine_steps)
+    return samplers.ddim_invert(den, diffusion, x0, cond=cond, refine_steps=refine_steps, **sampler._grid_kwargs())
 
 
 def generate(
@@ -385,6 +506,9 @@ def generate(
 __all__ = [
     "DDIM",
     "DDPM",
+    "DPMSolver",
+    "GridSampler",
+    "Heun",
     "DPS",
     "OBSERVATION_METHODS",
     "ObservationMethod",
