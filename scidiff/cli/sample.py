@@ -38,6 +38,7 @@ class SampleConfig:
     members: int
     batch_size: int
     batch_invariant: bool
+    micro_batch: int
     seed: int
     sampler: dict            # a _target_ node of configs/sampler/
     guidance: dict

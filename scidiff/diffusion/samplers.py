@@ -408,7 +408,7 @@ def heun_sample(
     diffusion: GaussianDiffusion,
     x_T: Tensor,
     num_steps: int = 18,
-    spacing: GridKind = "karras",
+    spacing: GridKind = "trailing",
     cond: Conditioning | None = None,
     generator: GeneratorLike = None,
     *,

@@ -16,11 +16,9 @@ New samplers, adapters or latent decoders plug in at this one place.
   :func:`generate` draws ``x_T`` from per-member seeds and returns physical units.
 
 Reproducibility. Each member has its own CPU generator (:mod:`scidiff.inference.seeds`):
-it draws the member's x_T and then every noise of the sampler. With
-``batch_invariant=True`` the denoiser is evaluated one member at a time
-(:class:`PerMember`), so a member's values do not depend on the batch it is generated
-in: the dense kernels of CPU (MKL/oneDNN) and GPU libraries choose blockings by batch
-size, so a batched call differs from a batch of one by ~1e-7 relative per call.
+it draws the member's x_T and then every noise of the sampler, so a member's values depend
+on its batch only through the dense kernels' shape-dependent rounding;
+:mod:`scidiff.sampling.ensemble` removes that with fixed micro-batches.
 """
 
 from __future__ import annotations
@@ -207,7 +205,7 @@ class Heun(GridSampler):
 
     name: ClassVar[str] = "heun"
     steps: int = 18
-    spacing: str = "karras"
+    spacing: str = "trailing"
     max_sigma: float = 80.0
 
     def __post_init__(self) -> None:
@@ -296,28 +294,12 @@ def as_guidance(node: GuidanceSpec | Mapping[str, Any] | None) -> GuidanceSpec:
     return GuidanceSpec(**settings_of(GuidanceSpec, node, "guidance"))
 
 
-class PerMember(nn.Module):
-    """A denoiser evaluated one sample at a time, so every sample's output is
-    bit-for-bit independent of the batch it is in (see the module docstring)."""
-
-    def __init__(self, denoiser: nn.Module) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
-        outs = []
-        for i in range(x.shape[0]):
-            ci = None if cond is None else cond.map(lambda v, i=i: v[i:i + 1])
-            outs.append(self.denoiser(x[i:i + 1], t[i:i + 1], ci))
-        return torch.cat(outs)
-
-
-def guided_denoiser(denoiser: nn.Module, guidance: GuidanceSpec, conditional: bool,
-                    batch_invariant: bool = False) -> nn.Module:
+def guided_denoiser(denoiser: nn.Module, guidance: GuidanceSpec, conditional: bool) -> nn.Module:
     """The denoiser a sampler calls: classifier-free guided when the model is conditional
-    (a no-op at scale 1, rescale 0), wrapped in :class:`PerMember` when ``batch_invariant``."""
-    den = ClassifierFreeGuidance(denoiser, scale=guidance.scale, rescale=guidance.rescale) if conditional else denoiser
-    return PerMember(den) if batch_invariant else den
+    (a no-op at scale 1, rescale 0); both halves of a guided step are one batched call."""
+    if not conditional:
+        return denoiser
+    return ClassifierFreeGuidance(denoiser, scale=guidance.scale, rescale=guidance.rescale)
 
 
 # ------------------------------------------------------------------------ observations
@@ -430,7 +412,7 @@ def initial_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
 def sample_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor, cond: Conditioning | None, *,
                  sampler: Sampler,
                  guidance: GuidanceSpec = GuidanceSpec(), generator: Any = None,
-                 observations: Observations | None = None, batch_invariant: bool = False) -> Tensor:
+                 observations: Observations | None = None) -> Tensor:
     """Run ``sampler`` (or inpainting with ``observations``) from ``x_T``; model units.
 
     Args:
@@ -441,7 +423,7 @@ def sample_model(denoiser: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor,
         generator: one generator or a list of ``B`` (one per row) for the sampler's noise.
         observations: ``[B, ...]`` rows (:meth:`Observations.take`) to inpaint, or ``None``.
     """
-    den = guided_denoiser(denoiser, guidance, cond is not None, batch_invariant)
+    den = guided_denoiser(denoiser, guidance, cond is not None)
     if observations is None:
         return sampler.run(den, diffusion, x_T, cond, generator)
     # inpainting takes the sampler's step spacing (DPS differentiates through the denoiser)
@@ -471,7 +453,6 @@ def generate(
     guidance: GuidanceSpec = GuidanceSpec(),
     observations: Observations | None = None,
     fields: Tensor | None = None,
-    batch_invariant: bool = True,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Generate ``b = len(seeds)`` members, in *physical* units, ``[b, C, *S]`` float32 on CPU.
@@ -498,7 +479,7 @@ def generate(
     if model_params is not None or fields is not None:
         cond = Conditioning(params=model_params, fields=None if fields is None else fields.to(device, torch.float32))
     x0 = sample_model(pretrained.denoiser, pretrained.diffusion, x_T, cond, sampler=sampler, guidance=guidance, generator=gens,
-                      observations=observations, batch_invariant=batch_invariant)
+                      observations=observations)
     with torch.no_grad():
         return pretrained.to_physical(x0.detach()).to("cpu", torch.float32)
 
@@ -516,7 +497,6 @@ __all__ = [
     "SAMPLERS",
     "GuidanceSpec",
     "Observations",
-    "PerMember",
     "Sampler",
     "as_guidance",
     "as_observation_method",

@@ -11,8 +11,9 @@ not where they came from), members, seed, sampler, guidance, batch invariance,
 the observations and, with condition fields, the condition input (its path and
 the sha256 of the arrays read from it, so an edited file is a new run). A run
 whose identity hashes the same continues the store; another refuses unless
-``overwrite=true``. ``batch_size``, ``device``, ``out`` and the logging options
-may change between runs.
+``overwrite=true``. ``batch_size``, ``device``, ``out``, the number of ranks and the
+logging options may change between runs (``micro_batch`` may not: it is part of what
+determines the members).
 
 Condition fields (``conditions``, for a checkpoint trained with ``data.fields``).
 The condition input has ``Nc`` samples (its sample dims flattened; 1 when it holds
@@ -108,6 +109,7 @@ def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: Sampler, guidan
         "sampler": sampler.identity(),
         "guidance": None if guidance is None else guidance.identity(),
         "batch_invariant": bool(cfg.get("batch_invariant", True)),
+        **({"micro_batch": int(cfg.get("micro_batch", 16))} if cfg.get("batch_invariant", True) else {}),
         "observations": obs,
     }
 
@@ -142,6 +144,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
     batch_size = int(cfg.get("batch_size", 8))
     if batch_size < 1:
         raise SampleError(f"batch_size: expected a positive integer, got {batch_size}")
+    if int(cfg.get("micro_batch", 16)) < 1:
+        raise SampleError(f"micro_batch: expected a positive integer, got {cfg.get('micro_batch')}")
     if int(cfg["seed"]) < 0:
         raise SampleError(f"seed: expected a non-negative integer, got {cfg['seed']}")
     try:
@@ -213,7 +217,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
 
     result = run_ensemble(
         pretrained, store, sets, seeds, sampler=sampler, guidance=guidance, observations=observations,
-        fields=fields, batch_size=batch_size, batch_invariant=bool(cfg.get("batch_invariant", True)), device=device,
+        fields=fields, batch_size=batch_size, batch_invariant=bool(cfg.get("batch_invariant", True)),
+        micro_batch=int(cfg.get("micro_batch", 16)), device=device,
         dist_ctx=ctx, progress=bool(cfg.get("progress", True)), on_batch=on_batch,
     )
     summary: dict[str, Any] = {

@@ -78,7 +78,8 @@ def test_store_a_user_opens(reference, trained_run):
     pre = load_pretrained(ckpt)
     x = generate(pre, torch.tensor([[3.0, 1.0]]), [int(ds["seed"][1, 4])],
                  sampler=DDIM(steps=6, eta=0.5), guidance=GuidanceSpec(scale=2.0))
-    np.testing.assert_array_equal(ds["field"].values[1, 4], x[0, 0].numpy())
+    # generated alone here, in a micro-batch of the run there: equal to float32 rounding
+    np.testing.assert_allclose(ds["field"].values[1, 4], x[0, 0].numpy(), rtol=1e-5, atol=1e-5)
     values = ds["field"].values
     assert np.isfinite(values).all() and 0.2 < values.std() < 5.0
 

@@ -2,8 +2,8 @@
 
 The path adds nothing to the samplers it runs: with the exact Gaussian denoiser its
 output equals the diffusion core's sampler called directly, bit for bit, in 1-D, 2-D
-and 3-D; guidance at scale 1 is the conditional model; per-member evaluation makes a
-member independent of its batch. The specs check their own values with messages that
+and 3-D; guidance at scale 1 is the conditional model; a member depends on its batch only
+through rounding. The specs check their own values with messages that
 name the config key.
 """
 
@@ -20,7 +20,6 @@ from scidiff.diffusion.analytic import GaussianDataDenoiser
 from scidiff.inference import DDIM, DDPM, GuidanceSpec, as_guidance, as_sampler, sample_model
 from scidiff.inference.generation import (
     DPS,
-    PerMember,
     RePaint,
     as_observation_method,
     guided_denoiser,
@@ -101,7 +100,10 @@ def test_guidance_at_scale_one_is_the_conditional_model_and_guidance_changes_it(
     assert guided_denoiser(net, GuidanceSpec(3.0), conditional=False) is net
 
 
-def test_per_member_evaluation_makes_members_batch_independent():
+def test_a_member_depends_on_its_batch_only_through_rounding():
+    """Per-member generators: a member sampled alone equals its row of a batch to float32
+    rounding (the kernels' blocking depends on the batch's shape: the ensemble's fixed
+    micro-batches make it bit-identical, tests/sampling/test_ensemble.py)."""
     torch.manual_seed(0)
     net = TinyConditional()
     diff = GaussianDiffusion(NoiseSchedule.from_name("linear", 50), prediction="eps")
@@ -109,12 +111,11 @@ def test_per_member_evaluation_makes_members_batch_independent():
     gens = lambda: member_generators([11, 12, 13, 14])  # noqa: E731
     x_T = initial_noise((1, 6, 6), gens())
     spec, guide = DDIM(steps=4, eta=0.8), GuidanceSpec(2.0, 0.3)
-    batch = sample_model(net, diff, x_T, cond, sampler=spec, guidance=guide, generator=gens(), batch_invariant=True)
+    batch = sample_model(net, diff, x_T, cond, sampler=spec, guidance=guide, generator=gens())
     for i in range(4):
         one = sample_model(net, diff, x_T[i:i + 1], cond.map(lambda v, i=i: v[i:i + 1]), sampler=spec,
-                           guidance=guide, generator=gens()[i:i + 1], batch_invariant=True)
-        assert torch.equal(one[0], batch[i])
-    assert isinstance(guided_denoiser(net, guide, True, batch_invariant=True), PerMember)
+                           guidance=guide, generator=gens()[i:i + 1])
+        torch.testing.assert_close(one[0], batch[i], rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_specs_from_configs_and_their_errors():

@@ -110,7 +110,8 @@ def test_store_has_one_sample_per_input(climate, tmp_path):
     x = generate(pre, torch.tensor([[float(inp["co2_forcing"][1])]]), [int(ds["seed"][1, 2])],
                  sampler=DDIM(steps=4), guidance=GuidanceSpec(), fields=fields[1:2])
     tas = ds["tas"].values
-    np.testing.assert_array_equal(tas[1, 2], x[0, 0].numpy())
+    # generated alone here, in a micro-batch of the run there: equal to float32 rounding
+    np.testing.assert_allclose(tas[1, 2], x[0, 0].numpy(), rtol=1e-5, atol=1e-4)
     assert np.isfinite(tas).all() and 150.0 < tas.mean() < 350.0
     assert (tas.std(axis=1) > 0).all()  # members differ
 

@@ -11,7 +11,8 @@ import torch
 import xarray as xr
 
 from scidiff.inference import DDIM, GuidanceSpec, generate, member_seed, member_seeds
-from scidiff.sampling.ensemble import rank_members, run_ensemble
+from scidiff.inference.runtime import DistContext
+from scidiff.sampling.ensemble import rank_groups, rank_members, run_ensemble
 from scidiff.sampling.grid import ParameterSets
 from scidiff.sampling.store import create_store
 from scidiff.inference.checkpoint import load_pretrained
@@ -53,29 +54,58 @@ def test_ranks_split_members_round_robin():
     assert parts[1][:2] == [(0, 1), (1, 0)]
 
 
-def test_members_are_bitwise_identical_for_batch_size_1_and_4(pretrained, tmp_path):
-    one, r1 = run(pretrained, tmp_path / "b1.zarr", batch_size=1)
-    four, r4 = run(pretrained, tmp_path / "b4.zarr", batch_size=4)
-    assert r1.written == r4.written == 6 and r1.skipped == 0
-    a = xr.open_zarr(one.path)["field"].values
-    b = xr.open_zarr(four.path)["field"].values
+def test_ranks_take_whole_micro_batches():
+    parts = [rank_groups(3, 5, 4, r, 2) for r in range(2)]
+    assert [len(g) for g in parts[0]] == [4, 4] and [len(g) for g in parts[1]] == [4, 3]
+    flat = sorted(jk for part in parts for g in part for jk in g)
+    assert flat == [(j, k) for j in range(3) for k in range(5)]
+    assert parts[1][0] == [(0, 4), (1, 0), (1, 1), (1, 2)]
+
+
+class OneOfRanks(DistContext):
+    """Rank ``rank`` of ``world_size``, run one after another in this process (no collectives)."""
+
+    def barrier(self):
+        pass
+
+    def sum(self, values):
+        return list(values)
+
+    def max(self, value):
+        return value
+
+
+def test_members_are_bitwise_identical_for_any_batch_size_and_ranks(pretrained, tmp_path):
+    """Fixed micro-batches of 4 over 2 x 5 members (the last one padded): batch sizes 1, 7 and
+    16, and two ranks, give the same bits, with batched denoiser calls."""
+    stores = {}
+    for b in (1, 7, 16):
+        stores[b], result = run(pretrained, tmp_path / f"b{b}.zarr", batch_size=b, members=5, micro_batch=4)
+        assert (result.written, result.skipped) == (10, 0)
+    seeds = member_seeds(7, len(SETS), 5)
+    ranked = create_store(tmp_path / "ranks.zarr", metadata=pretrained.metadata, sets=SETS, seeds=seeds,
+                          attrs={"identity": {"seed": 7, "members": 5}})
+    for rank in (0, 1):
+        run_ensemble(pretrained, ranked, SETS, seeds, sampler=SAMPLER, guidance=GUIDANCE, batch_size=3,
+                     micro_batch=4, progress=False, dist_ctx=OneOfRanks(rank, 2))
+    assert ranked.done().all()
+    a = xr.open_zarr(stores[1].path)["field"].values
     assert np.isfinite(a).all()
-    np.testing.assert_array_equal(a, b)
+    for other in (stores[7].path, stores[16].path, ranked.path):
+        np.testing.assert_array_equal(a, xr.open_zarr(other)["field"].values)
     # members differ from each other and between parameter sets
     assert np.abs(a[0, 0] - a[0, 1]).max() > 0.1 and np.abs(a[0, 0] - a[1, 0]).max() > 0.1
 
 
 def test_batched_denoiser_calls_agree_to_rounding(pretrained):
-    """batch_invariant=False: one call per batch; members then agree across batch sizes
-    only to float32 rounding (the kernels block differently per batch size)."""
+    """Without fixed micro-batches a member agrees with itself in another batch only to float32
+    rounding (the kernels block differently per batch size)."""
     seeds = [int(s) for s in member_seeds(3, 1, 4)[0]]
     params = torch.as_tensor(SETS.values[[0, 0, 1, 1]])
-    kw = dict(sampler=SAMPLER, guidance=GUIDANCE, batch_invariant=False)
+    kw = dict(sampler=SAMPLER, guidance=GUIDANCE)
     batched = generate(pretrained, params, seeds, **kw)
     single = torch.cat([generate(pretrained, params[i:i + 1], seeds[i:i + 1], **kw) for i in range(4)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
-    exact = generate(pretrained, params, seeds, sampler=SAMPLER, guidance=GUIDANCE, batch_invariant=True)
-    torch.testing.assert_close(exact, single, rtol=1e-4, atol=1e-4)
 
 
 def test_output_is_in_physical_units(pretrained, tmp_path):
@@ -93,7 +123,7 @@ def test_output_is_in_physical_units(pretrained, tmp_path):
 
 
 def test_interrupted_run_resumes_without_recomputing(pretrained, tmp_path):
-    full, _ = run(pretrained, tmp_path / "full.zarr", batch_size=2, members=4)
+    full, _ = run(pretrained, tmp_path / "full.zarr", batch_size=2, members=4, micro_batch=2)
 
     class Crash(RuntimeError):
         pass
@@ -105,14 +135,14 @@ def test_interrupted_run_resumes_without_recomputing(pretrained, tmp_path):
 
     path = tmp_path / "resumed.zarr"
     with pytest.raises(Crash):
-        run(pretrained, path, batch_size=2, members=4, on_batch=crash_after_two_batches)
+        run(pretrained, path, batch_size=2, members=4, micro_batch=2, on_batch=crash_after_two_batches)
     store = type(full).open(path)
     done_before = store.done().copy()
     assert done_before.sum() == 4
     generated = []
     seeds = member_seeds(7, len(SETS), 4)
     result = run_ensemble(pretrained, store, SETS, seeds, sampler=SAMPLER, guidance=GUIDANCE, batch_size=3,
-                          progress=False, on_batch=generated.extend)
+                          micro_batch=2, progress=False, on_batch=generated.extend)
     assert (result.written, result.skipped) == (4, 4)
     assert not any(done_before[j, k] for j, k in generated)
     assert store.done().all()

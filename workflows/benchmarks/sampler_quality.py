@@ -15,8 +15,8 @@ SDE-DPM-Solver++ is measured by Monte Carlo (``--mc`` samples; its KL carries an
 about 1/mc per mode).
 
 Rows: scidiff's DDIM (trailing and log-SNR grids), DPM-Solver++ 2M and 3M (log-SNR and
-Karras grids), its SDE variant, Heun (EDM; calls = 2 steps - 1, so the nearest odd
-count), and diffusers' ``DDIMScheduler`` (trailing), ``DPMSolverMultistepScheduler``
+Karras grids), its SDE variant, Heun (EDM, trailing and Karras grids; calls = 2 steps - 1,
+so the nearest odd count), and diffusers' ``DDIMScheduler`` (trailing), ``DPMSolverMultistepScheduler``
 (dpmsolver++ 2M, its default grid and Karras sigmas) and ``UniPCMultistepScheduler``
 (bh2), each driven by the same denoiser in the same process, in float64.
 
@@ -125,8 +125,9 @@ def measure(shape, calls: list[int], schedule: str, prediction: str, mc: int) ->
             ours(f"DPM-Solver++ {order}M ({grid})",
                  lambda x, c, o=order, g=grid: samplers.dpm_solver_sample(den, diff, x, c, g, order=o))
     # Heun: 2n - 1 calls for n grid points; the nearest odd count to each column
-    rows["Heun (karras, calls 2n-1)"] = {c: det(lambda x, c=c: samplers.heun_sample(den, diff, x, (c + 1) // 2))
-                                         for c in calls}
+    for grid in ("trailing", "karras"):
+        rows[f"Heun ({grid}, calls 2n-1)"] = {
+            c: det(lambda x, c=c, g=grid: samplers.heun_sample(den, diff, x, (c + 1) // 2, g)) for c in calls}
     rows["SDE-DPM-Solver++ 2M (logsnr, MC)"] = {
         c: kl_monte_carlo(lambda x, g, c=c: samplers.dpm_solver_sample(den, diff, x, c, order=2, stochastic=True,
                                                                         generator=g), shape, mean, std, mc)
