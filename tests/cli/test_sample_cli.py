@@ -22,7 +22,7 @@ import scidiff
 SETS = "params.grid={spectral_index: [1.5, 3.0], amplitude: [1.0]}"
 MEMBERS = 6
 ARGS = ["checkpoint=outputs/quickstart/tiny", SETS, f"members={MEMBERS}", "sampler.steps=6", "sampler.eta=0.5",
-        "guidance.scale=2.0", "seed=3", "progress=false"]
+        "guidance.scale=2.0", "seed=3", "progress=false", "micro_batch=4"]  # 3 micro-batches of 4
 TOTAL = 2 * MEMBERS
 
 
@@ -149,10 +149,14 @@ def run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
         ("sampler.eta=-1", "sampler.eta: expected >= 0"),
         ("guidance.scale=strong", "guidance.scale: expected a finite number"),
         ("sampler.stepz=4", "sampler.stepz: unknown config key"),
+        ("sampler=dpmpp_3m sampler.steps=2", "sampler.steps: 2 model calls are fewer than the solver's order 3"),
+        ("sampler.timesteps=[10,500]", "sampler.timesteps: timesteps must be strictly decreasing"),
+        ("sampler.spacing=quadratic", "sampler.spacing: unknown value 'quadratic'"),
+        ("sampler=dpmpp_2m_sde sampler.order=3", "sampler.order: the stochastic DPM-Solver++ takes order 1 or 2"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override, expected, capsys, monkeypatch):
-    code, _, err = run_main(["checkpoint=x.ckpt", override], capsys, monkeypatch)
+    code, _, err = run_main(["checkpoint=x.ckpt", *override.split()], capsys, monkeypatch)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
 
 
@@ -165,6 +169,8 @@ def test_bad_inputs_are_one_line(reference, trained_run, tmp_path, capsys, monke
         (["params.grid={spectral_index: [2.0], amplitude: [1.0], slope: [2.0]}"],
          "unknown parameter 'slope' (the checkpoint's parameters: spectral_index, amplitude)"),
         ([], "checkpoint is conditioned on spectral_index, amplitude"),
+        # a grid outside the model's [0, T): known once the checkpoint is read
+        ([SETS, "sampler.timesteps=[1000,10]"], "sampler.timesteps: timesteps must lie in [0, T) = [0, 1000)"),
     ]
     for extra, expected in cases:
         code, _, err = run_main([*base, *extra, f"out={tmp_path / 'x.zarr'}"], capsys, monkeypatch)
