@@ -34,6 +34,13 @@ GridKind = Literal["leading", "trailing", "linspace", "logsnr", "karras"]
 GRID_KINDS: tuple[str, ...] = get_args(GridKind)
 
 
+def _check_num_steps(num_steps: int, num_timesteps: int) -> None:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if num_steps > num_timesteps:
+        raise ValueError(f"num_steps ({num_steps}) must not exceed the number of timesteps T = {num_timesteps}")
+
+
 def timestep_sequence(num_timesteps: int, num_steps: int, spacing: Spacing = "leading") -> Tensor:
     """The uniform-in-t grids (``leading``, ``trailing``, ``linspace``), descending.
 
@@ -42,10 +49,7 @@ def timestep_sequence(num_timesteps: int, num_steps: int, spacing: Spacing = "le
     """
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: unknown value {spacing!r}; expected one of {SPACINGS}")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if num_steps > num_timesteps:
-        raise ValueError(f"num_steps ({num_steps}) must not exceed the number of timesteps T = {num_timesteps}")
+    _check_num_steps(num_steps, num_timesteps)
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.float64) * (num_timesteps // num_steps)
     elif spacing == "trailing":
@@ -104,10 +108,7 @@ def timestep_grid(diffusion: GaussianDiffusion, num_steps: int, spacing: GridKin
         return timestep_sequence(T, num_steps, spacing)
     if spacing not in GRID_KINDS:
         raise ValueError(f"spacing: unknown value {spacing!r}; expected one of {GRID_KINDS} (or a list of timesteps)")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if num_steps > T:
-        raise ValueError(f"num_steps ({num_steps}) must not exceed the number of timesteps T = {T}")
+    _check_num_steps(num_steps, T)
     if num_steps == 1:
         return torch.tensor([T - 1], dtype=torch.long)
     lam = log_snr(diffusion)
