@@ -141,7 +141,17 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
             kwargs["run_id"] = previous["mlflow_run_id"]
         with store_lock(cfg.logger.get("tracking_uri")):  # ranks of torchrun/srun open it together
             logger = hu.instantiate(cfg.logger, **kwargs)
-    callbacks = [hu.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:  # e.g. callbacks=minimal disables samples, an experiment still tunes it
+            import warnings
+
+            warnings.warn(f"callbacks.{name}: no _target_ (the chosen callbacks config disables it), so its settings "
+                          f"{OmegaConf.to_container(node, resolve=True)} are ignored", stacklevel=2)
+            continue
+        callbacks.append(hu.instantiate(node))
     if logger is None:  # nothing to log the learning rate to (logger=none): Lightning would refuse to start
         from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -214,9 +224,10 @@ def _hydra_app() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from scidiff.cli.errors import ConfigError, report_and_exit
+    from scidiff.cli.errors import ConfigError, one_line_warnings, report_and_exit
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    one_line_warnings()
     if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         try:
             precheck(argv)

@@ -1,4 +1,5 @@
-"""Callbacks: sample figures during validation and the run's MLflow artifacts."""
+"""Callbacks: checkpoints that keep the final weights, sample figures during validation and
+the run's MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -70,6 +71,24 @@ class SampleFigure(Callback):
         plt.close(fig)
         log_artifact(trainer.logger, path, "figures")
         return path
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always holds the final weights.
+
+    Lightning writes ``last.ckpt`` with the periodic checkpoints and, at the end of training,
+    only if it never wrote one: with ``max_steps`` not a multiple of ``every_n_train_steps``
+    (40 steps, every 25) ``last.ckpt`` kept step 25 and ``scidiff-sample`` used those older
+    weights. Here training's end always writes it (every rank calls, rank 0 writes).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self.save_last or self.dirpath is None:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        self.last_model_path = str(path)
 
 
 class RunArtifacts(Callback):

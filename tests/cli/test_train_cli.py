@@ -42,6 +42,24 @@ def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, 
     assert pre.diffusion.timestep_sampling == "lognormal"
 
 
+def test_last_checkpoint_holds_the_final_weights_with_minimal_callbacks(tmp_path, data_dir):
+    """7 steps with a checkpoint every 5: last.ckpt holds step 7 (Lightning alone left step 5
+    there), files follow the umask (not mkstemp's 0600); callbacks=minimal with the quickstart
+    (which tunes callbacks.samples) and logger=none runs, saying in one line what it ignores."""
+    import torch
+
+    proc = run_train(["experiment=quickstart", "run_name=fin", "trainer.max_steps=7", "trainer.val_check_interval=7",
+                      "callbacks.periodic_checkpoint.every_n_train_steps=5", "callbacks=minimal", "logger=none",
+                      "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], tmp_path, data_dir,
+                     extra_env={"PYTHONWARNINGS": "default"})
+    assert "scidiff-train: 7 steps" in proc.stdout
+    assert "warning: callbacks.samples: no _target_" in proc.stderr
+    ckpts = tmp_path / "outputs" / "quickstart" / "fin" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert torch.load(ckpts / "step0000005.ckpt", weights_only=True)["global_step"] == 5
+    assert (ckpts / "last.ckpt").stat().st_mode & 0o044 == 0o044  # group and others may read it
+
+
 def test_quickstart_logs_to_mlflow(tmp_path, data_dir):
     """After a short run the SQLite store holds params, the loss curve and the checkpoint."""
     from mlflow.tracking import MlflowClient
