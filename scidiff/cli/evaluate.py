@@ -60,6 +60,7 @@ class CommandOptions:
     data_path: str | None = None
     ensemble: str | None = None
     out: str | None = None
+    overwrite: bool = False
     device: str = "auto"
     progress: bool = True
     logger: dict | None = None
@@ -127,6 +128,25 @@ def output_dir(plain: dict[str, Any], pretrained) -> Path:
     return Path("eval") / (pretrained.mlflow_run_id or pretrained.sha256[:12]) / split
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before computing, an ``out`` that already holds an evaluation (unless ``overwrite``)
+    or that cannot be written (the nearest existing directory is not writable)."""
+    import os
+
+    from scidiff.cli.errors import ConfigError
+
+    if (out / "evaluation.nc").exists() and not overwrite:
+        raise ConfigError(f"out: {out} already holds an evaluation (evaluation.nc); pass overwrite=true to replace "
+                          f"it, or choose another out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} exists and is not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: cannot write under {parent} (permission denied); choose another out")
+
+
 def run(plain: dict[str, Any]) -> dict[str, Any]:
     """Evaluate, write, log; returns a summary (rank 0 prints the verdict and the last line);
     ``summary["verdict"]``: ``faithful``, ``not faithful`` or None (no floor)."""
@@ -137,6 +157,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
 
     logger = LoggerConfig(**(plain["logger"] or {}))
     pretrained = load_pretrained(plain["checkpoint"], tracking_uri=logger.tracking_uri)
+    check_output(output_dir(plain, pretrained), bool(plain["overwrite"]))  # before hours of computing
     device = resolve_device(plain["device"])
     ctx = distributed_context(device)
     try:

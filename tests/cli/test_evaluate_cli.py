@@ -115,13 +115,21 @@ def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
         ([f"checkpoint={run_dir}", "floor.pool=bogus"], "floor.pool"),
         ([f"checkpoint={run_dir}", "+verdict.factr=2"], "verdict.factr"),
         ([f"checkpoint={run_dir}", "verdict.fail_on_unfaithful=maybe"], "verdict.fail_on_unfaithful"),
+        # an earlier evaluation is never replaced silently, and is refused before any computing
+        ([f"checkpoint={run_dir}", f"out={tmp_path / 'done'}"], "already holds an evaluation (evaluation.nc)"),
+        ([f"checkpoint={run_dir}", f"out={tmp_path / 'a_file'}"], "exists and is not a directory"),
     ]
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "evaluation.nc").write_bytes(b"an earlier evaluation")
+    (tmp_path / "a_file").write_text("not a directory")
     for args, expected in cases:
         with pytest.raises(SystemExit) as stop:
             main(args)
         err = capsys.readouterr().err
         assert stop.value.code == 2, args
         assert err.startswith("error: ") and err.strip().count("\n") == 0 and expected in err, (args, err)
+    assert (tmp_path / "done" / "evaluation.nc").read_bytes() == b"an earlier evaluation"
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["evaluation.nc"]
 
 
 def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_dir, tmp_path, capsys):
