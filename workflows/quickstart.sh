@@ -18,7 +18,7 @@
 #      status 3 when the model is not faithful.
 # Extra arguments go to scidiff-train as Hydra overrides (e.g. trainer.max_steps=3000).
 # RUN=<name> fixes the run name (default: the date and time); running the same RUN
-# again continues its training (resume=auto) and its ensemble.
+# again continues its training (resume=auto) and its ensemble, and evaluates it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-$(date +%Y-%m-%d_%H-%M-%S)}
@@ -29,4 +29,4 @@ scidiff-sample checkpoint="$RUN_DIR" members=16 sampler=dpmpp_2m sampler.steps=2
     'params.list=[{spectral_index: 2.1, amplitude: 1.0}, {spectral_index: 2.25, amplitude: 1.0}, {spectral_index: 2.4, amplitude: 1.0}]'
 scidiff-selfcheck --samples 128
 scidiff-evaluate checkpoint="$RUN_DIR" split=val max_samples=64 bound.estimator=importance bound.num_terms=100 \
-    sampling.members=8 sampler=dpmpp_2m sampler.steps=20 verdict.fail_on_unfaithful=true
+    sampling.members=8 sampler=dpmpp_2m sampler.steps=20 verdict.fail_on_unfaithful=true overwrite=true
