@@ -19,11 +19,14 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 
 
 def check_field(x: Tensor, name: str = "x") -> None:
-    """Raise ``ValueError`` unless ``x`` is ``[B, C, *S]`` with 1, 2 or 3 spatial dims."""
+    """Raise ``ValueError`` (naming ``name``) unless ``x`` is a floating-point ``[B, C, *S]`` with
+    1, 2 or 3 spatial dims."""
     if not 3 <= x.ndim <= 5:
         raise ValueError(
             f"{name} must be [B, C, *spatial] with 1-3 spatial dims, got shape {tuple(x.shape)}"
         )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (fields are real-valued), got {x.dtype}")
 
 
 def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:

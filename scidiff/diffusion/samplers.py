@@ -124,6 +124,9 @@ def check_call(diffusion: GaussianDiffusion, x: Tensor, cond: Conditioning | Non
     if not isinstance(diffusion, GaussianDiffusion):
         raise ValueError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
     check_field(x, name)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or inf at {int((~torch.isfinite(x)).sum())} points; a sampler starts "
+                         f"from finite values (missing points: fill them, or pass a mask where one is taken)")
     if cond is not None:
         if not isinstance(cond, Conditioning):
             raise ValueError(f"cond must be a Conditioning or None, got {type(cond).__name__}")

@@ -71,6 +71,11 @@ def read_inputs(path: str, pretrained) -> Inputs:
         x = np.concatenate([reader.field(c, what="a channel the model generates", static_ok=False)
                             for c in meta.channel_names], axis=1)
         x = torch.from_numpy(np.ascontiguousarray(x))
+        for i, name in enumerate(meta.channel_names):  # NaN marks a missing point; inf is not a value
+            n_inf = int(torch.isinf(x[:, i]).sum())
+            if n_inf:
+                raise InputError(f"input: {path} variable {name!r} holds +-inf at {n_inf} points (NaN marks a "
+                                 f"missing point; inf is not a field value)")
         params = None
         if meta.param_names:
             absent = [p for p in meta.param_names if p not in ds.variables]

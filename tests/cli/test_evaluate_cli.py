@@ -132,7 +132,7 @@ def test_bad_inputs_are_one_line(tmp_path, trained_run, data_dir, capsys):
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["evaluation.nc"]
 
 
-def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_dir, tmp_path, capsys):
+def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_dir, tmp_path, capsys, monkeypatch):
     """Members that are real fields scaled by 2 (std_ratio ~2): with verdict.fail_on_unfaithful
     the command names the failing metrics and exits 3, and the file, the figures and the
     MLflow metrics (with the floor and the verdict tag) are all written."""
@@ -152,6 +152,7 @@ def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_
     # a new run in its own experiment of the training's store (a fresh store costs ~10 s of migrations)
     uri = f"sqlite:///{trained_run / 'mlflow.db'}"
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # a new experiment's artifacts go to ./mlruns of where it is created
     with pytest.raises(SystemExit) as stop:  # in process: a subprocess would spend seconds importing
         main([f"checkpoint={run_dir}", f"ensemble={ens}", f"out={out}", "split=val", "bound.enabled=false",
               "progress=false", "metrics.wasserstein_bins=200", "verdict.fail_on_unfaithful=true",

@@ -122,6 +122,13 @@ def test_invert_cli_errors_are_one_line_with_status_2(trained_run, fields, tmp_p
     lacking = tmp_path / "no_amplitude.zarr"
     xr.open_zarr(fields).load().drop_vars("amplitude").to_zarr(lacking, zarr_format=2, consolidated=True)
     assert "lacks the parameter(s) ['amplitude']" in error([*base, f"input={lacking}"])
+    # +inf is not a missing point: refused, naming the variable
+    infinite = tmp_path / "inf.zarr"
+    ds = xr.open_zarr(fields).load()
+    ds["field"][0, 0, 0] = np.inf
+    ds.to_zarr(infinite, zarr_format=2, consolidated=True)
+    assert "variable 'field' holds +-inf at 1 points" in error([*base, f"input={infinite}"])
+    assert not (tmp_path / "o.zarr").exists()
 
 
 def test_reconstruction_errors_leave_missing_points_out():

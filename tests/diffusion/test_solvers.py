@@ -183,3 +183,15 @@ def test_solvers_start_from_pure_noise_on_zero_terminal_snr(stochastic):
                 samplers.heun_sample(den, diff, x_T, 30)):
         assert torch.isfinite(out).all()
         assert abs(float(out.std()) - 0.5) < 0.05
+
+
+def test_non_finite_or_integer_inputs_are_refused_naming_them():
+    diff, den, mean, std = problem(1)
+    x = torch.zeros(2, *SHAPES[1], dtype=torch.float64)
+    x[0, 0, 3] = float("nan")
+    for run in (lambda: samplers.ddim_sample(den, diff, x, 5), lambda: samplers.dpm_solver_sample(den, diff, x, 5),
+                lambda: samplers.ddim_invert(den, diff, x, 5)):
+        with pytest.raises(ValueError, match=r"(x_T|x0) holds NaN or inf at 1 points"):
+            run()
+    with pytest.raises(ValueError, match="x0 must be a floating-point tensor"):
+        diff.training_loss(den, torch.ones(2, *SHAPES[1], dtype=torch.long))
