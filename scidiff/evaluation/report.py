@@ -53,6 +53,7 @@ import numpy as np
 
 from scidiff.data.atomic import atomic_path
 from scidiff.evaluation.result import Evaluation, EvaluationError
+from scidiff.inference.tracking import artifact_location
 
 UNITS_NOTE = (
     "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
@@ -250,7 +251,8 @@ def log_to_mlflow(
             ) from None
     else:
         exp = client.get_experiment_by_name(experiment_name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            experiment_name, artifact_location=artifact_location(tracking_uri))
         tags = {"scidiff.kind": "evaluation", "mlflow.runName": f"eval/{ev.split}"}
         if run_id is not None:
             tags["scidiff.evaluated_run"] = run_id

@@ -41,6 +41,14 @@ def sqlite_path(uri: str | None) -> Path | None:
     return None
 
 
+def artifact_location(uri: str | None) -> str | None:
+    """Where a new experiment of the store keeps its artifacts: beside an embedded SQLite
+    database (``<db dir>/mlruns``, wherever the command runs), else the server's default
+    (``None``). Without it MLflow puts them in ``./mlruns`` of the working directory."""
+    db = sqlite_path(uri)
+    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
+
+
 def reachable(uri: str | None) -> bool:
     """Whether an MLflow tracking store can be used without creating one by accident."""
     if not uri:
@@ -128,6 +136,7 @@ def store_lock(tracking_uri: str | None) -> Iterator[None]:
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
+    "artifact_location",
     "default_tracking_uri",
     "flatten",
     "git_commit",

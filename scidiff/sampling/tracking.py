@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from scidiff.inference.tracking import reachable
+from scidiff.inference.tracking import artifact_location, reachable
 
 MlflowMode = Literal["auto", "checkpoint", "new", "none"]
 MLFLOW_MODES: tuple[str, ...] = get_args(MlflowMode)
@@ -63,7 +63,8 @@ def log_sampling(
             client.log_metric(run_id, f"sample/{name}", float(value))
         return f"logged to MLflow run {run_id} (tags {tag}.*)"
     exp = client.get_experiment_by_name(experiment_name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        experiment_name, artifact_location=artifact_location(uri))
     tags = {"store": store_path, "identity_sha256": identity_sha256}
     if training_run_id:
         tags["training_run_id"] = training_run_id
