@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -27,6 +28,17 @@ def check_field(x: Tensor, name: str = "x") -> None:
         )
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor (fields are real-valued), got {x.dtype}")
+
+
+def check_broadcast(part: Tensor, x: Tensor, name: str, target: str = "x0") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``part`` has ``x``'s rank and broadcasts to it
+    (a mask or point weights ``[B or 1, C or 1, *S or 1]``)."""
+    try:
+        fits = part.ndim == x.ndim and torch.broadcast_shapes(part.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(part.shape)} does not broadcast to {target} of shape {tuple(x.shape)}")
 
 
 def mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from scidiff.shapes import append_dims
+from scidiff.shapes import append_dims, check_broadcast
 
 LN2 = math.log(2.0)  # nats per bit
 
@@ -52,12 +52,7 @@ def normalised_point_weights(
         part = torch.as_tensor(part, device=x0.device).to(x0.dtype)
         if name == "weights" and part.ndim == x0.ndim - 2:
             part = part.reshape(1, 1, *part.shape)
-        try:
-            fits = part.ndim == x0.ndim and torch.broadcast_shapes(part.shape, x0.shape) == x0.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"{name} of shape {tuple(part.shape)} does not broadcast to x0 of shape {tuple(x0.shape)}")
+        check_broadcast(part, x0, name)
         if not torch.isfinite(part).all() or (part < 0).any():
             raise ValueError(f"{name} must be finite and non-negative")
         w = w * part

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion.gaussian import discretized_gaussian_log_likelihood, gaussian_log_density, normal_kl
 from scidiff.diffusion.schedules import NoiseSchedule
-from scidiff.shapes import append_dims, check_field, mean_flat
+from scidiff.shapes import append_dims, check_broadcast, check_field, mean_flat
 
 Prediction = Literal["eps", "x0", "v", "edm"]
 Variance = Literal["fixed_small", "fixed_large", "learned_range"]
@@ -675,10 +675,5 @@ def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def _check_mask(mask: Tensor, x: Tensor) -> Tensor:
-    try:
-        fits = mask.ndim == x.ndim and torch.broadcast_shapes(mask.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x0 of shape {tuple(x.shape)}")
+    check_broadcast(mask, x, "mask")
     return mask.to(x.dtype)
