@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --out: {args.out} already exists; pass --overwrite to replace it")
     try:
         spec = args.make(args)
-    except (_UsageError, ValueError, FileNotFoundError) as err:
+    except (_UsageError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         parser.error(str(err))
     t0 = time.perf_counter()
     _store.write_store(args.out, spec, overwrite=args.overwrite)

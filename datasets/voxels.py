@@ -212,7 +212,20 @@ def make_poses(settings: VoxelSettings, seed: int) -> tuple[list[Pose], dict[str
     return poses, skipped
 
 
+RDKIT_MISSING = ("the voxels generator needs RDKit, which is not installed: "
+                 "pip install 'scidiff[molecules]' (or pip install rdkit)")
+
+
+def require_rdkit() -> None:
+    """Raise ``ModuleNotFoundError`` saying which extra to install when RDKit is missing."""
+    try:
+        import rdkit  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError(RDKIT_MISSING, name="rdkit") from None
+
+
 def make_store(settings: VoxelSettings, *, seed: int, size: str) -> StoreSpec:
+    require_rdkit()
     s = settings
     poses, skipped = make_poses(s, seed)
     n = len(poses)

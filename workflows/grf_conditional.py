@@ -169,8 +169,11 @@ def analyse_ensemble(store: str | Path, variable: str = "field", k_max_fraction:
     fields = ds[variable]
     spatial = fields.dims[2:]
     shape = tuple(int(ds.sizes[d]) for d in spatial)
-    if "done" in ds and not bool(ds["done"].all()):
-        raise ValueError(f"{store}: {int((~ds['done']).sum())} members are not written yet")
+    from scidiff.data.completion import read_done
+
+    done = read_done(store)
+    if done is not None and not bool(done.all()):
+        raise ValueError(f"{store}: {int((~done).sum())} members are not written yet")
     requested = ds["spectral_index"].values.astype(np.float64)
     amplitude = ds["amplitude"].values.astype(np.float64)
     x = torch.from_numpy(fields.values.astype(np.float64))               # [J, M, *S]

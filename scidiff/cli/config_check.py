@@ -47,6 +47,7 @@ class TrainConfig:
     logger: dict | None
     callbacks: dict | None
     local: dict | None = None
+    register_model: str | None = None
 
 
 @dataclasses.dataclass
@@ -177,8 +178,8 @@ def check_train_config(cfg: DictConfig) -> None:
                           f"got {boundary!r}")
     if cfg.get("generate_data") is not None:
         check_dataclass(OmegaConf.to_container(cfg.generate_data, resolve=True), GenerateData, "generate_data.")
-    if cfg.resume is not None and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume: checkpoint file {cfg.resume} does not exist (use resume=auto or a .ckpt path)")
+    if cfg.resume is not None and cfg.resume != "auto":
+        check_resume(cfg)
     for group in ("data", "denoiser", "diffusion", "trainer", "logger", "module", "optimizer", "lr_scheduler"):
         node = cfg.get(group)
         if node is None:
@@ -193,7 +194,55 @@ def check_train_config(cfg: DictConfig) -> None:
         for name in cfg.callbacks:
             if cfg.callbacks[name] is not None:
                 _walk(cfg.callbacks[name], f"callbacks.{name}")
+    check_register_model(cfg)
     check_data_path(cfg)
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume=<file>``: a readable training checkpoint of the same denoiser."""
+    from scidiff.inference.checkpoint import CheckpointError
+    from scidiff.training.checkpoint import read_resumable
+
+    try:
+        ckpt = read_resumable(cfg.resume)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    trained = ((ckpt.get("scidiff") or {}).get("config") or {}).get("denoiser")
+    wanted = OmegaConf.to_container(cfg.denoiser, resolve=True)
+    if trained is not None and trained != wanted:
+        differ = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))
+        raise ConfigError(f"resume: {cfg.resume} was trained with another denoiser (denoiser.{differ[0]}: "
+                          f"{trained.get(differ[0])!r} there, {wanted.get(differ[0])!r} here); resume with the "
+                          "run's own config")
+
+
+def check_register_model(cfg: DictConfig) -> None:
+    """``register_model=<name>``: a model name, an MLflow logger to register in, and a
+    checkpoint callback that writes ``last.ckpt`` (the file registered)."""
+    name = cfg.get("register_model")
+    if name is None:
+        return
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/@"):
+        raise ConfigError(f"register_model: expected a model name (no '/' or '@'), got {name!r}")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = cfg.get("logger")
+    if logger is None or not _subclass(logger.get("_target_"), MLFlowLogger):
+        raise ConfigError(f"register_model: {name}: the model registry is MLflow's; needs logger=mlflow "
+                          f"(got {'logger=none' if logger is None else logger.get('_target_')})")
+    if not any(node is not None and _subclass(node.get("_target_"), ModelCheckpoint) and node.get("save_last")
+               for node in (cfg.get("callbacks") or {}).values()):
+        raise ConfigError(f"register_model: {name}: no checkpoint callback writes last.ckpt (the file registered); "
+                          "keep callbacks.periodic_checkpoint with save_last: true")
+
+
+def _subclass(target: Any, base: type) -> bool:
+    try:
+        obj = get_object(str(target))
+    except Exception:  # noqa: BLE001 - unknown targets are reported by the target checks
+        return False
+    return isinstance(obj, type) and issubclass(obj, base)
 
 
 def check_data_path(cfg: DictConfig) -> None:
@@ -202,6 +251,13 @@ def check_data_path(cfg: DictConfig) -> None:
         return
     if not Path(path).exists() and not generates(cfg):
         raise ConfigError(f"data.path: dataset {path} does not exist (generate it with scidiff-make-dataset)")
+    if not Path(path).exists() and cfg.generate_data.get("kind") == "voxels":
+        from scidiff_datasets.voxels import require_rdkit
+
+        try:
+            require_rdkit()
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"generate_data.kind: {exc}") from None
 
 
 def generates(cfg: DictConfig) -> bool:

@@ -62,8 +62,10 @@ def report_and_exit(exc: BaseException, log_dir: Path | None = None, status: int
             where = f" (traceback in {path})"
         except OSError:
             pass
+    from scidiff.cli.runlog import console_print
+
     kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
-    print(f"error: {kind}{one_line(str(exc))}{where}", file=sys.stderr, flush=True)
+    console_print(f"error: {kind}{one_line(str(exc))}{where}")
     sys.exit(status)
 
 
@@ -73,8 +75,10 @@ def one_line_warnings() -> None:
     import os
     import warnings
 
+    from scidiff.cli.runlog import console_print
+
     def show(message, category, filename, lineno, file=None, line=None):
         if os.environ.get("RANK", "0") == "0":
-            print(f"warning: {one_line(str(message))}", file=sys.stderr, flush=True)
+            console_print(f"warning: {one_line(str(message))}")
 
     warnings.showwarning = show

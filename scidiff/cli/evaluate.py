@@ -2,6 +2,7 @@
 
     scidiff-evaluate checkpoint=outputs/quickstart/<run_name> split=val
     scidiff-evaluate checkpoint=runs:/<run_id> bound.estimator=importance bound.num_terms=32
+    scidiff-evaluate checkpoint=models:/grf-quickstart/1 split=test
     scidiff-evaluate checkpoint=<run dir> ensemble=ensembles/grf.zarr
     torchrun --nproc-per-node 4 -m scidiff.cli.evaluate checkpoint=<run dir>
 
@@ -76,10 +77,11 @@ def check_config(cfg) -> dict[str, Any]:
     from scidiff.cli.errors import ConfigError, from_hydra
     from scidiff.evaluation.settings import SECTIONS, EvaluationSettings
     from scidiff.evaluation.suite import suite_class
-    from scidiff.inference.tracking import is_run_id
+    from scidiff.inference.tracking import is_mlflow_reference
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("checkpoint: required (a .ckpt file, a run directory or an MLflow run id): checkpoint=<path>")
+        raise ConfigError("checkpoint: required (a .ckpt file, a run directory, an MLflow run id, runs:/<run_id> or "
+                          "models:/<name>/<version>): checkpoint=<path>")
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # interpolation errors
@@ -110,19 +112,22 @@ def check_config(cfg) -> dict[str, Any]:
         if plain[key] is not None and not Path(plain[key]).exists():
             raise ConfigError(f"{key}: {plain[key]} does not exist")
     ckpt = str(plain["checkpoint"])
-    if not ckpt.startswith("runs:/") and not is_run_id(ckpt) and not Path(ckpt).exists():
-        raise ConfigError(f"checkpoint: {ckpt} does not exist (give a .ckpt file, a run directory or an MLflow run id)")
+    if not is_mlflow_reference(ckpt) and not Path(ckpt).exists():
+        raise ConfigError(f"checkpoint: {ckpt} does not exist (give a .ckpt file, a run directory, an MLflow run id, "
+                          "runs:/<run_id> or models:/<name>/<version>)")
     return plain
 
 
 def output_dir(plain: dict[str, Any], pretrained) -> Path:
     """``out``, else ``<run dir>/eval/<split>`` beside ``<run dir>/checkpoints/``, else
     ``eval/<run id or sha>/<split>`` in the working directory (MLflow-downloaded checkpoints)."""
+    from scidiff.inference.tracking import is_mlflow_reference
+
     if plain["out"] is not None:
         return Path(plain["out"])
     split = plain["settings"].split
     ckpt = Path(pretrained.checkpoint)
-    if ckpt.parent.name == "checkpoints" and not str(plain["checkpoint"]).startswith("runs:/") \
+    if ckpt.parent.name == "checkpoints" and not is_mlflow_reference(str(plain["checkpoint"])) \
             and Path(plain["checkpoint"]).exists():
         return ckpt.parent.parent / "eval" / split
     return Path("eval") / (pretrained.mlflow_run_id or pretrained.sha256[:12]) / split

@@ -83,7 +83,7 @@ def check_config(cfg) -> dict[str, Any]:
     from scidiff.inference.generation import DDIM, as_guidance, as_sampler
 
     plain = to_plain(cfg)
-    for key, example in (("checkpoint", "<.ckpt file | run directory | runs:/<id> | run id>"),
+    for key, example in (("checkpoint", "<.ckpt file | run directory | runs:/<id> | run id | models:/<name>/<v>>"),
                          ("input", "<zarr or netCDF store of fields>")):
         if isinstance(plain.get(key), (int, float)) and not isinstance(plain[key], bool):
             plain[key] = str(plain[key])

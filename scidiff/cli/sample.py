@@ -3,6 +3,7 @@
     scidiff-sample checkpoint=outputs/quickstart/<run> members=8 \\
         'params.grid={spectral_index: [1.5, 2.5], amplitude: [1.0]}' out=ensemble.zarr
     scidiff-sample checkpoint=<mlflow run id> params.csv=sets.csv sampler=ddpm
+    scidiff-sample checkpoint=models:/grf-quickstart/1 params.csv=sets.csv    # a registered model version
     scidiff-sample checkpoint=outputs/climate_downscale/<run> conditions.path=coarse_tas.zarr members=8
     torchrun --nproc_per_node 4 -m scidiff.cli.sample checkpoint=... out=big.zarr
 
@@ -97,7 +98,8 @@ def check_config(cfg) -> dict[str, Any]:
     if isinstance(plain.get("checkpoint"), (int, float)) and not isinstance(plain["checkpoint"], bool):
         plain["checkpoint"] = str(plain["checkpoint"])
     if plain.get("checkpoint") in (None, "???"):
-        raise ConfigError("checkpoint: required (checkpoint=<.ckpt file | run directory | runs:/<id> | run id>)")
+        raise ConfigError("checkpoint: required (checkpoint=<.ckpt file | run directory | runs:/<id> | run id | "
+                          "models:/<name>/<version>>)")
     check_dataclass(plain, SampleConfig, "")
     try:  # the sampler and guidance check their own values
         plain["sampler"] = as_sampler(plain["sampler"])

@@ -30,7 +30,8 @@ def compose_config(argv: list[str]):
     return compose("train", argv, return_hydra_config=True)
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str]) -> Path:
+    """Check the composed config before Hydra creates anything; returns the run directory."""
     from omegaconf import open_dict
 
     from scidiff.cli.config_check import check_train_config
@@ -39,6 +40,26 @@ def precheck(argv: list[str]) -> None:
     with open_dict(cfg):
         cfg.run_dir = str(Path(cfg.hydra.run.dir))
     check_train_config(cfg)
+    check_run_dir(cfg)
+    return Path(cfg.run_dir)
+
+
+def check_run_dir(cfg) -> None:
+    """The run directory can be created, and a new run does not write over another run's
+    checkpoints (``resume`` continues one)."""
+    from scidiff.cli.errors import ConfigError
+    from scidiff.training import newest_checkpoint
+
+    run_dir = Path(cfg.run_dir)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"output_root: cannot create the run directory {run_dir} ({existing} {what})")
+    if cfg.resume is None and _process_rank() == 0 and newest_checkpoint(run_dir / "checkpoints") is not None:
+        raise ConfigError(f"run_name: {run_dir} already holds a run's checkpoints; resume=auto continues it, "
+                          "another run_name starts a new one")
 
 
 def _process_rank() -> int:
@@ -107,13 +128,14 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
     from scidiff.training import AtomicCheckpointIO, ResumableDataModule, safe_torch_load
     from scidiff.training.callbacks import RunArtifacts
+    from scidiff.training.tracking import open_run
     from scidiff.inference.tracking import store_lock
 
-    inner = hu.instantiate(cfg.data)
+    checkpoint = safe_torch_load(ckpt) if ckpt is not None else {}
+    inner = open_data(cfg, checkpoint.get("ResumableDataModule"))
     datamodule = ResumableDataModule(inner)
     meta = inner.metadata
     if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
-        inner.setup("fit")
         with open_dict(cfg):
             cfg.diffusion.sigma_data = round(inner.statistics.normalised_rms(), 6)
     denoiser = hu.instantiate(
@@ -131,9 +153,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     module.run_info = {"config": config}
 
-    previous: dict[str, Any] = {}
-    if ckpt is not None:
-        previous = dict(safe_torch_load(ckpt).get("scidiff", {}))
+    previous = dict(checkpoint.get("scidiff", {}))
     logger = None
     if cfg.get("logger") is not None:
         kwargs = {}
@@ -141,6 +161,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
             kwargs["run_id"] = previous["mlflow_run_id"]
         with store_lock(cfg.logger.get("tracking_uri")):  # ranks of torchrun/srun open it together
             logger = hu.instantiate(cfg.logger, **kwargs)
+            open_run(logger, resumed="run_id" in kwargs)  # rank 0: owned, ended FAILED/KILLED if we fail
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
@@ -158,9 +179,67 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(RunArtifacts(config=config, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
                                   resumed=ckpt is not None))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer = hu.instantiate(cfg.trainer, logger=logger if logger is not None else False,
                              callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-    return {"datamodule": datamodule, "module": module, "trainer": trainer, "logger": logger}
+    return {"datamodule": datamodule, "module": module, "trainer": trainer, "logger": logger,
+            "start_step": int(checkpoint.get("global_step", 0))}
+
+
+def open_data(cfg, state: dict[str, Any] | None = None):
+    """The run's data module, set up: split, statistics (restored from ``state``, a
+    checkpoint's data-module state, when resuming) and every split's values checked.
+    A store or a data config that cannot be used is a ``ConfigError`` naming ``data``,
+    before any training."""
+    import hydra.utils as hu
+    from hydra.errors import InstantiationException
+
+    from scidiff.cli.errors import ConfigError
+
+    try:
+        inner = hu.instantiate(cfg.data)
+        if state:
+            inner.load_state_dict(state)
+        inner.setup("fit")
+    except (InstantiationException, ValueError, KeyError, OSError) as exc:
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ is not None else exc
+        text = str(cause).strip() or type(cause).__name__
+        if isinstance(cause, KeyError):
+            text = f"no variable or dim {text} in the store"
+        raise ConfigError(f"data ({cfg.data.get('path')}): {text}") from exc
+    return inner
+
+
+def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
+    """What the run is about to do (model size, data, steps, device, estimated cost), and a
+    warning when the estimate makes it a GPU job (:mod:`scidiff.training.budget`), else ``None``."""
+    import torch
+
+    from scidiff.training.budget import budget_warning, estimate_step
+
+    trainer, module, dm = parts["trainer"], parts["module"], parts["datamodule"]
+    denoiser = module.denoiser
+    sizes = " / ".join(f"{len(dm.datasets[s])} {s}" for s in ("train", "val", "test") if s in dm.datasets)
+    device = trainer.strategy.root_device
+    total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    steps = f"steps {parts['start_step']} -> {total}" if parts["start_step"] else f"{total or '?'} steps"
+    line = (f"scidiff-train: run {cfg.run_dir} | {type(denoiser).__name__} "
+            f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.3g} M parameters | data {cfg.data.path} "
+            f"({sizes}) | {steps} on {device.type} x{trainer.world_size}")
+    sample = dm.datasets["train"][0]
+    batch = {k: torch.empty((dm.batch_size, *v.shape), device="meta") for k, v in sample.items()
+             if k in ("x", "params", "fields", "embedding")}
+    try:
+        estimate = estimate_step(denoiser, batch)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
+        return line + f" | cost not estimated ({type(exc).__name__})", None
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    summary, warning = budget_warning(estimate, accelerator=device.type, device_memory=memory,
+                                      steps_left=(total or 0) - parts["start_step"])
+    return line + f" | {summary}", warning
 
 
 def train(cfg) -> dict[str, Any]:
@@ -168,24 +247,32 @@ def train(cfg) -> dict[str, Any]:
     import lightning as L
     import torch
 
+    from scidiff.cli.runlog import quiet_libraries
     from scidiff.inference.tracking import store_description
     from scidiff.training.tracking import mlflow_logger
 
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()
-    # the EMA copy is frozen in eval mode on purpose (no dropout in the average)
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    quiet_libraries()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     ensure_data(cfg)
     ckpt = resume_checkpoint(cfg, run_dir)
     parts = build(cfg, ckpt)
     trainer: L.Trainer = parts["trainer"]
+    if trainer.is_global_zero:
+        line, warning = start_line(cfg, parts)
+        print(line, flush=True)
+        if warning:
+            warnings.warn(warning, stacklevel=1)
+    t_fit = time.perf_counter()
     trainer.fit(parts["module"], datamodule=parts["datamodule"], ckpt_path=ckpt, weights_only=True)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir.resolve()),
         "global_step": trainer.global_step,
+        "start_step": parts["start_step"],
         "wall_time_s": round(time.perf_counter() - t0, 1),
+        "fit_time_s": round(time.perf_counter() - t_fit, 1),
         "resumed_from": str(ckpt) if ckpt else None,
         "world_size": trainer.world_size,
         "rank_weight_checksums": getattr(parts["module"], "rank_checksums", None),
@@ -194,23 +281,43 @@ def train(cfg) -> dict[str, Any]:
     summary["checkpoint"] = str(last.resolve()) if last.exists() else None
     ml = mlflow_logger(parts["logger"])
     if trainer.is_global_zero:
-        line = f"scidiff-train: {trainer.global_step} steps in {summary['wall_time_s']:.0f} s | run {run_dir}"
+        done = trainer.global_step - parts["start_step"]
+        steps = (f"steps {parts['start_step']} -> {trainer.global_step} ({done} in this session)" if parts["start_step"]
+                 else f"{done} steps")
+        line = f"scidiff-train: {steps} in {summary['fit_time_s']:.0f} s | run {run_dir}"
         line += f" | checkpoint {summary['checkpoint'] or 'none written'}"
         if ml is not None and ml.run_id is not None:
             store, ui = store_description(ml._tracking_uri)
             summary.update(mlflow_run_id=ml.run_id, mlflow_store=store, mlflow_ui=ui)
             line += f" | MLflow run {ml.run_id} in {store} | view: {ui}"
+        if cfg.get("register_model"):
+            line += " | " + _register(cfg.register_model, parts["logger"], trainer, summary)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(line, flush=True)
     return summary
 
 
-def _hydra_app() -> None:
+def _register(name: str, logger, trainer, summary: dict[str, Any]) -> str:
+    """Register the final checkpoint (the run's ``checkpoints/last.ckpt`` artifact) as a new
+    version of the MLflow model ``name`` (rank 0); ``registered <name> v<version>``."""
+    from scidiff.inference.checkpoint import file_sha256
+    from scidiff.training.tracking import register_model
+
+    tags = {"scidiff.global_step": trainer.global_step}
+    if summary.get("checkpoint"):
+        tags["scidiff.checkpoint_sha256"] = file_sha256(summary["checkpoint"])
+    version = register_model(logger, name, tags=tags)
+    summary["registered_model"] = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+    return f"registered {name} v{version}"
+
+
+def _hydra_app(new_dirs: list[Path]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, open_dict
 
+    from scidiff.cli.runlog import run_log
     from scidiff.cli.runner import guarded
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -218,9 +325,30 @@ def _hydra_app() -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
-        guarded(lambda: train(cfg), log_dir=lambda: run_dir)  # the traceback goes to the run dir
+        fresh = all(p.name == ".hydra" for p in run_dir.iterdir())  # Hydra created it for this command
+        log = run_dir / "train.log" if _process_rank() == 0 else None
+        try:
+            with run_log(log):  # the run's output, also in its directory; the traceback goes there too
+                guarded(lambda: train(cfg), log_dir=lambda: run_dir)
+        except SystemExit as exc:
+            if exc.code == 2 and fresh:
+                remove_refused_run(run_dir, new_dirs)
+            raise
 
     app()
+
+
+def remove_refused_run(run_dir: Path, new_dirs: list[Path]) -> None:
+    """A run refused for its input (exit status 2) leaves nothing: the run directory Hydra
+    created for it, and the parents created with it when they are left empty."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for directory in new_dirs:  # deepest first
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (another run), or already gone
+            break
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,13 +356,15 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     one_line_warnings()
+    new_dirs: list[Path] = []
     if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         try:
-            precheck(argv)
+            run_dir = precheck(argv)
         except ConfigError as exc:
             report_and_exit(exc, status=2)
+        new_dirs = [d for d in (run_dir.parent, *run_dir.parent.parents) if not d.exists()]
     sys.argv = [sys.argv[0], *argv]
-    _hydra_app()
+    _hydra_app(new_dirs)
 
 
 if __name__ == "__main__":

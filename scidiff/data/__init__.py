@@ -1,6 +1,6 @@
 """Scientific fields from xarray/zarr/netCDF: lazy datasets, reversible transforms,
-out-of-core statistics, deterministic splits, atomic writes (:mod:`scidiff.data.atomic`)
-and a data module. Nothing here imports Lightning: the Lightning side of the data
+out-of-core statistics, deterministic splits, atomic writes (:mod:`scidiff.data.atomic`),
+the completion record of ensemble stores (:mod:`scidiff.data.completion`) and a data module. Nothing here imports Lightning: the Lightning side of the data
 module is :class:`scidiff.training.ResumableDataModule`.
 
 For a store ``store.zarr`` holding ``t2m(time, lat, lon)``::

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from scidiff.data.dataset import FieldDataset, FieldMetadata, MaskMode, open_store
 from scidiff.data.splits import SPLIT_NAMES, FractionSplit
-from scidiff.data.statistics import Statistics, compute_statistics
+from scidiff.data.statistics import DEFAULT_BLOCK_BYTES, Statistics, compute_statistics, iter_blocks
 from scidiff.data.transforms import ChannelTransform
 
 
@@ -178,9 +178,32 @@ class FieldDataModule:
                 self.split_indices = self.split.indices(ds, self._base.sample_dims)
             finally:
                 ds.close()
-        if self.statistics is None:
+        fresh = self.statistics is None
+        if fresh:
             self.statistics = self._load_or_compute_statistics()
         self._build_datasets()
+        if fresh:  # a restored run was checked when it started
+            self.check_values()
+
+    def check_values(self, splits: Sequence[str] = ("val", "test")) -> None:
+        """Read every sample of ``splits`` once, as the loaders will, so that a value the
+        training split did not have (NaN without a mask, +-inf, outside a log transform's
+        domain, a missing parameter) fails now, naming the split, rather than at the first
+        validation thousands of steps later. The training split was read by the statistics.
+
+        Raises:
+            ValueError: ``"<split> split of <store>: <what and which samples>"``.
+        """
+        for name in splits:
+            dataset = self.datasets.get(name)
+            if dataset is None or len(dataset) == 0:
+                continue
+            block = max(1, self.stats_block_size or DEFAULT_BLOCK_BYTES // max(1, dataset.sample_nbytes))
+            for indices in iter_blocks(dataset.indices, int(block)):
+                try:
+                    dataset.read_batch(indices)
+                except ValueError as err:
+                    raise ValueError(f"{name} split of {self.path}: {err}") from None
 
     def _load_or_compute_statistics(self) -> Statistics:
         path = self.statistics_path

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from scidiff.conditioning import Conditioning
+from scidiff.data.completion import read_done
 from scidiff.evaluation.result import EvaluationError
 from scidiff.inference.generation import GuidanceSpec, Sampler, initial_noise, sample_model
 from scidiff.inference.seeds import generator
@@ -27,6 +28,9 @@ from scidiff.inference.seeds import generator
 class EnsembleSource:
     """Members read from a ``scidiff-sample`` zarr store (dims ``(sample, member, *spatial)``,
     one variable per channel, physical units), matched to data samples.
+
+    A store with a completion record (``progress/done``, or ``done`` in stores of the
+    earlier layout) is refused unless every member used is written.
 
     Matching: a ``data_index`` (or ``index``) coordinate along ``sample`` gives each
     ensemble sample's flat index in the data store; without it, ensemble sample ``j``
@@ -59,8 +63,34 @@ class EnsembleSource:
         if self.num_members < 2:
             raise EvaluationError(f"ensemble: {self.path} has {self.num_members} member(s); CRPS and the "
                                   "spread-skill ratio need >= 2")
+        self._check_finished()
         self.index_coord = next((c for c in ("data_index", "index") if c in self.ds.coords or c in self.ds.data_vars), None)
         self.param_names = [p for p in metadata.param_names if p in self.ds.coords or p in self.ds.data_vars]
+
+    def _check_finished(self) -> None:
+        """Refuse a ``scidiff-sample`` store whose members (the first ``num_members``) are
+        not all written: its completion record (either layout, :mod:`scidiff.data.completion`)
+        says so; the unwritten members are NaN. A store without a record is taken as it is.
+        Checked once, up front, so every rank refuses before any work."""
+        try:
+            done = read_done(self.path)
+        except Exception as exc:  # noqa: BLE001 - one line naming the store
+            raise EvaluationError(f"ensemble: cannot read the completion record of {self.path} "
+                                  f"({type(exc).__name__}: {exc})") from None
+        if done is None:
+            return
+        shape = (self.size, int(self.ds.sizes["member"]))
+        if done.shape != shape:
+            raise EvaluationError(f"ensemble: the completion record of {self.path} has shape {done.shape} "
+                                  f"but its members {shape} (sample, member)")
+        missing = ~done[:, : self.num_members]
+        if missing.any():
+            j, k = (int(i) for i in np.argwhere(missing)[0])
+            raise EvaluationError(
+                f"ensemble: {self.path} is unfinished: {int(missing.sum())} of the {missing.size} members to evaluate are "
+                f"not written yet (the first: member {k} of sample {j}); finish the scidiff-sample run first (run the "
+                "same command again: it resumes)"
+            )
 
     @property
     def size(self) -> int:
@@ -73,14 +103,6 @@ class EnsembleSource:
 
     def read(self, positions: np.ndarray) -> Tensor:
         """Members ``[B, M, C, *S]`` (float64, physical) of ensemble samples ``positions``."""
-        if "done" in self.ds:  # scidiff-sample marks each member once it is on disk
-            done = np.asarray(self.ds["done"].isel(sample=positions, member=slice(0, self.num_members)).values)
-            if not done.all():
-                j, k = np.argwhere(~done)[0]
-                raise EvaluationError(
-                    f"ensemble: member {int(k)} of sample {int(positions[j])} in {self.path} is not written yet "
-                    "(finish the scidiff-sample run first)"
-                )
         arrays = [np.asarray(self.ds[n].isel(sample=positions, member=slice(0, self.num_members)).values, np.float64)
                   for n in self.names]
         return torch.from_numpy(np.stack(arrays, axis=2))

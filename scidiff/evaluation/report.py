@@ -27,8 +27,19 @@ netCDF-3), written atomically (a temporary file in the same directory, then
   ``verdict_passed`` (1/0) along ``verdict_metric`` (``crps/<var>``, ...), and the
   attributes ``verdict`` (``faithful``/``not faithful``), ``verdict_summary`` and
   ``verdict_table`` (JSON: every line with its rule, the settings);
-* attributes: checkpoint, its sha256, split, estimator, units note, scidiff version,
-  the MLflow run.
+* attributes: ``Conventions`` (``CF-1.10``), checkpoint, its sha256, split, estimator,
+  units note, scidiff version, the MLflow run.
+
+Units (CF): every data variable has ``units`` and ``long_name``. Bits for the
+likelihoods; ``1`` for dimensionless numbers (ratios, relative frequencies, indices);
+the variable's units for the CRPS, bias and std maps and its units squared times the
+grid's length units per spatial dim for the power spectra (:func:`power_units`). A
+variable stacked along ``channel`` whose channels differ in units cannot have one CF
+unit: its ``units`` then lists them (``t2m: K; msl: Pa``) and the coordinate
+``channel_units(channel)`` gives each. The tables ``metric_value`` and ``verdict_value``/
+``verdict_floor`` mix units: ``units`` says ``see metric_units``, the coordinates
+``metric_units(metric)`` and ``verdict_metric_units(verdict_metric)`` give each entry's
+(:func:`metric_units`; empty where unknown).
 
 **MLflow**: metrics ``eval/<split>/<name>`` at the checkpoint's global step (the floor as
 ``eval/<split>/floor/<metric>``), in the checkpoint's training run (or a new run),
@@ -44,6 +55,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +66,8 @@ import numpy as np
 from scidiff.data.atomic import atomic_path
 from scidiff.evaluation.result import Evaluation, EvaluationError
 from scidiff.inference.tracking import artifact_location
+
+CONVENTIONS = "CF-1.10"
 
 UNITS_NOTE = (
     "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
@@ -77,68 +91,182 @@ def netcdf_engine() -> str:
         return "scipy"
 
 
+_PER_VARIABLE = ("crps", "w1", "bias_rms")  # metric/<variable> in the variable's units
+_DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation",
+                  "spectral_error", "w1_out_of_range", "atoms")
+
+
+def metric_units(name: str, channel_units: dict[str, str]) -> str:
+    """The units of the scalar ``name`` (as logged under ``eval/<split>/``; ``floor/<metric>``
+    as ``<metric>``): the variable's for CRPS, W1 and RMS bias, ``bit`` for the likelihoods
+    and their gaps, ``s`` for timings, ``1`` for counts and dimensionless scores (the energy
+    score is in normalised units); ``""`` when unknown."""
+    if name.startswith("floor/"):
+        name = name[len("floor/"):]
+    head, _, rest = name.partition("/")
+    if head in _PER_VARIABLE:
+        return channel_units.get(rest, "")
+    if head in _DIMENSIONLESS:
+        return "1"
+    if "bpd" in head or "nll" in head or head.startswith("gap"):
+        return "bit"
+    if head.endswith("_seconds_per_1000"):
+        return "s"
+    return ""
+
+
+def _real_length(unit: str) -> bool:
+    """Whether a grid unit of :func:`~scidiff.evaluation.data.grid_units` is a unit (not unit
+    steps, ``grid spacing``, nor an unknown ``<dim> units``)."""
+    return unit != "grid spacing" and not unit.endswith(" units")
+
+
+def _power(unit: str, exponent: int) -> str:
+    if exponent == 1:
+        return unit
+    return f"{unit}^{exponent}" if re.fullmatch(r"[A-Za-z_]+", unit) else f"({unit})^{exponent}"
+
+
+def power_units(field_units: str, grid_units: Sequence[str]) -> str:
+    """Units of a power spectral density (:mod:`~scidiff.evaluation.spectra`): field units
+    squared times the length unit of each spatial dim (unit grid steps count 1); ``""`` when
+    the field's or a dim's unit is unknown.
+
+    >>> power_units("K", ("km", "km"))
+    'K^2 km^2'
+    >>> power_units("W m-2", ("degrees_north", "degrees_east"))
+    '(W m-2)^2 degrees_north degrees_east'
+    >>> power_units("1", ("grid spacing", "grid spacing"))
+    '1'
+    """
+    if not field_units or any(u.endswith(" units") for u in grid_units):
+        return ""
+    parts = [] if field_units == "1" else [_power(field_units, 2)]
+    lengths = [u for u in grid_units if _real_length(u)]
+    for unit in dict.fromkeys(lengths):
+        parts.append(_power(unit, lengths.count(unit)))
+    return " ".join(parts) or "1"
+
+
+def _stacked(units: Sequence[str], channels: Sequence[str]) -> dict[str, str]:
+    """The ``units`` attribute of a variable stacked along ``channel`` (``{}`` when unknown)."""
+    if any(not u for u in units):
+        return {}
+    if len(set(units)) <= 1:
+        return {"units": units[0]} if units else {}
+    return {"units": "; ".join(f"{c}: {u}" for c, u in zip(channels, units))}
+
+
+_MAP_NAMES = {
+    "crps": "CRPS of the members against the data, mean over samples",
+    "bias": "bias: mean of the members minus mean of the data",
+    "std_samples": "standard deviation of the members over samples and members",
+    "std_data": "standard deviation of the data over samples",
+    "std_ratio": "std_samples / std_data",
+}
+
+
 def to_dataset(ev: Evaluation, attrs: dict[str, Any] | None = None):
     """The evaluation as an ``xarray.Dataset`` (see the module docstring)."""
     import xarray as xr
 
     import scidiff
 
+    channels = tuple(ev.channel_names)
+    channel_units = dict(zip(channels, ev.units))
+    stacked = _stacked(tuple(ev.units), channels)
     data_vars: dict[str, Any] = {}
     names = sorted(ev.scalars)
     data_vars["metric_value"] = (("metric",), np.array([ev.scalars[n] for n in names], np.float64),
-                                 {"long_name": "evaluation metrics, named as logged under eval/<split>/"})
+                                 {"units": "see metric_units",
+                                  "long_name": "evaluation metrics, named as logged under eval/<split>/"})
     for key, values in ev.per_sample.items():
         data_vars[key.replace("/", "__")] = (("sample",), np.asarray(values, np.float64),
-                                             {"units": "bit", "long_name": f"{key} per data sample"})
+                                             {"units": metric_units(key, channel_units) or "bit",
+                                              "long_name": f"{key} per data sample"})
     if ev.terms is not None:
         data_vars["bound_terms"] = (("timestep",), ev.terms, {
             "units": "bit", "long_name": "mean bound term per dimension (normalised data); t = 0 is L_0"})
     if ev.wavenumber is not None:
-        data_vars["power_data"] = (("channel", "wavenumber"), ev.power_data, {"long_name": "mean radial spectrum of data"})
+        grid = tuple(ev.grid_units) or tuple(f"{d} units" for d in ev.spatial_dims)  # unknown: no units
+        power = _stacked(tuple(power_units(u, grid) for u in ev.units), channels)
+        data_vars["power_data"] = (("channel", "wavenumber"), ev.power_data,
+                                   {**power, "long_name": "mean radial power spectral density of data"})
         data_vars["power_samples"] = (("channel", "wavenumber"), ev.power_samples,
-                                      {"long_name": "mean radial spectrum of samples"})
+                                      {**power, "long_name": "mean radial power spectral density of samples"})
         if ev.power_floor is not None:
-            data_vars["power_floor"] = (("channel", "wavenumber"), ev.power_floor,
-                                        {"long_name": "mean radial spectrum of the floor ensembles (real fields)"})
+            data_vars["power_floor"] = (("channel", "wavenumber"), ev.power_floor, {
+                **power, "long_name": "mean radial power spectral density of the floor ensembles (real fields)"})
     if ev.rank_histogram is not None:
         data_vars["rank_histogram"] = (("channel", "rank"), ev.rank_histogram,
-                                       {"long_name": "relative frequency of the data's rank among the members"})
+                                       {"units": "1",
+                                        "long_name": "relative frequency of the data's rank among the members"})
         if ev.rank_histogram_floor is not None:
             data_vars["rank_histogram_floor"] = (("channel", "rank"), ev.rank_histogram_floor, {
+                "units": "1",
                 "long_name": "relative frequency of the data's rank among the floor ensemble's real fields"})
     if ev.floor_indices is not None:
         data_vars["floor_index"] = (("sample", "member"), np.asarray(ev.floor_indices, np.int64),
-                                    {"long_name": "flat store indices of each sample's floor ensemble"})
+                                    {"units": "1", "long_name": "flat store indices of each sample's floor ensemble"})
     verdict_attrs: dict[str, Any] = {}
     if ev.verdict is not None:
         v = ev.verdict
         data_vars["verdict_value"] = (("verdict_metric",), np.array([m.value for m in v.metrics], np.float64),
-                                      {"long_name": "the model's value of each judged metric"})
+                                      {"units": "see verdict_metric_units",
+                                       "long_name": "the model's value of each judged metric"})
         data_vars["verdict_floor"] = (("verdict_metric",), np.array([m.floor for m in v.metrics], np.float64),
-                                      {"long_name": "the metric's noise floor (real fields)"})
+                                      {"units": "see verdict_metric_units",
+                                       "long_name": "the metric's noise floor (real fields)"})
         data_vars["verdict_passed"] = (("verdict_metric",), np.array([int(m.passed) for m in v.metrics], np.int8),
-                                       {"long_name": "1: within the floor by the metric's rule"})
+                                       {"units": "1", "long_name": "1: within the floor by the metric's rule"})
         verdict_attrs = {"verdict": v.label, "verdict_summary": v.summary(), "verdict_table": json.dumps(v.to_dict())}
     spatial = tuple(ev.spatial_dims)
     for key, arr in ev.maps.items():
-        data_vars[f"{key}_map" if key == "crps" else key] = (("channel", *spatial), arr)
-    coords: dict[str, Any] = {"metric": ("metric", np.array(names, dtype=object)),
-                              "channel": ("channel", np.array(ev.channel_names, dtype=object)),
-                              "index": ("sample", np.asarray(ev.indices, np.int64))}
+        map_attrs = {"units": "1"} if key == "std_ratio" else dict(stacked)
+        map_attrs["long_name"] = _MAP_NAMES.get(key, key)
+        data_vars[f"{key}_map" if key == "crps" else key] = (("channel", *spatial), arr, map_attrs)
+    coords: dict[str, Any] = {"metric": ("metric", np.array(names, dtype=object), {"long_name": "metric name"}),
+                              "metric_units": ("metric", np.array([metric_units(n, channel_units) for n in names],
+                                                                  dtype=object),
+                                               {"long_name": "units of each metric (empty: unknown)"}),
+                              "channel": ("channel", np.array(channels, dtype=object), {"long_name": "variable"}),
+                              "channel_units": ("channel", np.array(ev.units, dtype=object),
+                                                {"long_name": "units of each variable"}),
+                              "index": ("sample", np.asarray(ev.indices, np.int64),
+                                        {"units": "1", "long_name": "flat index of the data sample in the store"})}
     if ev.terms is not None:
-        coords["timestep"] = ("timestep", np.arange(ev.terms.size, dtype=np.int64))
+        coords["timestep"] = ("timestep", np.arange(ev.terms.size, dtype=np.int64),
+                              {"units": "1", "long_name": "diffusion timestep (0: least noisy)"})
     if ev.wavenumber is not None:
-        coords["wavenumber"] = ("wavenumber", ev.wavenumber, {"units": "cycles per grid unit"})
+        grid = tuple(ev.grid_units) or tuple(f"{d} units" for d in spatial)
+        if all(u == "grid spacing" for u in grid):
+            k_units = "1"
+        elif len(set(grid)) == 1 and _real_length(grid[0]):
+            k_units = f"{grid[0]}-1" if re.fullmatch(r"[A-Za-z_]+", grid[0]) else f"({grid[0]})-1"
+        else:
+            k_units = "cycles per grid unit"
+        coords["wavenumber"] = ("wavenumber", ev.wavenumber,
+                                {"units": k_units, "long_name": "wavenumber (cycles per unit length of the grid)"})
     if ev.rank_histogram is not None:
-        coords["rank"] = ("rank", np.arange(ev.rank_histogram.shape[1], dtype=np.int64))
+        coords["rank"] = ("rank", np.arange(ev.rank_histogram.shape[1], dtype=np.int64),
+                          {"units": "1", "long_name": "rank of the data among the members"})
     if ev.verdict is not None:
-        coords["verdict_metric"] = ("verdict_metric", np.array([m.key for m in ev.verdict.metrics], dtype=object))
+        keys = [m.key for m in ev.verdict.metrics]
+        coords["verdict_metric"] = ("verdict_metric", np.array(keys, dtype=object))
+        coords["verdict_metric_units"] = ("verdict_metric",
+                                          np.array([metric_units(k, channel_units) for k in keys], dtype=object),
+                                          {"long_name": "units of each judged metric (empty: unknown)"})
     if ev.maps:
+        grid = tuple(ev.grid_units)
         for name, values in ev.coords.items():
             if np.ndim(values) == 1 and name in spatial:
-                coords[name] = (name, values)
+                unit = grid[spatial.index(name)] if len(grid) == len(spatial) else ""
+                if unit == "grid spacing":  # positions in grid steps
+                    unit = "1"
+                coords[name] = (name, values, {"units": unit} if unit and _real_length(unit) else {})
     ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs.update({
+        "Conventions": CONVENTIONS,
         "title": f"scidiff evaluation ({ev.split} split)",
         "scidiff_version": scidiff.__version__,
         "units_note": UNITS_NOTE,
@@ -156,9 +284,9 @@ def write_evaluation_file(ev: Evaluation, path: str | os.PathLike, attrs: dict[s
     ds = to_dataset(ev, attrs)
     engine = netcdf_engine()
     if engine == "scipy":  # netCDF-3 has no variable-length strings
-        ds = ds.assign_coords(metric=ds.metric.astype(str), channel=ds.channel.astype(str))
-        if "verdict_metric" in ds.coords:
-            ds = ds.assign_coords(verdict_metric=ds.verdict_metric.astype(str))
+        for name in ("metric", "metric_units", "channel", "channel_units", "verdict_metric", "verdict_metric_units"):
+            if name in ds.coords:
+                ds = ds.assign_coords({name: ds[name].astype(str)})
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine=engine)
     return path
@@ -178,32 +306,12 @@ def metric_key(split: str, name: str) -> str:
 
 
 def resolve_tracking_uri(explicit: str | None, pretrained) -> str:
-    """The store to log to: the config's ``logger.tracking_uri``, else the checkpoint's,
-    else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+    """The store to log to: the config's ``logger.tracking_uri``, else the store of the
+    checkpoint's training run, found as every command finds it
+    (:func:`scidiff.inference.tracking.checkpoint_tracking_uri`)."""
+    from scidiff.inference.tracking import checkpoint_tracking_uri
 
-    The checkpoint's default store is a SQLite file relative to the directory training
-    ran in; when the checkpoint still lies in its run directory (``<training dir>/<run_dir>/
-    checkpoints/``) the path is resolved against that directory, so evaluating from
-    elsewhere still logs to the training's store.
-    """
-    from scidiff.inference.tracking import default_tracking_uri
-
-    if explicit:
-        return explicit
-    uri = getattr(pretrained, "mlflow_tracking_uri", None)
-    if uri is None:
-        return default_tracking_uri()
-    prefix = "sqlite:///"
-    cfg = getattr(pretrained, "config", None) or {}
-    names = [cfg.get(k) for k in ("output_root", "task_name", "run_name")]
-    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute() and all(isinstance(n, str) for n in names) \
-            and not Path(names[0]).is_absolute():
-        parts = Path(*names).parts  # the run directory relative to the training's working directory
-        ckpt_run = Path(pretrained.checkpoint).resolve().parent.parent
-        if len(ckpt_run.parts) > len(parts) and ckpt_run.parts[-len(parts):] == parts:
-            base = Path(*ckpt_run.parts[:-len(parts)])
-            return prefix + str(base / uri[len(prefix):])
-    return uri
+    return checkpoint_tracking_uri(pretrained, explicit)
 
 
 def _check_store(tracking_uri: str) -> None:
@@ -258,23 +366,26 @@ def log_to_mlflow(
             tags["scidiff.evaluated_run"] = run_id
         run_id = client.create_run(exp_id, tags=tags).info.run_id
         created = True
+    import contextlib
     import time
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(metric_key(ev.split, k), float(v), now, int(step)) for k, v in sorted(ev.scalars.items())
-               if np.isfinite(v)]
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
-    if created and params:
-        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), f"eval/{ev.split}")
-    if ev.verdict is not None:
-        client.set_tag(run_id, "verdict", ev.verdict.label)
-        client.set_tag(run_id, f"eval/{ev.split}/verdict", ev.verdict.label)
-        client.log_dict(run_id, ev.verdict.to_dict(), f"eval/{ev.split}/verdict.json")
-    if created:
-        client.set_terminated(run_id)
+    from scidiff.inference.tracking import terminating
+
+    # a run created here ends FINISHED, or FAILED if the logging fails part-way
+    with terminating(client, run_id, tracking_uri) if created else contextlib.nullcontext():
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_key(ev.split, k), float(v), now, int(step)) for k, v in sorted(ev.scalars.items())
+                   if np.isfinite(v)]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[i:i + 500])
+        if created and params:
+            client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), f"eval/{ev.split}")
+        if ev.verdict is not None:
+            client.set_tag(run_id, "verdict", ev.verdict.label)
+            client.set_tag(run_id, f"eval/{ev.split}/verdict", ev.verdict.label)
+            client.log_dict(run_id, ev.verdict.to_dict(), f"eval/{ev.split}/verdict.json")
     return run_id
 
 
@@ -384,11 +495,14 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
 
 
 __all__ = [
+    "CONVENTIONS",
     "UNITS_NOTE",
     "Publication",
     "log_to_mlflow",
     "metric_key",
+    "metric_units",
     "netcdf_engine",
+    "power_units",
     "publish",
     "read_evaluation_metrics",
     "resolve_tracking_uri",

@@ -9,9 +9,12 @@ the config, loads the EMA weights (or the raw ones when the run had no EMA) and
 returns a :class:`Pretrained` that converts between physical and model units.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: nothing in the file can
-run code. A checkpoint can also be named by its MLflow run: ``runs:/<run_id>`` or a
-bare 32-character run id (the run's ``checkpoints/last.ckpt`` artifact, from the
-store at ``tracking_uri``).
+run code. A checkpoint can also be named in an MLflow store (``tracking_uri``): by its
+run, ``runs:/<run_id>[/artifact]`` or a bare 32-character run id (the run's
+``checkpoints/last.ckpt`` artifact), or by the model registry,
+``models:/<name>/<version>``, ``models:/<name>/latest`` (the highest version) or
+``models:/<name>@<alias>`` (a version ``scidiff-train register_model=<name>`` registered:
+its source is the run's checkpoint file).
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from scidiff.data.dataset import FieldMetadata
 from scidiff.data.statistics import Statistics
 from scidiff.data.transforms import ChannelTransform
 from scidiff.diffusion import GaussianDiffusion
-from scidiff.inference.tracking import DEFAULT_TRACKING_URI, is_run_id
+from scidiff.inference.tracking import (
+    MODELS,
+    RUNS,
+    absolute_tracking_uri,
+    default_tracking_uri,
+    is_run_id,
+    model_version,
+    parse_model_uri,
+)
 
 
 class CheckpointError(ValueError):
@@ -55,7 +66,11 @@ class Pretrained:
         checkpoint: the checkpoint file read; ``sha256`` its content hash.
         global_step: the training step of the checkpoint.
         weights: ``"ema"`` or ``"raw"``.
-        mlflow_run_id, mlflow_tracking_uri: the training run, when it was tracked.
+        mlflow_run_id, mlflow_tracking_uri: the training run, when it was tracked, and the
+            store recorded at training (may be relative to the training's directory:
+            :func:`scidiff.inference.tracking.checkpoint_tracking_uri` finds it).
+        source_tracking_uri: the MLflow store the checkpoint was downloaded from (``runs:/``,
+            ``models:/``, a run id), else ``None``.
     """
 
     denoiser: nn.Module
@@ -70,6 +85,7 @@ class Pretrained:
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     split_indices: Mapping[str, list[int]] = field(default_factory=dict)
+    source_tracking_uri: str | None = None
 
     # -- units ---------------------------------------------------------------------------
     @property
@@ -112,6 +128,13 @@ class Pretrained:
         """``(C, *S)`` of one field."""
         return (self.metadata.num_channels, *self.metadata.spatial_shape)
 
+    def tracking_uri(self, explicit: str | None = None) -> str:
+        """The MLflow store of the training run (``explicit`` when given):
+        :func:`scidiff.inference.tracking.checkpoint_tracking_uri`."""
+        from scidiff.inference.tracking import checkpoint_tracking_uri
+
+        return checkpoint_tracking_uri(self, explicit)
+
     def to(self, device: torch.device | str) -> Pretrained:
         self.denoiser.to(device)
         return self
@@ -127,40 +150,76 @@ def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
 
 def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
                        artifact: str = "checkpoints/last.ckpt") -> Path:
-    """A checkpoint file from a path, a run directory, ``runs:/<id>[/artifact]`` or a run id."""
+    """A checkpoint file from a path, a run directory, ``runs:/<id>[/artifact]``, a run id or
+    ``models:/<name>/<version|latest>`` / ``models:/<name>@<alias>`` (module docstring)."""
+    return fetch_checkpoint(ref, tracking_uri, artifact)[0]
+
+
+def fetch_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
+                     artifact: str = "checkpoints/last.ckpt") -> tuple[Path, str | None]:
+    """:func:`resolve_checkpoint`, with the MLflow store the file came from (``None``: a local file)."""
     text = str(ref)
     path = Path(text)
     if path.is_file():
-        return path
+        return path, None
     if path.is_dir():
         for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if cand.is_file():
-                return cand
+                return cand, None
         raise CheckpointError(f"checkpoint: {path} is a directory without checkpoints/last.ckpt")
     run_id = None
-    if text.startswith("runs:/"):
-        rest = text[len("runs:/"):].strip("/").split("/", 1)
+    if text.startswith(RUNS):
+        rest = text[len(RUNS):].strip("/").split("/", 1)
         run_id = rest[0]
         if len(rest) == 2 and rest[1]:
             artifact = rest[1]
     elif is_run_id(text):
         run_id = text
+    elif not text.startswith(MODELS):
+        raise CheckpointError(f"checkpoint: {text} does not exist (give a .ckpt file, a run directory, an MLflow "
+                              f"run id, runs:/<run_id> or models:/<name>/<version>)")
+    else:
+        try:
+            parse_model_uri(text)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint: {text}: {exc}") from None
+    given = tracking_uri or default_tracking_uri()
+    uri = absolute_tracking_uri(given)  # the store the file comes from, wherever the command goes on
+    what = f"MLflow run {run_id}" if run_id is not None else text
+    if given.startswith("sqlite:///") and not Path(given[len("sqlite:///"):]).is_file():
+        # opening a missing SQLite store would create an empty one
+        raise CheckpointError(f"checkpoint: {what}: no MLflow store {given[len('sqlite:///'):]} "
+                              "(set tracking_uri or MLFLOW_TRACKING_URI, or give the checkpoint path)")
     if run_id is None:
-        raise CheckpointError(f"checkpoint: {text} does not exist (give a .ckpt file, a run directory or an MLflow run id)")
+        try:
+            version, source, run_id = model_version(uri, text)
+        except LookupError as exc:
+            raise CheckpointError(f"checkpoint: {text}: {exc} in {uri}") from None
+        what = f"{text} (version {version})"
+        if source.startswith(RUNS):
+            run_id, _, artifact = source[len(RUNS):].strip("/").partition("/")
+        else:
+            return _download(what, uri, artifact_uri=source), uri
+    return _download(what, uri, run_id=run_id, artifact_path=artifact), uri
+
+
+def _download(what: str, uri: str, **where: str) -> Path:
+    """An MLflow artifact as a local checkpoint file (a directory: its one ``.ckpt``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        # opening a missing SQLite store would create an empty one
-        raise CheckpointError(f"checkpoint: MLflow run {run_id}: no MLflow store {uri[len('sqlite:///'):]} "
-                              "(set tracking_uri or MLFLOW_TRACKING_URI, or give the checkpoint path)")
+    name = where.get("artifact_path") or where.get("artifact_uri")
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri)
+        local = Path(mlflow.artifacts.download_artifacts(tracking_uri=uri, **where))
     except (MlflowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint: MLflow run {run_id} has no artifact {artifact} in {uri} ({first})") from None
-    return Path(local)
+        raise CheckpointError(f"checkpoint: {what} has no artifact {name} in {uri} ({first})") from None
+    if local.is_dir():
+        found = sorted(local.rglob("*.ckpt"))
+        if len(found) != 1:
+            raise CheckpointError(f"checkpoint: {what}: the artifact {name} in {uri} is not one .ckpt file")
+        local = found[0]
+    return local
 
 
 def _datamodule_state(ckpt: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -183,7 +242,7 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     """
     import hydra.utils as hu
 
-    path = resolve_checkpoint(ref, tracking_uri)
+    path, source = fetch_checkpoint(ref, tracking_uri)
     try:
         ckpt = safe_torch_load(path)
     except Exception as exc:  # pickle errors, zip errors, weights_only refusals
@@ -229,7 +288,9 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         mlflow_run_id=info.get("mlflow_run_id"),
         mlflow_tracking_uri=info.get("mlflow_tracking_uri"),
         split_indices=dict(dm_state.get("split_indices") or {}),
+        source_tracking_uri=source,
     )
 
 
-__all__ = ["CheckpointError", "Pretrained", "file_sha256", "load_pretrained", "resolve_checkpoint", "safe_torch_load"]
+__all__ = ["CheckpointError", "Pretrained", "fetch_checkpoint", "file_sha256", "load_pretrained", "resolve_checkpoint",
+           "safe_torch_load"]

@@ -3,11 +3,13 @@
 * :mod:`~scidiff.sampling.grid`      -- parameter sets from a grid, a list or a CSV
   file, checked against the checkpoint's names and training ranges;
 * :mod:`~scidiff.sampling.ensemble`  -- this rank's missing members generated in
-  batches (through :mod:`scidiff.inference.generation`), members split round-robin
-  over ranks;
+  batches (through :mod:`scidiff.inference.generation`); each rank owns a contiguous
+  block of samples (parameter sets) and writes all their members, so ranks beyond the
+  number of samples idle;
 * :mod:`~scidiff.sampling.store`     -- the zarr store (``docs/architecture.md#ensemble-output``):
-  ``(sample, member, *spatial)`` in physical units, one chunk per member, a ``done``
-  flag per member written after its data;
+  ``(sample, member, *spatial)`` in physical units, one chunk per sample holding all
+  its members ``(1, M, *spatial)``, and the completion record ``done(sample, member)``
+  in the sub-group ``progress``, each flag written after its member's data;
 * :mod:`~scidiff.sampling.observations` -- sparse observations for inpainting;
 * :mod:`~scidiff.sampling.conditions` -- spatial condition fields (coarse fields,
   static maps, sst) read from a store and normalised as in training;

@@ -9,17 +9,22 @@
 
 On the training run the sampling is recorded as tags ``sample.<id>.*`` (``id`` is
 the first 8 hex digits of the store's identity hash; params of a finished run
-cannot be logged twice with other values) and metrics ``sample/*``.
+cannot be logged twice with other values) and metrics ``sample/*``; the training
+run's status is left as it is. A new run ends ``FINISHED``, or ``FAILED`` (``KILLED``
+on an interrupt) when logging into it fails
+(:func:`scidiff.inference.tracking.terminating`).
+
+The store is the checkpoint's (:func:`scidiff.inference.tracking.checkpoint_tracking_uri`,
+the caller's ``tracking_uri``), wherever the command runs.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from scidiff.inference.tracking import artifact_location, reachable
+from scidiff.inference.tracking import artifact_location, default_tracking_uri, reachable, terminating
 
 MlflowMode = Literal["auto", "checkpoint", "new", "none"]
 MLFLOW_MODES: tuple[str, ...] = get_args(MlflowMode)
@@ -41,7 +46,7 @@ def log_sampling(
         raise ValueError(f"mlflow.run: unknown mode {mode!r}; expected one of {MLFLOW_MODES}")
     if mode == "none":
         return None
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri or default_tracking_uri()
     if not reachable(uri):
         if mode == "auto":
             return None
@@ -70,11 +75,11 @@ def log_sampling(
         tags["training_run_id"] = training_run_id
     run = client.create_run(exp_id, tags=tags, run_name=f"sample/{Path(store_path).name}")
     run_id = run.info.run_id
-    for key, value in flatten(dict(config)).items():
-        client.log_param(run_id, key, str(value)[:500])
-    for name, value in metrics.items():
-        client.log_metric(run_id, f"sample/{name}", float(value))
-    client.set_terminated(run_id)
+    with terminating(client, run_id, uri):  # FINISHED, or FAILED if logging into it fails
+        for key, value in flatten(dict(config)).items():
+            client.log_param(run_id, key, str(value)[:500])
+        for name, value in metrics.items():
+            client.log_metric(run_id, f"sample/{name}", float(value))
     return f"logged to new MLflow run {run_id} in experiment {experiment_name}"
 
 

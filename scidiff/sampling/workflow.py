@@ -240,7 +240,7 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
         try:
             note = log_sampling(
                 mode=ml.get("run", "auto"),
-                tracking_uri=ml.get("tracking_uri") or cfg.get("tracking_uri") or pretrained.mlflow_tracking_uri,
+                tracking_uri=pretrained.tracking_uri(ml.get("tracking_uri") or cfg.get("tracking_uri")),
                 experiment_name=ml.get("experiment_name", "scidiff-sample"),
                 training_run_id=pretrained.mlflow_run_id,
                 identity_sha256=store.identity_sha256,

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scidiff.data.atomic import atomic_path
-from scidiff.inference.checkpoint import safe_torch_load
+from scidiff.inference.checkpoint import CheckpointError, safe_torch_load
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -47,6 +47,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return safe_torch_load(path, map_location=map_location or "cpu")
+
+
+def read_resumable(path: str | os.PathLike, key: str = "resume") -> dict[str, Any]:
+    """A training checkpoint that training can continue from, read (memory-mapped) and checked.
+
+    Raises:
+        CheckpointError: naming ``key`` and the file: missing, unreadable (truncated,
+            zeroed, not a torch file, or holding objects other than tensors and plain
+            containers) or not a full training state (weights only, or not Lightning's).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{key}: checkpoint file {path} does not exist (use resume=auto or a .ckpt path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and weights_only errors: the first line says which
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{key}: {path} is not a readable checkpoint: truncated, or not one written by "
+                              f"scidiff-train ({first[:100]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{key}: {path} is not a Lightning checkpoint (no state_dict)")
+    missing = [k for k in ("loops", "optimizer_states") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{key}: {path} holds weights only (no {', '.join(missing)}): training cannot "
+                              "continue from it; give it as checkpoint= to scidiff-sample or start a new run")
+    return ckpt
 
 
 def newest_checkpoint(directory: str | os.PathLike) -> Path | None:

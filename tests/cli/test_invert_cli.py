@@ -84,30 +84,6 @@ def test_invert_writes_the_documented_store(trained_run, fields, tmp_path):
     np.testing.assert_allclose(regen[:, 0].numpy(), ds.field.values, atol=2e-4)
 
 
-def test_invert_config_errors_name_the_key_or_file(fields, tmp_path):
-    """Checked before anything loads (in-process: the same functions main() calls)."""
-    from scidiff.cli.errors import ConfigError
-    from scidiff.cli.invert import check_config, compose_config
-
-    def error(args):
-        with pytest.raises(ConfigError) as info:
-            check_config(compose_config(args))
-        return str(info.value)
-
-    base = ["checkpoint=run.ckpt", f"out={tmp_path / 'o.zarr'}"]
-    assert "stepz" in error([*base, f"input={fields}", "stepz=3"])
-    assert "guidance.scal" in error([*base, f"input={fields}", "guidance.scal=2"])
-    assert "sampler.steps: expected a positive integer" in error([*base, f"input={fields}", "sampler.steps=many"])
-    assert "sampler.spacing: unknown value 'middle'" in error([*base, f"input={fields}", "sampler.spacing=middle"])
-    assert "deterministic DDIM" in error([*base, f"input={fields}", "sampler.eta=0.5"])
-    assert "deterministic DDIM" in error([*base, f"input={fields}", "sampler=ddpm"])
-    assert "input: nowhere.zarr does not exist" in error([*base, "input=nowhere.zarr"])
-    assert "input: required" in error(base)
-    taken = tmp_path / "taken.zarr"
-    taken.mkdir()
-    assert "taken.zarr already exists" in error(["checkpoint=run.ckpt", f"input={fields}", f"out={taken}"])
-
-
 def test_invert_cli_errors_are_one_line_with_status_2(trained_run, fields, tmp_path):
     def error(args):
         proc = run_invert(args, trained_run)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from scidiff.data.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from scidiff.data.atomic import atomic_path, atomic_write_bytes, atomic_write_text, host_token
 
 
 def _names(directory):
@@ -27,7 +29,7 @@ def test_a_file_is_written_through_a_hidden_sibling(tmp_path):
     target = tmp_path / "sub" / "stats.json"  # the parent is created
     with atomic_path(target) as tmp:
         assert tmp.parent == target.parent
-        assert tmp.name.startswith(f".{target.name}.partial-{os.getpid()}-")
+        assert tmp.name.startswith(f".{target.name}.partial-{host_token()}-{os.getpid()}-")
         assert not tmp.exists() and not target.exists()
         tmp.write_text("new")
     assert target.read_text() == "new"
@@ -152,3 +154,54 @@ def test_a_file_and_a_directory_replace_each_other_only_when_asked(tmp_path, old
         write_new(tmp)
     assert target.is_dir() != old_is_dir
     assert _names(tmp_path) == ["out"]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_dead_writers_of_this_host_are_removed(tmp_path):
+    """The next atomic write in the directory removes what killed writers of this host left
+    (of any target: checkpoints are named by step), never a live writer's or another host's."""
+    target = tmp_path / "store.zarr"
+    host, dead = host_token(), _dead_pid()
+    stale_dir = tmp_path / f".store.zarr.partial-{host}-{dead}-0123abcd"
+    (stale_dir / "sub").mkdir(parents=True)
+    (stale_dir / "sub" / "chunk").write_bytes(b"x")
+    stale_file = tmp_path / f".store.zarr.partial-{host}-{dead}-89abcdef"
+    stale_file.write_text("half")
+    stale_ckpt = tmp_path / f".step0000500.ckpt.partial-{host}-{dead}-0123abcd"  # another target's
+    stale_ckpt.write_bytes(b"\x00" * 10)
+    live = tmp_path / f".store.zarr.partial-{host}-{os.getpid()}-00000000"  # a writer that still runs
+    live.mkdir()
+    keep = [
+        live,
+        tmp_path / f".store.zarr.partial-otherhost+1-{dead}-0123abcd",  # another host on a shared file system
+        tmp_path / f".store.zarr.partial-{dead}-0123abcd",  # named before the host was part of the name
+        tmp_path / f".other.zarr.partial-{host}-{os.getppid()}-0123abcd",  # another target's live writer
+        tmp_path / f".store.zarr.old-{host}-{dead}-0123abcd",  # the previous version while the target is missing
+        tmp_path / "notes.txt",
+    ]
+    for path in keep[1:]:
+        path.write_text("keep")
+    with atomic_path(target) as tmp:
+        assert not any(p.exists() for p in (stale_dir, stale_file, stale_ckpt))  # gone before the write starts
+        tmp.mkdir()
+    assert all(path.exists() for path in keep)
+    assert target.is_dir()
+    # once the target exists again, a dead writer's set-aside old version is a leftover too
+    with atomic_path(tmp_path / "store.zarr", replace=True) as tmp:
+        tmp.mkdir()
+    assert not keep[4].exists() and all(path.exists() for path in keep[:4])
+
+
+def test_checkpoint_globbing_skips_the_temporaries(tmp_path):
+    from scidiff.training import newest_checkpoint
+
+    with atomic_path(tmp_path / "last.ckpt") as tmp:
+        tmp.write_bytes(b"half")  # as a kill -9 would leave it (here: still open)
+        assert tmp.name.startswith(".last.ckpt.partial-") and not tmp.name.endswith(".ckpt")
+        assert list(tmp_path.glob("*.ckpt")) == [] and newest_checkpoint(tmp_path) is None

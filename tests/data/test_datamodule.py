@@ -208,3 +208,32 @@ def test_user_store_config(climate_store):
     years = xr.open_zarr(climate_store)["time.year"].values
     assert dm.split_indices["train"].tolist() == np.flatnonzero(years <= 2008).tolist()
     assert len(dm.datasets["test"]) == 0
+
+
+@pytest.mark.parametrize(("variable", "where", "value", "expected"), [
+    ("pr", 18, np.nan, r"val split of .*: variable\(s\) \['pr'\] have missing \(NaN\) values in samples \[18\]"),
+    ("pr", 22, np.inf, r"test split of .*: variable\(s\) \['pr'\]: values outside their transform's domain"),
+    ("co2", 17, np.nan, r"val split of .*: parameter\(s\) \['co2'\] are missing or invalid"),
+])
+def test_every_split_is_checked_at_setup(tmp_path, variable, where, value, expected):
+    """A value only the validation or test split has fails at setup, naming the split, the variable
+    and the sample, not at the first validation thousands of steps later."""
+    from conftest import climate_like
+
+    ds = climate_like(nan_points=False)  # no missing point in training: no mask
+    ds[variable].values[where] = value
+    dm = _dm(write(ds, tmp_path / "bad.zarr"))
+    with pytest.raises(ValueError, match=expected):
+        dm.setup("fit")
+
+
+def test_a_restored_run_is_not_rechecked(climate_store, tmp_path):
+    dm = _dm(climate_store)
+    dm.setup("fit")
+    state = dm.state_dict()
+    again = _dm(climate_store)
+    calls = []
+    again.check_values = lambda *a, **k: calls.append(a)
+    again.load_state_dict(state)
+    again.setup("fit")
+    assert calls == []

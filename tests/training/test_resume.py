@@ -38,7 +38,9 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     assert 3 <= killed_at < 24
 
     out = run_train([*ARGS, "run_name=cut", "resume=auto"], tmp_path, data_dir)
-    assert "scidiff-train: 24 steps" in out.stdout
+    assert f"scidiff-train: steps {killed_at} -> 24 ({24 - killed_at} in this session)" in out.stdout
+    log = (tmp_path / "outputs/quickstart/cut/train.log").read_text()   # both sessions' output
+    assert log.count("scidiff-train: run ") == 2 and log.endswith(out.stdout)
 
     full = torch.load(tmp_path / "outputs/quickstart/full/checkpoints/last.ckpt", weights_only=True)
     cut = torch.load(ckpts / "last.ckpt", weights_only=True)
@@ -58,5 +60,6 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     assert len(runs) == 2                                  # "full" and "cut", nothing else
     run_id = cut["scidiff"]["mlflow_run_id"]
     assert run_id in {r.info.run_id for r in runs} and run_id != full["scidiff"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"   # the killed session left it RUNNING
     steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
     assert max(steps) >= 19                                # validation after the resume went there
