@@ -10,7 +10,7 @@ import xarray as xr
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler, _update_dataloader
 from lightning.pytorch.trainer.states import RunningStage
 
-from conftest import write
+from conftest import climate_like, write
 from scidiff.data import CoordinateSplit, FieldDataModule, IndexSplit, Statistics
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -218,8 +218,6 @@ def test_user_store_config(climate_store):
 def test_every_split_is_checked_at_setup(tmp_path, variable, where, value, expected):
     """A value only the validation or test split has fails at setup, naming the split, the variable
     and the sample, not at the first validation thousands of steps later."""
-    from conftest import climate_like
-
     ds = climate_like(nan_points=False)  # no missing point in training: no mask
     ds[variable].values[where] = value
     dm = _dm(write(ds, tmp_path / "bad.zarr"))
