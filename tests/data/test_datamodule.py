@@ -10,7 +10,7 @@ import xarray as xr
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler, _update_dataloader
 from lightning.pytorch.trainer.states import RunningStage
 
-from conftest import climate_like, write
+from tests.data.conftest import climate_like, write
 from scidiff.data import CoordinateSplit, FieldDataModule, IndexSplit, Statistics
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-from conftest import climate_like, write
+from tests.data.conftest import climate_like, write
 from scidiff.data import FieldDataset, coarsen_repeat, compute_statistics
 from scidiff.shapes import mean_flat
 

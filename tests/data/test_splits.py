@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import climate_like
+from tests.data.conftest import climate_like
 from scidiff.data import CoordinateSplit, FractionSplit, IndexSplit
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import climate_like, write
+from tests.data.conftest import climate_like, write
 from scidiff.data import FieldDataset, RunningMoments, Statistics, compute_statistics
 from scidiff.data.statistics import iter_blocks
 

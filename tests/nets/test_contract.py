@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRIDS, randomize_zeros
+from tests.nets.conftest import GRIDS, randomize_zeros
 
 from scidiff.conditioning import Conditioning
 

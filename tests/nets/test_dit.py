@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import GRIDS, make_dit
+from tests.nets.conftest import GRIDS, make_dit
 
 from scidiff.conditioning import Conditioning
 from scidiff.nets.dit import sincos_1d, sincos_position_embedding

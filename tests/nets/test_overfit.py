@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_dit, make_unet
+from tests.nets.conftest import make_dit, make_unet
 
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule

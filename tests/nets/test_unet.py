@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_unet, randomize_zeros
+from tests.nets.conftest import make_unet, randomize_zeros
 
 from scidiff.nets import UNet
 
