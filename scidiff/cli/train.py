@@ -90,7 +90,7 @@ def ensure_data(cfg) -> None:
         return
     from scidiff_datasets.cli import main as make_dataset
 
-    args = [gen.kind, "--out", str(path), "--size", gen.size, "--seed", str(gen.seed)]
+    args = [gen.kind, "--out", str(path), "--size", gen.size, "--seed", str(gen.seed), "-q"]
     if gen.get("dims") is not None:
         args += ["--dims", str(gen.dims)]
     for key, flag in (("num_samples", "--num-samples"), ("shape", "--shape")):

@@ -140,7 +140,7 @@ def progress_steps(seq, progress: bool, desc: str):
         return seq
     from tqdm.auto import tqdm
 
-    return tqdm(seq, desc=desc, leave=False)
+    return tqdm(seq, desc=desc, leave=False, disable=None)  # None: not on a log file
 
 
 # -------------------------------------------------------------------- DDPM

@@ -134,7 +134,8 @@ def evaluate(
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=mine.size, desc=f"scidiff-evaluate {s.split} (rank 0)", unit="sample", dynamic_ncols=True)
+        bar = tqdm(total=mine.size, desc=f"scidiff-evaluate {s.split} (rank 0)", unit="sample", dynamic_ncols=True,
+                   disable=None)  # None: no bar when the output is not a terminal (a log file)
 
     def add_row(name: str, value: Tensor) -> None:
         rows.setdefault(name, []).append(value.detach().to(torch.float64).cpu().numpy())

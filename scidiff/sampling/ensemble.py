@@ -192,7 +192,8 @@ def run_ensemble(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine), initial=skipped, unit="member", desc="members" if not ctx.active
-                   else f"members (rank 0 of {ctx.world_size})", dynamic_ncols=True)
+                   else f"members (rank 0 of {ctx.world_size})", dynamic_ncols=True,
+                   disable=None)  # None: no bar when the output is not a terminal (a log file)
     t0 = time.perf_counter()
     try:
         for unit in units:

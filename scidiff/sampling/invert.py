@@ -121,7 +121,7 @@ def invert_and_reconstruct(pretrained, y: torch.Tensor, cond: Conditioning | Non
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="scidiff-invert", unit="batch")
+        starts = tqdm(starts, desc="scidiff-invert", unit="batch", disable=None)  # None: not on a log file
     for i in starts:
         x0 = y[i:i + batch_size].to(device)
         c = None if cond is None else cond.map(lambda t, i=i: t[i:i + batch_size]).to(device)
