@@ -12,8 +12,9 @@ pass; :func:`budget_warning` turns that into one line when the run is a GPU job:
   is more than ``max_hours``; or the memory is more than 80 % of the machine's;
 * on a GPU: the memory is more than 90 % of the device's.
 
-The figures are estimates (within a factor of ~2-3 of measured ones on the bundled
-experiments): enough to tell a minutes job from a months one.
+The figures are estimates, within a factor of about 2 of measured step times on a 2-core
+Xeon (the quickstart: ~0.05 s estimated, 0.09 s measured): enough to tell a minutes job
+from a months one.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from torch import nn
 from scidiff.conditioning import Conditioning
 
 # forward + backward ~ 3 forwards; a training step reaches about this fraction of a CPU's
-# large-matmul rate (measured on the bundled UNets and DiTs, 2-core Xeon: 0.3-0.5)
+# large-matmul rate (2-core Xeon: 0.15 for the quickstart's small UNet, whose step is
+# dominated by overheads, to 0.5 for larger UNets)
 BACKWARD_FACTOR = 3.0
-CPU_EFFICIENCY = 0.4
+CPU_EFFICIENCY = 0.25
 # weights, gradients, two AdamW moments and the EMA copy, float32
 STATE_BYTES_PER_PARAM = 5 * 4
 

@@ -60,7 +60,7 @@ def test_the_warning_says_when_a_run_is_a_gpu_job():
     est = StepEstimate(flops=4e12, activation_bytes=2**30, state_bytes=2**28, num_params=2**26)
     summary, warning = budget_warning(est, accelerator="cpu", steps_left=100_000, cpu_rate=1e11)
     assert "GFLOP" in summary and "s/step" in summary
-    assert warning.startswith("this configuration is a GPU job: on this CPU it needs ~1e+02 s per step")
+    assert warning.startswith("this configuration is a GPU job: on this CPU it needs ~1.6e+02 s per step")  # 4e12 / (0.25 x 1e11)
     assert "days for 100000 steps" in warning and "trainer=gpu" in warning
     assert budget_warning(est, accelerator="cpu", steps_left=10, cpu_rate=1e11)[1] is None   # 17 min: fine
     _, gpu = budget_warning(est, accelerator="cuda", steps_left=10, device_memory=2**30)
