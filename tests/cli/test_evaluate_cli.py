@@ -147,3 +147,47 @@ def test_unfaithful_ensemble_exits_3_after_writing_everything(trained_run, data_
     assert run.data.metrics["eval/val/floor/std_ratio/field"] == pytest.approx(in_file["floor/std_ratio/field"])
     assert run.data.metrics["eval/val/std_ratio/field"] == pytest.approx(in_file["std_ratio/field"])
     assert "eval/val/verdict.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval/val")}
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(trained_run, data_dir, tmp_path):
+    """kill -9 at a random point of an evaluation, then the same command again: the same numbers
+    as an uninterrupted run, no half-written file or hidden temporary, no MLflow run left RUNNING."""
+    import random
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = trained_run / "outputs" / "quickstart" / "tiny"
+    args = [f"checkpoint={run_dir}", *TINY, "logger.new_run=true", "logger.experiment_name=eval-kill"]
+    t0 = time.monotonic()
+    ref = run_evaluate([*args, f"out={tmp_path / 'ref'}"], tmp_path, data_dir)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    duration = time.monotonic() - t0
+
+    out = tmp_path / "cut"
+    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), **ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "scidiff.cli.evaluate", *args, f"out={out}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(7).uniform(0.3, 0.8) * duration)   # import, load, bound, members or floor
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "evaluation.nc").exists():                          # too late to cut: it finished
+        pytest.skip("the evaluation finished before the kill")
+    again = run_evaluate([*args, f"out={out}"], tmp_path, data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+    a, b = xr.open_dataset(tmp_path / "ref" / "evaluation.nc"), xr.open_dataset(out / "evaluation.nc")
+    timing = np.array(["seconds" in str(m) for m in a["metric"].values])   # wall-clock costs differ
+    for name in a.data_vars:
+        x, y = a[name].values, b[name].values
+        if "metric" in a[name].dims:
+            x, y = x[~timing], y[~timing]
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    assert not [p.name for p in out.rglob(".*")]                 # no temporaries left behind
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eval-kill")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
+    # the reference and the rerun FINISHED; the killed one (if it got as far as creating its run)
+    # cannot end itself: it is the only other, and not counted as a result
+    assert statuses.count("FINISHED") == 2 and len(statuses) <= 3
