@@ -25,14 +25,6 @@ N, H, W = 16, 8, 12
 UNITS = {"tas": "K", "pr": "kg m-2 s-1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TwoChannelDenoiser(nn.Module):
     """A fixed periodic 3x3 convolution over two channels (deterministic weights)."""
 

@@ -15,26 +15,13 @@ import xarray as xr
 import xskillscore as xs
 
 from scidiff.inference import DDIM, GuidanceSpec, member_seeds
-from scidiff.inference.runtime import DistContext
 from scidiff.sampling.ensemble import rank_members, run_ensemble
 from scidiff.sampling.grid import ParameterSets
 from scidiff.sampling.store import create_store
+from tests.sampling.test_ensemble import OneOfRanks
 from tests.sampling.test_store import climate_metadata
 
 N, M = 3, 6
-
-
-class OneOfRanks(DistContext):
-    """Rank ``rank`` of ``world_size``, run one after another in this process (no collectives)."""
-
-    def barrier(self):
-        pass
-
-    def sum(self, values):
-        return list(values)
-
-    def max(self, value):
-        return value
 
 
 def reference_crps(obs: np.ndarray, ens: np.ndarray) -> np.ndarray:
