@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from scidiff.data.dataset import FieldDataset, FieldMetadata, MaskMode, open_store
 from scidiff.data.splits import SPLIT_NAMES, FractionSplit
-from scidiff.data.statistics import DEFAULT_BLOCK_BYTES, Statistics, compute_statistics, iter_blocks
+from scidiff.data.statistics import Statistics, compute_statistics, default_block_size, iter_blocks
 from scidiff.data.transforms import ChannelTransform
 
 
@@ -198,7 +198,7 @@ class FieldDataModule:
             dataset = self.datasets.get(name)
             if dataset is None or len(dataset) == 0:
                 continue
-            block = max(1, self.stats_block_size or DEFAULT_BLOCK_BYTES // max(1, dataset.sample_nbytes))
+            block = self.stats_block_size or default_block_size(dataset.sample_nbytes)
             for indices in iter_blocks(dataset.indices, int(block)):
                 try:
                     dataset.read_batch(indices)

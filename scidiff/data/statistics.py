@@ -285,6 +285,11 @@ def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str) ->
     return tuple(out)
 
 
+def default_block_size(sample_nbytes: int) -> int:
+    """Samples read at a time when a whole split is read: about ``DEFAULT_BLOCK_BYTES`` of target data."""
+    return max(1, DEFAULT_BLOCK_BYTES // max(1, int(sample_nbytes)))
+
+
 def iter_blocks(indices: np.ndarray, block_size: int) -> Iterator[np.ndarray]:
     """Consecutive slices of the sorted ``indices``, each at most ``block_size`` long and
     aligned to multiples of ``block_size`` in the store's sample index, so each block
@@ -321,7 +326,7 @@ def compute_statistics(
     if indices.size == 0:
         raise ValueError("compute_statistics: no samples (is the training split empty?)")
     if block_size is None:
-        block_size = max(1, DEFAULT_BLOCK_BYTES // max(1, dataset.sample_nbytes))
+        block_size = default_block_size(dataset.sample_nbytes)
     x_specs, p_specs, f_specs = dataset.channel_specs()
     mx, mp, mf = RunningMoments(len(x_specs)), RunningMoments(len(p_specs)), RunningMoments(len(f_specs))
     for block in iter_blocks(indices, int(block_size)):
