@@ -41,13 +41,26 @@ class TrainConfig:
     optimizer: dict
     lr_scheduler: dict | None
     data: dict
-    denoiser: dict
-    diffusion: dict
     trainer: dict
     logger: dict | None
     callbacks: dict | None
     local: dict | None = None
     register_model: str | None = None
+    stage: Literal["diffusion", "autoencoder"] = "diffusion"
+    denoiser: dict | None = None       # stage=diffusion
+    diffusion: dict | None = None      # stage=diffusion
+    autoencoder: dict | None = None    # stage=autoencoder
+    latent: dict | None = None
+
+
+@dataclasses.dataclass
+class LatentConfig:
+    """``latent``: the autoencoder a latent diffusion run works in the latent space of."""
+
+    autoencoder: str                                   # run dir, .ckpt, run id, runs:/ or models:/
+    posterior: Literal["mean", "sample"] = "mean"
+    statistics_samples: int = 4096                     # training fields the latent statistics are computed over
+    tracking_uri: str | None = None                    # the MLflow store of a run id / runs:/ / models:/ reference
 
 
 @dataclasses.dataclass
@@ -178,9 +191,11 @@ def check_train_config(cfg: DictConfig) -> None:
                           f"got {boundary!r}")
     if cfg.get("generate_data") is not None:
         check_dataclass(OmegaConf.to_container(cfg.generate_data, resolve=True), GenerateData, "generate_data.")
+    check_stage(cfg)
     if cfg.resume is not None and cfg.resume != "auto":
         check_resume(cfg)
-    for group in ("data", "denoiser", "diffusion", "trainer", "logger", "module", "optimizer", "lr_scheduler"):
+    for group in ("data", "denoiser", "diffusion", "autoencoder", "trainer", "logger", "module", "optimizer",
+                  "lr_scheduler"):
         node = cfg.get(group)
         if node is None:
             continue
@@ -198,6 +213,49 @@ def check_train_config(cfg: DictConfig) -> None:
     check_data_path(cfg)
 
 
+def check_stage(cfg: DictConfig) -> None:
+    """The groups a stage needs are chosen, and ``module`` trains that stage; ``latent``
+    names a readable autoencoder."""
+    from scidiff.training import AutoencoderModule, DiffusionModule
+
+    stage = cfg.get("stage", "diffusion")
+    module_target = (cfg.get("module") or {}).get("_target_")
+    if stage == "autoencoder":
+        if cfg.get("autoencoder") is None:
+            raise ConfigError("autoencoder: stage=autoencoder needs the autoencoder's network (autoencoder=conv, "
+                              "or an experiment such as experiment=grf_autoencoder)")
+        if cfg.get("latent") is not None:
+            raise ConfigError("latent: an autoencoder is trained on the fields themselves; latent is for a diffusion "
+                              "run (stage=diffusion)")
+        if not _subclass(module_target, AutoencoderModule):
+            raise ConfigError(f"module: stage=autoencoder trains with module=autoencoder, got {module_target}")
+        return
+    for group in ("denoiser", "diffusion"):
+        if cfg.get(group) is None:
+            raise ConfigError(f"{group}: stage=diffusion needs a {group} (choose one from configs/{group}/)")
+    if not _subclass(module_target, DiffusionModule):
+        raise ConfigError(f"module: stage=diffusion trains with module=diffusion, got {module_target}"
+                          + (" (set stage=autoencoder to train the autoencoder)"
+                             if _subclass(module_target, AutoencoderModule) else ""))
+    if cfg.get("latent") is not None:
+        node = cfg.latent
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "autoencoder"):
+            raise ConfigError("latent.autoencoder: required: the autoencoder run this latent model works in (its run "
+                              "directory, checkpoint, MLflow run id or models:/<name>/<version>)")
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"latent: expected {{autoencoder: <run or checkpoint>, posterior: mean}}, got {node!r}")
+        values = OmegaConf.to_container(node, resolve=True)
+        check_dataclass(values, LatentConfig, "latent.")
+        if values.get("statistics_samples", 1) < 1:
+            raise ConfigError(f"latent.statistics_samples: expected a positive integer, got {values['statistics_samples']}")
+        from scidiff.inference.checkpoint import CheckpointError, load_autoencoder
+
+        try:
+            load_autoencoder(values["autoencoder"], tracking_uri=values.get("tracking_uri"))
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def check_resume(cfg: DictConfig) -> None:
     """``resume=<file>``: a readable training checkpoint of the same denoiser."""
     from scidiff.inference.checkpoint import CheckpointError
@@ -207,11 +265,16 @@ def check_resume(cfg: DictConfig) -> None:
         ckpt = read_resumable(cfg.resume)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    trained = ((ckpt.get("scidiff") or {}).get("config") or {}).get("denoiser")
-    wanted = OmegaConf.to_container(cfg.denoiser, resolve=True)
+    net = "autoencoder" if cfg.get("stage") == "autoencoder" else "denoiser"
+    trained_config = (ckpt.get("scidiff") or {}).get("config") or {}
+    if trained_config and trained_config.get("stage", "diffusion") != cfg.get("stage", "diffusion"):
+        raise ConfigError(f"resume: {cfg.resume} is a stage={trained_config.get('stage', 'diffusion')} run, this is "
+                          f"stage={cfg.get('stage', 'diffusion')}; resume with the run's own config")
+    trained = trained_config.get(net)
+    wanted = OmegaConf.to_container(cfg[net], resolve=True)
     if trained is not None and trained != wanted:
         differ = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))
-        raise ConfigError(f"resume: {cfg.resume} was trained with another denoiser (denoiser.{differ[0]}: "
+        raise ConfigError(f"resume: {cfg.resume} was trained with another {net} ({net}.{differ[0]}: "
                           f"{trained.get(differ[0])!r} there, {wanted.get(differ[0])!r} here); resume with the "
                           "run's own config")
 

@@ -126,32 +126,49 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     from lightning.pytorch.loggers import MLFlowLogger
     from omegaconf import OmegaConf, open_dict
 
+    from scidiff.cli.errors import ConfigError
     from scidiff.training import AtomicCheckpointIO, ResumableDataModule, safe_torch_load
     from scidiff.training.callbacks import RunArtifacts
     from scidiff.training.tracking import open_run
     from scidiff.inference.tracking import store_lock
 
     checkpoint = safe_torch_load(ckpt) if ckpt is not None else {}
-    inner = open_data(cfg, checkpoint.get("ResumableDataModule"))
+    first_stage = load_first_stage(cfg)
+    inner = open_data(cfg, checkpoint.get("ResumableDataModule"), first_stage)
     datamodule = ResumableDataModule(inner)
     meta = inner.metadata
-    if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
-        with open_dict(cfg):
-            cfg.diffusion.sigma_data = round(inner.statistics.normalised_rms(), 6)
-    denoiser = hu.instantiate(
-        cfg.denoiser,
-        in_channels=meta.num_channels,
-        dims=len(meta.spatial_dims),
-        num_params=len(meta.param_names),
-        field_channels=len(meta.field_names),
-    )
-    diffusion = hu.instantiate(cfg.diffusion)
     optimizer = hu.instantiate(cfg.optimizer)
     lr_scheduler = hu.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") is not None else None
-    module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion, optimizer=optimizer,
-                                        lr_scheduler=lr_scheduler)
+    run_info: dict[str, Any] = {}
+    if cfg.stage == "autoencoder":
+        autoencoder = hu.instantiate(cfg.autoencoder, in_channels=meta.num_channels, dims=len(meta.spatial_dims))
+        try:
+            autoencoder.latent_shape(meta.spatial_shape)
+        except ValueError as exc:
+            raise ConfigError(f"autoencoder.{exc}") from None
+        module = hu.instantiate(cfg.module)(autoencoder=autoencoder, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    else:
+        latent = None
+        if first_stage is not None:
+            latent = latent_codec(cfg, first_stage, inner, fit=not checkpoint)
+            run_info["latent"] = {"checkpoint": str(first_stage.checkpoint), "sha256": first_stage.sha256,
+                                  "mlflow_run_id": first_stage.mlflow_run_id, "global_step": first_stage.global_step,
+                                  "posterior": latent.posterior, "net_config": first_stage.net_config}
+        if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
+            with open_dict(cfg):  # a latent is normalised per channel: its scale is 1
+                cfg.diffusion.sigma_data = 1.0 if latent is not None else round(inner.statistics.normalised_rms(), 6)
+        denoiser = hu.instantiate(
+            cfg.denoiser,
+            in_channels=latent.latent_channels if latent is not None else meta.num_channels,
+            dims=len(meta.spatial_dims),
+            num_params=len(meta.param_names),
+            field_channels=len(meta.field_names),
+        )
+        diffusion = hu.instantiate(cfg.diffusion)
+        module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion, optimizer=optimizer,
+                                            lr_scheduler=lr_scheduler, latent=latent)
     config = OmegaConf.to_container(cfg, resolve=True)
-    module.run_info = {"config": config}
+    module.run_info = {"config": config, **run_info}
 
     previous = dict(checkpoint.get("scidiff", {}))
     logger = None
@@ -189,11 +206,54 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
             "start_step": int(checkpoint.get("global_step", 0))}
 
 
-def open_data(cfg, state: dict[str, Any] | None = None):
+def load_first_stage(cfg):
+    """The autoencoder a latent diffusion run names (``latent.autoencoder``), or ``None``."""
+    from scidiff.cli.errors import ConfigError
+    from scidiff.inference.checkpoint import CheckpointError, load_autoencoder
+
+    if cfg.get("latent") is None:
+        return None
+    try:
+        return load_autoencoder(cfg.latent.autoencoder, tracking_uri=cfg.latent.get("tracking_uri"))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def latent_codec(cfg, first_stage, inner, *, fit: bool):
+    """The frozen codec of a latent run: ``first_stage``'s autoencoder, checked against the data,
+    with the latent's per-channel statistics over (up to ``latent.statistics_samples`` fields of)
+    the training split; ``fit=False`` when a checkpoint's statistics will be restored."""
+    import numpy as np
+    import torch
+
+    from scidiff.cli.errors import ConfigError
+    from scidiff.inference.checkpoint import CheckpointError
+    from scidiff.nets.latent import LatentCodec
+
+    try:
+        first_stage.check_data(inner.metadata)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    codec = LatentCodec(first_stage.autoencoder, posterior=cfg.latent.get("posterior", "mean"))
+    if fit:
+        train = inner.datasets["train"]
+        limit = int(cfg.latent.get("statistics_samples", 4096))
+        indices = np.asarray(train.indices)[:limit]
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        batches = (train.read_batch(indices[i:i + 64])["x"] for i in range(0, indices.size, 64))
+        try:
+            codec.fit(batches, generator=g)
+        except ValueError as exc:
+            raise ConfigError(f"latent.autoencoder: {exc}") from None
+    return codec
+
+
+def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None):
     """The run's data module, set up: split, statistics (restored from ``state``, a
     checkpoint's data-module state, when resuming) and every split's values checked.
-    A store or a data config that cannot be used is a ``ConfigError`` naming ``data``,
-    before any training."""
+    A latent run normalises its fields with the statistics of its autoencoder
+    (``first_stage``). A store or a data config that cannot be used is a ``ConfigError``
+    naming ``data``, before any training."""
     import hydra.utils as hu
     from hydra.errors import InstantiationException
 
@@ -205,12 +265,26 @@ def open_data(cfg, state: dict[str, Any] | None = None):
             inner.load_state_dict(state)
         inner.setup("fit")
     except (InstantiationException, ValueError, KeyError, OSError) as exc:
-        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ is not None else exc
-        text = str(cause).strip() or type(cause).__name__
-        if isinstance(cause, KeyError):
-            text = f"no variable or dim {text} in the store"
-        raise ConfigError(f"data ({cfg.data.get('path')}): {text}") from exc
+        raise _data_error(cfg, exc) from exc
+    if first_stage is not None and not state:
+        try:
+            inner.adopt_x_statistics(first_stage.statistics, f"latent.autoencoder: {first_stage.checkpoint}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return inner
+
+
+def _data_error(cfg, exc: BaseException):
+    """The ``ConfigError`` naming ``data`` for an error opening or setting up the data."""
+    from hydra.errors import InstantiationException
+
+    from scidiff.cli.errors import ConfigError
+
+    cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ is not None else exc
+    text = str(cause).strip() or type(cause).__name__
+    if isinstance(cause, KeyError):
+        text = f"no variable or dim {text} in the store"
+    return ConfigError(f"data ({cfg.data.get('path')}): {text}")
 
 
 def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
@@ -220,20 +294,30 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
 
     from scidiff.training.budget import budget_warning, estimate_step
 
+    from scidiff.training.autoencoder import AsDenoiser
+
     trainer, module, dm = parts["trainer"], parts["module"], parts["datamodule"]
-    denoiser = module.denoiser
+    latent = getattr(module, "latent", None)
+    if hasattr(module, "autoencoder"):
+        net, what = AsDenoiser(module.autoencoder), "FieldAutoencoder"
+    else:
+        net, what = module.denoiser, type(module.denoiser).__name__
+        if latent is not None:
+            what += f" on the latent {'x'.join(map(str, latent.latent_shape(dm.metadata.spatial_shape)))}"
     sizes = " / ".join(f"{len(dm.datasets[s])} {s}" for s in ("train", "val", "test") if s in dm.datasets)
     device = trainer.strategy.root_device
     total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     steps = f"steps {parts['start_step']} -> {total}" if parts["start_step"] else f"{total or '?'} steps"
-    line = (f"scidiff-train: run {cfg.run_dir} | {type(denoiser).__name__} "
-            f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.3g} M parameters | data {cfg.data.path} "
+    line = (f"scidiff-train: run {cfg.run_dir} | {what} "
+            f"{sum(p.numel() for p in net.parameters()) / 1e6:.3g} M parameters | data {cfg.data.path} "
             f"({sizes}) | {steps} on {device.type} x{trainer.world_size}")
     sample = dm.datasets["train"][0]
     batch = {k: torch.empty((dm.batch_size, *v.shape), device="meta") for k, v in sample.items()
              if k in ("x", "params", "fields", "embedding")}
+    if latent is not None:  # the denoiser's input; encoding costs one encoder forward, not counted
+        batch["x"] = torch.empty((dm.batch_size, *latent.latent_shape(dm.metadata.spatial_shape)), device="meta")
     try:
-        estimate = estimate_step(denoiser, batch)
+        estimate = estimate_step(net, batch)
     except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
         return line + f" | cost not estimated ({type(exc).__name__})", None
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

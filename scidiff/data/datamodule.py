@@ -217,6 +217,24 @@ class FieldDataModule:
             stats.save(path)
         return stats
 
+    def adopt_x_statistics(self, other: Statistics, what: str) -> None:
+        """Normalise the target with ``other``'s statistics (those of another run on the same
+        variables: a latent diffusion run normalises its fields as its autoencoder was trained).
+        Call after :meth:`setup`; ``ValueError`` naming ``what`` when the variables or their
+        transforms differ."""
+        import dataclasses
+
+        mine = self._need_stats()
+        names = [c.name for c in mine.x]
+        theirs = [c.name for c in other.x]
+        if names != theirs:
+            raise ValueError(f"{what} normalised the variables {theirs}, the data config has {names}")
+        for a, b in zip(mine.x, other.x):
+            if (a.pointwise, a.log_offset) != (b.pointwise, b.log_offset):
+                raise ValueError(f"{what} transformed {a.name} with {b.pointwise}, the data config with {a.pointwise}")
+        self.statistics = dataclasses.replace(mine, x=tuple(other.x))
+        self._build_datasets()
+
     def _build_datasets(self) -> None:
         self._base.set_statistics(self.statistics)  # validates the channels against the config
         self.datasets = {name: self._base.subset(self.split_indices[name]) for name in SPLIT_NAMES}

@@ -1,6 +1,11 @@
 """The likelihood side of an evaluation: the variational bound of every data sample, its
 variants and the probability-flow ODE NLL, in bits/dim of the data in physical units.
 
+For a latent diffusion model these are bounds on the NLL of its *normalised latent*
+``z = (E(x) - mu) / sigma`` in bits per latent dimension, named ``latent_bpd``,
+``latent_ode_bpd``, ...: the decoder is deterministic, so the model defines no density
+of the data, and a latent bound is not comparable with a field-space model's ``bpd``.
+
 :class:`Likelihoods` computes, one sample at a time with the generator keyed by the
 sample's store index (so nothing depends on the batch or the ranks):
 
@@ -46,6 +51,12 @@ class Likelihoods:
 
     def __init__(self, pretrained, dm, s: EvaluationSettings, device: torch.device, weights: Tensor | None,
                  true_ll: TrueLogLikelihood | None = None) -> None:
+        # a latent model's bound is of its normalised latent: no log-determinant, no area weights
+        # (the latent grid is not the data's), no true NLL of the data, every name prefixed latent_
+        self.latent = getattr(pretrained, "latent", None) is not None
+        self.prefix = "latent_" if self.latent else ""
+        if self.latent:
+            weights, true_ll = None, None
         self.p, self.s, self.weights, self.true = pretrained, s, weights, true_ll
         self.variants = _bound_variants(pretrained, s.bound) if s.bound.enabled else []
         names = (["", "model", *self.variants] if s.bound.enabled else []) + (["ode"] if s.ode.enabled else [])
@@ -55,7 +66,8 @@ class Likelihoods:
             nll, gap = true_ll.prefix
             names += [nll, *(f"{gap}/{n}" for n in self.gap_names)]
         self.bpd = {n: BitsPerDim().to(device) for n in names}
-        self.terms = BoundTerms(pretrained.diffusion.num_timesteps).to(device) if s.bound.enabled else None
+        self.terms = (BoundTerms(pretrained.diffusion.num_timesteps).to(device) if s.bound.enabled and not self.latent
+                      else None)
         self.tables: dict[str, Any] = {v: v for v in self.variants}
         if "optimal" in self.tables:
             self.tables["optimal"] = _optimal_variance(pretrained, dm, s.bound, s, device, weights)
@@ -66,11 +78,22 @@ class Likelihoods:
         return variant or self.p.diffusion.variance
 
     def update(self, x, x_phys, cond, mask, store_idx, add_row) -> None:
+        """``x`` normalised data ``[B, C, *S]`` (``x_phys``: in physical units); for a latent
+        model the data are encoded here and the bound is the latent's."""
         s = self.s
         if not (s.bound.enabled or s.ode.enabled):
             return
         tic = time.perf_counter()
-        log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
+        if self.latent:
+            x = self.p.latent.encode(x.float())
+            mask = None
+            log_det = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            prefix, rows = self.prefix, add_row
+
+            def add_row(name: str, value: Tensor) -> None:
+                rows(prefix + name, value)
+        else:
+            log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
         dims = (mask.expand_as(x).flatten(1).sum(1) if mask is not None
                 else torch.full((x.shape[0],), float(x[0].numel()), device=x.device)).to(torch.float64)
         true_bpd = None
@@ -129,6 +152,12 @@ class Likelihoods:
 
     def results(self, per_sample: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Scalars (collectives under DDP: call on every rank)."""
+        if self.latent:
+            rows = {k[len(self.prefix):]: v for k, v in per_sample.items() if k.startswith(self.prefix)}
+            return {self.prefix + k: v for k, v in self._results(rows).items()}
+        return self._results(per_sample)
+
+    def _results(self, per_sample: Mapping[str, np.ndarray]) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.s.bound.enabled:
             out["bpd"] = float(self.bpd[""].compute())
@@ -148,6 +177,9 @@ class Likelihoods:
                     out[f"bpd_mc_se/{v}"] = float(np.sqrt(np.sum(se**2)) / se.size)
             if self.terms is not None:
                 self.terms_result = self.terms.compute().cpu().numpy()
+            if self.latent:  # bpd_model and log_det_bpd equal bpd and 0: not repeated
+                for key in ("bpd_model", "log_det_bpd"):
+                    out.pop(key)
         if self.s.ode.enabled:
             out["ode_bpd"] = float(self.bpd["ode"].compute())
             out["ode_bpd_se"] = float(self.bpd["ode"].standard_error())

@@ -126,13 +126,18 @@ class EnsembleSource:
 def generate_members(pretrained, x: Tensor, cond: Conditioning | None, store_idx: np.ndarray, *, members: int,
                      seed: int, sampler: Sampler, guidance: GuidanceSpec, device: torch.device) -> Tensor:
     """``members`` samples per data sample, ``[B, M, C, *S]`` normalised; member k of store
-    sample j draws its x_T and its sampler noise from the generator keyed (seed, 2, j, k)."""
+    sample j draws its x_T and its sampler noise from the generator keyed (seed, 2, j, k).
+    A latent model samples latents and decodes them."""
     b, m = x.shape[0], members
     gens = [generator(seed, 2, int(j), k) for j in store_idx for k in range(m)]
-    x_T = initial_noise(x.shape[1:], gens, device, x.dtype)
+    latent = getattr(pretrained, "latent", None)
+    shape = pretrained.sample_shape if latent is not None else x.shape[1:]
+    x_T = initial_noise(shape, gens, device, x.dtype)
     rep = None if cond is None else cond.map(lambda v: v.repeat_interleave(m, dim=0))
     out = sample_model(pretrained.denoiser, pretrained.diffusion, x_T, rep, sampler=sampler, guidance=guidance,
                        generator=gens)
+    if latent is not None:
+        out = latent.decode(out)
     return out.reshape(b, m, *x.shape[1:])
 
 

@@ -76,7 +76,9 @@ UNITS_NOTE = (
     "energy_score: normalised units; spread_skill, std_ratio, rank_deviation: dimensionless; "
     "spectral_error: mean over wavenumber shells of |ln(P_samples(k)/P_data(k))|, dimensionless "
     "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
-    "with the nearest conditions (the noise floor)."
+    "with the nearest conditions (the noise floor). Latent models: latent_bpd etc. bound the NLL of the "
+    "normalised latent, bits per latent dimension (not comparable with bpd); autoencoder_rmse/<variable>: "
+    "the autoencoder's reconstruction error in the variable's units, autoencoder_spectral_error: its spectral error."
 )
 
 
@@ -91,9 +93,9 @@ def netcdf_engine() -> str:
         return "scipy"
 
 
-_PER_VARIABLE = ("crps", "w1", "bias_rms")  # metric/<variable> in the variable's units
+_PER_VARIABLE = ("crps", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
 _DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation",
-                  "spectral_error", "w1_out_of_range", "atoms")
+                  "spectral_error", "w1_out_of_range", "atoms", "autoencoder_spectral_error", "autoencoder_atoms")
 
 
 def metric_units(name: str, channel_units: dict[str, str]) -> str:
@@ -470,6 +472,14 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
             parts.append("variances: " + ", ".join(extra))
     if "ode_bpd" in s:
         parts.append(f"ODE NLL {s['ode_bpd']:.4f} ± {s['ode_bpd_se']:.4f} bits/dim")
+    if "latent_bpd" in s:
+        parts.append(f"latent bound {s['latent_bpd']:.4f} ± {s.get('latent_bpd_se', float('nan')):.4f} bits per "
+                     "latent dimension (a bound on the latent's NLL, not the data's)")
+    if "latent_ode_bpd" in s:
+        parts.append(f"latent ODE NLL {s['latent_ode_bpd']:.4f} ± {s['latent_ode_bpd_se']:.4f} bits per latent dimension")
+    rmse = [f"{k.split('/', 1)[1]} {v:.4g}" for k, v in s.items() if k.startswith("autoencoder_rmse/")]
+    if rmse:
+        parts.append("autoencoder reconstruction RMSE " + ", ".join(rmse))
     for nll, gap, label in (("true_nll_bpd", "gap", "true NLL"),
                             ("conditional_nll_bpd", "gap_conditional", "conditional NLL (not the marginal)")):
         if nll in s:

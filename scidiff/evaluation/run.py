@@ -63,8 +63,10 @@ from scidiff.evaluation.data import (
 )
 from scidiff.evaluation.floor import FloorEnsemble, prefixed
 from scidiff.evaluation.members import EnsembleSource, generate_members
+from scidiff.evaluation.reconstruction import ReconstructionMetrics
 from scidiff.evaluation.result import Evaluation, EvaluationError
 from scidiff.evaluation.settings import EvaluationSettings
+from scidiff.evaluation.suite import atoms_enabled, metric_name
 from scidiff.evaluation.verdict import judge
 from scidiff.inference.runtime import DeviceError, current_context, resolve_device
 
@@ -114,7 +116,7 @@ def evaluate(
     weights = area_weights(meta, s.metrics.area_weights)
 
     true_ll = None
-    if s.bound.enabled or s.ode.enabled:
+    if (s.bound.enabled or s.ode.enabled) and not pretrained.is_latent:  # a latent model has no density of x
         true_ll = true_log_likelihood(dm, pretrained, indices, s.metrics.true_loglik_variable)
     if true_ll is not None and weights is not None:
         warnings.warn(f"metrics.true_loglik_variable: {true_ll.variable} is ignored: with area weights the bound is a "
@@ -126,6 +128,10 @@ def evaluate(
                       "gap_conditional/*, not true_nll_bpd", stacklevel=2)
     likelihoods = Likelihoods(pretrained, dm, s, dev, weights, true_ll)
     metrics = s.metrics.build(pretrained, members, dev) if sampling else None
+    recon = None
+    if pretrained.is_latent:
+        recon = ReconstructionMetrics(pretrained, s.metrics, dev, [metric_name(n) for n in meta.channel_names],
+                                      atoms=atoms_enabled(meta, s.metrics.atoms))
     floor = _floor(dm, reader, pretrained, indices, members, s, sampling, dev)
     rows: dict[str, list[np.ndarray]] = {}
     panels: list[tuple[Tensor, Tensor]] = []
@@ -151,6 +157,8 @@ def evaluate(
             x_phys = xt.inverse(x.to(torch.float64))
             add_row("index", torch.from_numpy(store_idx))
             likelihoods.update(x, x_phys, cond, mask, store_idx, add_row)
+            if recon is not None:
+                recon.update(x, x_phys, mask)
             if metrics is not None:
                 tic = time.perf_counter()
                 if source is not None:
@@ -188,6 +196,8 @@ def evaluate(
     scalars.update(likelihoods.results(per_sample))
     if s.bound.enabled:
         scalars["bound_seconds_per_1000"] = 1000.0 * max(t[0] / max(t[2], 1) for t in timing)
+    if recon is not None:
+        scalars.update(recon.results(ctx))
     spectra, rank_hist, maps = (None, None, None), None, {}
     if metrics is not None:
         more, spectra, rank_hist, maps = metrics.results()
@@ -214,7 +224,13 @@ def evaluate(
         "floor": (floor[0].describe() if floor is not None else "none: sampling is off" if not sampling
                   else "none: floor.enabled is false"),
         "seed": s.seed, "device": str(dev),
+        "likelihood": ("none" if not (s.bound.enabled or s.ode.enabled) else
+                       "latent: bounds on -log2 p(z) per dimension of the normalised latent z = (E(x) - mu) / sigma "
+                       "of the autoencoder (not of the data: the decoder is deterministic)" if pretrained.is_latent
+                       else "data: bounds on -log2 p(x) per dimension of the data"),
     }
+    if pretrained.is_latent:
+        info["autoencoder"] = str(pretrained.latent_info.get("checkpoint", ""))
     return Evaluation(
         split=s.split, indices=store_order, scalars=scalars, per_sample=per_sample, terms=likelihoods.terms_result,
         wavenumber=spectra[0], power_data=spectra[1], power_samples=spectra[2], rank_histogram=rank_hist,

@@ -121,14 +121,14 @@ class SampleMetrics:
         c, shape = meta.num_channels, tuple(meta.spatial_shape)
         spacing = grid_spacing(meta)
         self.members = members
-        self.names = [_clean(n) for n in meta.channel_names]
+        self.names = [metric_name(n) for n in meta.channel_names]
         self.m: dict[str, Any] = {
             "crps": CRPS(c), "crps_map": CRPS(c, spatial_shape=shape), "spread_skill": SpreadSkillRatio(c),
             "energy": EnergyScore(), "rank": RankHistogram(c, members), "maps": BiasStdMaps(c, shape),
             "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=settings.wasserstein_bins),
             "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=settings.spectral_max_wavenumber),
         }
-        if _atoms_enabled(meta, settings.atoms):
+        if atoms_enabled(meta, settings.atoms):
             for name in ("atoms_samples", "atoms_data"):
                 self.m[name] = AtomCounts(c, settings.atom_threshold, voxel_volume=float(np.prod(spacing)),
                                           min_distance=settings.atom_min_distance)
@@ -185,7 +185,7 @@ class SampleMetrics:
         return scalars, spectra, rank_hist, maps
 
 
-def _clean(name: str) -> str:
+def metric_name(name: str) -> str:
     """An MLflow-safe metric name part (letters, digits, _ - . space)."""
     return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in str(name))
 
@@ -199,7 +199,7 @@ def _nanmean(maps: Tensor) -> Tensor:
     return torch.nanmean(maps.reshape(maps.shape[0], -1), dim=1)
 
 
-def _atoms_enabled(metadata, mode: str) -> bool:
+def atoms_enabled(metadata, mode: str) -> bool:
     """Whether the atom counts apply: ``on`` (3-D fields only), ``off``, or ``auto``: 3-D number densities."""
     if mode == "on":
         if len(metadata.spatial_shape) != 3:
@@ -227,4 +227,5 @@ def _value_ranges(pretrained) -> list[tuple[float, float]]:
     return out
 
 
-__all__ = ["FieldMetricSuite", "MetricSettings", "SampleMetrics", "as_suite", "suite_class"]
+__all__ = ["FieldMetricSuite", "MetricSettings", "SampleMetrics", "as_suite", "atoms_enabled", "metric_name",
+           "suite_class"]

@@ -33,6 +33,8 @@ from scidiff.data.dataset import FieldMetadata
 from scidiff.data.statistics import Statistics
 from scidiff.data.transforms import ChannelTransform
 from scidiff.diffusion import GaussianDiffusion
+from scidiff.nets.autoencoder import FieldAutoencoder
+from scidiff.nets.latent import LatentCodec
 from scidiff.inference.tracking import (
     MODELS,
     RUNS,
@@ -71,6 +73,11 @@ class Pretrained:
             :func:`scidiff.inference.tracking.checkpoint_tracking_uri` finds it).
         source_tracking_uri: the MLflow store the checkpoint was downloaded from (``runs:/``,
             ``models:/``, a run id), else ``None``.
+        latent: for a latent diffusion model, its :class:`~scidiff.nets.latent.LatentCodec`
+            (the frozen autoencoder and the latent's statistics, from the checkpoint); the
+            model units are then the normalised latent, and :meth:`to_model` /
+            :meth:`to_physical` encode / decode. ``latent_info``: the autoencoder run it came
+            from (checkpoint, sha256, MLflow run).
     """
 
     denoiser: nn.Module
@@ -86,6 +93,8 @@ class Pretrained:
     mlflow_tracking_uri: str | None = None
     split_indices: Mapping[str, list[int]] = field(default_factory=dict)
     source_tracking_uri: str | None = None
+    latent: LatentCodec | None = None
+    latent_info: Mapping[str, Any] = field(default_factory=dict)
 
     # -- units ---------------------------------------------------------------------------
     @property
@@ -97,13 +106,24 @@ class Pretrained:
     def param_names(self) -> tuple[str, ...]:
         return tuple(self.metadata.param_names)
 
+    @property
+    def is_latent(self) -> bool:
+        return self.latent is not None
+
     def to_physical(self, x: Tensor) -> Tensor:
-        """Normalised ``[B, C, *S]`` -> physical units."""
+        """Model units (what the denoiser generates: normalised fields ``[B, C, *S]``, or for a
+        latent model normalised latents ``[B, L, *S']``, decoded) -> physical fields."""
+        if self.latent is not None:
+            x = self.latent.decode(x)
         return self.x_transform.inverse(x)
 
     def to_model(self, x: Tensor) -> Tensor:
-        """Physical ``[B, C, *S]`` -> normalised (what the denoiser sees)."""
-        return self.x_transform(x)
+        """Physical fields ``[B, C, *S]`` -> model units (normalised; for a latent model,
+        encoded with the posterior mean and normalised)."""
+        x = self.x_transform(x)
+        if self.latent is not None:
+            x = self.latent.encode(x.to(torch.float32))
+        return x
 
     def params_to_model(self, params: Tensor) -> Tensor:
         """Physical parameters ``[B, P]`` (order of ``param_names``) -> normalised."""
@@ -124,9 +144,16 @@ class Pretrained:
         return out
 
     @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """``(C, *S)`` of one field."""
+    def field_shape(self) -> tuple[int, ...]:
+        """``(C, *S)`` of one field (physical)."""
         return (self.metadata.num_channels, *self.metadata.spatial_shape)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """``(C, *S)`` of what the denoiser generates: a field, or a latent ``(L, *S')``."""
+        if self.latent is not None:
+            return self.latent.latent_shape(self.metadata.spatial_shape)
+        return self.field_shape
 
     def tracking_uri(self, explicit: str | None = None) -> str:
         """The MLflow store of the training run (``explicit`` when given):
@@ -137,7 +164,51 @@ class Pretrained:
 
     def to(self, device: torch.device | str) -> Pretrained:
         self.denoiser.to(device)
+        if self.latent is not None:
+            self.latent.to(device)
         return self
+
+
+@dataclass
+class TrainedAutoencoder:
+    """The first stage of a latent diffusion model, as trained by ``scidiff-train stage=autoencoder``.
+
+    Attributes:
+        autoencoder: the :class:`~scidiff.nets.autoencoder.FieldAutoencoder`, eval mode, frozen.
+        metadata, statistics: the data it was trained on (its normalisation of the fields).
+        config: the run's resolved config; ``net_config`` the autoencoder's own, with its shape.
+        checkpoint, sha256, global_step, mlflow_run_id: where it comes from.
+    """
+
+    autoencoder: FieldAutoencoder
+    metadata: FieldMetadata
+    statistics: Statistics
+    config: dict[str, Any]
+    net_config: dict[str, Any]
+    checkpoint: Path
+    sha256: str
+    global_step: int
+    mlflow_run_id: str | None = None
+
+    def check_data(self, metadata: FieldMetadata, what: str = "latent.autoencoder") -> None:
+        """Raise ``CheckpointError`` naming ``what`` when the data's variables, rank or grid
+        differ from those the autoencoder was trained on."""
+        mine = self.metadata
+        if tuple(metadata.channel_names) != tuple(mine.channel_names):
+            raise CheckpointError(f"{what}: {self.checkpoint} was trained on the variables {list(mine.channel_names)}, "
+                                  f"the data has {list(metadata.channel_names)}")
+        if len(metadata.spatial_dims) != len(mine.spatial_dims):
+            raise CheckpointError(f"{what}: {self.checkpoint} is a {len(mine.spatial_dims)}-D autoencoder "
+                                  f"({list(mine.spatial_dims)}), the data is {len(metadata.spatial_dims)}-D "
+                                  f"({list(metadata.spatial_dims)})")
+        if tuple(metadata.spatial_shape) != tuple(mine.spatial_shape):
+            raise CheckpointError(f"{what}: {self.checkpoint} was trained on the grid "
+                                  f"{dict(zip(mine.spatial_dims, mine.spatial_shape))}, the data's is "
+                                  f"{dict(zip(metadata.spatial_dims, metadata.spatial_shape))}")
+        try:
+            self.autoencoder.latent_shape(metadata.spatial_shape)
+        except ValueError as exc:
+            raise CheckpointError(f"{what}: {exc}") from None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
@@ -232,6 +303,86 @@ def _datamodule_state(ckpt: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def _read(ref: str | os.PathLike, tracking_uri: str | None, key: str = "checkpoint"
+          ) -> tuple[Path, str | None, Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+    """``(path, source store, checkpoint, its scidiff info, config, data-module state)`` of a
+    checkpoint written by ``scidiff-train``; ``CheckpointError`` starting with ``key`` otherwise."""
+    try:
+        path, source = fetch_checkpoint(ref, tracking_uri)
+    except CheckpointError as exc:
+        text = str(exc)
+        raise CheckpointError(key + text[len("checkpoint"):] if text.startswith("checkpoint") else text) from None
+    try:
+        ckpt = safe_torch_load(path)
+    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
+        raise CheckpointError(f"{key}: {path} is not a readable torch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{key}: {path} has no state_dict (not a Lightning checkpoint)")
+    info = ckpt.get("scidiff") or {}
+    config = info.get("config")
+    dm_state = _datamodule_state(ckpt)
+    if not isinstance(config, Mapping) or dm_state is None:
+        raise CheckpointError(
+            f"{key}: {path} was not written by scidiff-train (missing its config or normalisation statistics)"
+        )
+    return path, source, ckpt, info, config, dm_state
+
+
+def autoencoder_net_config(config: Mapping[str, Any], metadata: FieldMetadata) -> dict[str, Any]:
+    """The autoencoder's constructor config with the data's shape (channels, rank)."""
+    net = dict(config["autoencoder"])
+    net.update(in_channels=metadata.num_channels, dims=len(metadata.spatial_dims))
+    return net
+
+
+def load_autoencoder(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
+                     key: str = "latent.autoencoder") -> TrainedAutoencoder:
+    """Load an autoencoder trained with ``scidiff-train stage=autoencoder`` (``ref`` as for
+    :func:`load_pretrained`); errors name ``key``."""
+    import hydra.utils as hu
+
+    path, _, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
+    if config.get("stage") != "autoencoder" or config.get("autoencoder") is None:
+        raise CheckpointError(f"{key}: {path} is a diffusion model's checkpoint, not an autoencoder's "
+                              "(train one with scidiff-train stage=autoencoder, e.g. experiment=grf_autoencoder)")
+    metadata = FieldMetadata.from_state(dm_state["metadata"])
+    net_config = autoencoder_net_config(config, metadata)
+    autoencoder = hu.instantiate(net_config)
+    weights = {k[len("autoencoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
+    try:
+        autoencoder.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{key}: {path}: weights do not fit the configured autoencoder ({first})") from None
+    autoencoder.to(device).eval().requires_grad_(False)
+    return TrainedAutoencoder(
+        autoencoder=autoencoder, metadata=metadata, statistics=Statistics.from_state(dm_state["statistics"]),
+        config=dict(config), net_config=net_config, checkpoint=path.resolve(), sha256=file_sha256(path),
+        global_step=int(ckpt.get("global_step", 0)), mlflow_run_id=info.get("mlflow_run_id"),
+    )
+
+
+def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tensor]) -> LatentCodec:
+    """The latent codec stored in a latent diffusion model's checkpoint."""
+    import hydra.utils as hu
+
+    latent = info["latent"]
+    codec = LatentCodec(hu.instantiate(dict(latent["net_config"])), posterior=latent.get("posterior", "mean"))
+    weights = {k[len("latent."):]: v for k, v in state.items() if k.startswith("latent.")}
+    if not any(k.startswith("autoencoder.") for k in weights):
+        raise CheckpointError(f"checkpoint: {path} is a latent diffusion model but holds no autoencoder weights "
+                              "(latent.autoencoder.*): it cannot decode its samples; use the checkpoint "
+                              "scidiff-train wrote")
+    try:
+        codec.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint: {path}: the autoencoder weights do not fit its config ({first})") from None
+    if not bool(codec.fitted):
+        raise CheckpointError(f"checkpoint: {path}: the latent statistics were never computed")
+    return codec
+
+
 def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
                     use_ema: bool = True) -> Pretrained:
     """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be).
@@ -242,31 +393,22 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     """
     import hydra.utils as hu
 
-    path, source = fetch_checkpoint(ref, tracking_uri)
-    try:
-        ckpt = safe_torch_load(path)
-    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
-        raise CheckpointError(f"checkpoint: {path} is not a readable torch checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        raise CheckpointError(f"checkpoint: {path} has no state_dict (not a Lightning checkpoint)")
-    info = ckpt.get("scidiff") or {}
-    config = info.get("config")
-    dm_state = _datamodule_state(ckpt)
-    if not isinstance(config, Mapping) or dm_state is None:
-        raise CheckpointError(
-            f"checkpoint: {path} was not written by scidiff-train (missing its config or normalisation statistics)"
-        )
+    path, source, ckpt, info, config, dm_state = _read(ref, tracking_uri)
+    if config.get("stage") == "autoencoder":
+        raise CheckpointError(f"checkpoint: {path} is an autoencoder (stage=autoencoder), not a diffusion model; "
+                              "give it as latent.autoencoder of a latent diffusion run (e.g. experiment=grf_latent)")
     metadata = FieldMetadata.from_state(dm_state["metadata"])
     statistics = Statistics.from_state(dm_state["statistics"])
+    state = ckpt["state_dict"]
+    latent = _latent_codec(path, info, state) if info.get("latent") else None
     denoiser = hu.instantiate(
         config["denoiser"],
-        in_channels=metadata.num_channels,
+        in_channels=latent.latent_channels if latent is not None else metadata.num_channels,
         dims=len(metadata.spatial_dims),
         num_params=len(metadata.param_names),
         field_channels=len(metadata.field_names),
     )
     diffusion = hu.instantiate(config["diffusion"])
-    state = ckpt["state_dict"]
     prefix = "ema.model." if use_ema and any(k.startswith("ema.model.") for k in state) else "denoiser."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
@@ -275,6 +417,8 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint: {path}: weights do not fit the configured denoiser ({first})") from None
     denoiser.to(device).eval().requires_grad_(False)
+    if latent is not None:
+        latent.to(device).eval().requires_grad_(False)
     return Pretrained(
         denoiser=denoiser,
         diffusion=diffusion,
@@ -289,8 +433,10 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         mlflow_tracking_uri=info.get("mlflow_tracking_uri"),
         split_indices=dict(dm_state.get("split_indices") or {}),
         source_tracking_uri=source,
+        latent=latent,
+        latent_info={k: v for k, v in (info.get("latent") or {}).items() if k != "net_config"},
     )
 
 
-__all__ = ["CheckpointError", "Pretrained", "fetch_checkpoint", "file_sha256", "load_pretrained", "resolve_checkpoint",
-           "safe_torch_load"]
+__all__ = ["CheckpointError", "Pretrained", "TrainedAutoencoder", "autoencoder_net_config", "fetch_checkpoint",
+           "file_sha256", "load_autoencoder", "load_pretrained", "resolve_checkpoint", "safe_torch_load"]

@@ -1,8 +1,11 @@
-"""Denoisers for fields of spatial rank 1, 2 or 3: an ADM UNet and a DiT.
+"""Networks for fields of spatial rank 1, 2 or 3: the denoisers (an ADM UNet and a DiT) and
+the autoencoder of latent diffusion with its latent codec.
 
-Both follow the Denoiser contract ``forward(x [B, C, *S], t [B], cond) -> [B, C_out, *S]``
+The denoisers follow the Denoiser contract ``forward(x [B, C, *S], t [B], cond) -> [B, C_out, *S]``
 and share the conditioning embeddings. Torch only: no Lightning, Hydra or IO here.
 """
+
+from scidiff.nets.autoencoder import DiagonalGaussian, FieldAutoencoder
 
 from scidiff.nets.dit import DiT
 from scidiff.nets.embeddings import (
@@ -13,13 +16,17 @@ from scidiff.nets.embeddings import (
     TimestepEmbedding,
     timestep_embedding,
 )
+from scidiff.nets.latent import LatentCodec
 from scidiff.nets.unet import UNet
 
 __all__ = [
     "ConditionEmbedding",
     "DiT",
+    "DiagonalGaussian",
+    "FieldAutoencoder",
     "FieldConditioning",
     "FourierFeatures",
+    "LatentCodec",
     "ParamEmbedding",
     "TimestepEmbedding",
     "UNet",

@@ -223,7 +223,7 @@ def condition_fields(pretrained, variables: Tensor | None, target: Tensor | None
             from scidiff.data.dataset import coarsen_repeat
 
             valid = torch.isfinite(target)
-            y = pretrained.to_model(target.to(torch.float32))
+            y = pretrained.x_transform(target.to(torch.float32))  # the fields' units, also for a latent model
             y = torch.where(valid, y, torch.zeros((), dtype=y.dtype))
             coarse[factors] = coarsen_repeat(y, valid.to(y.dtype), factors)
         channels.append(coarse[factors][:, meta.channel_names.index(base)])

@@ -100,10 +100,14 @@ def read_inputs(path: str, pretrained) -> Inputs:
 
 
 def model_inputs(pretrained, inputs: Inputs):
-    """(x in model units with missing points 0, valid mask, Conditioning or None)."""
+    """(x in model units with missing points 0, valid mask of the fields, Conditioning or None).
+    A latent model's model units are the latent of the fields (missing points 0 before encoding)."""
     valid = torch.isfinite(inputs.x)
-    y = pretrained.to_model(inputs.x)
+    y = pretrained.x_transform(inputs.x)
     y = torch.where(valid, y, torch.zeros((), dtype=y.dtype))
+    if pretrained.latent is not None:
+        with torch.no_grad():
+            y = pretrained.latent.encode(y.to(torch.float32))
     params = pretrained.params_to_model(inputs.params) if inputs.params is not None else None
     fields = inputs.fields
     cond = None if params is None and fields is None else Conditioning(params=params, fields=fields)
@@ -168,8 +172,13 @@ def write_store(out: Path, *, pretrained, inputs: Inputs, latent, recon_phys, er
         for j, p in enumerate(meta.param_names):
             coords[p] = xr.Variable(("sample",), inputs.params[:, j].numpy().astype(np.float64),
                                     attrs={"units": meta.param_units[j]})
-    data = {"latent": xr.Variable(("sample", "channel", *spatial), latent.numpy().astype(np.float32),
-                                  attrs={"units": "1", "long_name": "DDIM latent noise x_T (model units)"})}
+    if pretrained.latent is not None:  # x_T lives on the autoencoder's latent grid, not the field's
+        latent_dims = ("sample", "latent_channel", *(f"latent_{d}" for d in spatial))
+        long_name = "DDIM noise x_T of the normalised autoencoder latent (model units, latent grid)"
+    else:
+        latent_dims, long_name = ("sample", "channel", *spatial), "DDIM latent noise x_T (model units)"
+    data = {"latent": xr.Variable(latent_dims, latent.numpy().astype(np.float32),
+                                  attrs={"units": "1", "long_name": long_name})}
     for i, name in enumerate(meta.channel_names):
         units = meta.units[i]
         r = recon_phys[:, i]
@@ -221,7 +230,9 @@ def invert(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "refine_steps": int(cfg["refine_steps"]),
         "guidance_scale": float(guidance.scale),
         "guidance_rescale": float(guidance.rescale),
-        "latent_dims": "sample channel " + " ".join(pretrained.metadata.spatial_dims),
+        "latent_dims": " ".join(
+            ("sample", "latent_channel", *(f"latent_{d}" for d in pretrained.metadata.spatial_dims))
+            if pretrained.is_latent else ("sample", "channel", *pretrained.metadata.spatial_dims)),
         "config": json.dumps({**dict(cfg), "sampler": sampler.identity(), "guidance": guidance.identity()},
                              sort_keys=True),
     }

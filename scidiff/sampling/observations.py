@@ -31,6 +31,10 @@ def load_observations(path: str | os.PathLike, pretrained, num_samples: int, *, 
 
     path = Path(path)
     key = "observations.path"
+    if getattr(pretrained, "latent", None) is not None:
+        raise ObservationError("observations: inpainting runs on a field-space model; this checkpoint is a latent "
+                               "diffusion model, whose latent has no grid point for an observation (sample it "
+                               "without observations, or inpaint with a field-space model)")
     if not path.exists():
         raise ObservationError(f"{key}: {path} does not exist")
     try:

@@ -1,5 +1,8 @@
-"""Lightning training of scidiff denoisers: ``DiffusionModule``, EMA, resumable data
+"""Lightning training of scidiff models: ``DiffusionModule`` (denoisers, in field or latent
+space), ``AutoencoderModule`` (the first stage of latent diffusion), EMA, resumable data
 order, atomic checkpoints, sample figures and MLflow helpers."""
+
+from scidiff.training.autoencoder import AutoencoderModule
 
 from scidiff.training.checkpoint import AtomicCheckpointIO, atomic_torch_save, newest_checkpoint, safe_torch_load
 from scidiff.training.data import ResumableDataModule, ResumableLoader, ResumableSampler
@@ -10,6 +13,7 @@ from scidiff.training.module import DiffusionModule
 __all__ = [
     "EMA",
     "AtomicCheckpointIO",
+    "AutoencoderModule",
     "DiffusionModule",
     "ResumableDataModule",
     "ResumableLoader",

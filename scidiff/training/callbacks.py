@@ -1,5 +1,5 @@
-"""Callbacks: checkpoints that keep the final weights, sample figures during validation and
-the run's MLflow artifacts."""
+"""Callbacks: checkpoints that keep the final weights, sample (diffusion) and reconstruction
+(autoencoder) figures during validation, and the run's MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -66,6 +66,46 @@ class SampleFigure(Callback):
         fig = samples_figure(data, gen, getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
                              title=f"step {trainer.global_step}: data (top) and DDIM-{self.num_steps} samples")
         path = Path(trainer.default_root_dir) / "figures" / f"samples_step{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        log_artifact(trainer.logger, path, "figures")
+        return path
+
+
+class ReconstructionFigure(Callback):
+    """Every ``every_n_validations`` validations, the first ``num_samples`` validation fields
+    next to their reconstructions through the autoencoder's posterior mean, in physical
+    units; saved to ``<run_dir>/figures/`` and logged to MLflow (rank 0)."""
+
+    def __init__(self, every_n_validations: int = 1, num_samples: int = 4) -> None:
+        if every_n_validations < 1 or num_samples < 1:
+            raise ValueError("ReconstructionFigure: every_n_validations and num_samples must be >= 1")
+        self.every, self.num_samples = int(every_n_validations), int(num_samples)
+        self._count = 0
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._count += 1
+        if (self._count - 1) % self.every == 0 and trainer.is_global_zero:
+            self.last_path = self.draw(trainer, pl_module)
+
+    @torch.no_grad()
+    def draw(self, trainer: L.Trainer, pl_module: Any) -> Path:
+        dm = trainer.datamodule
+        batch = next(iter(dm.val_dataloader()))
+        n = min(self.num_samples, batch["x"].shape[0])
+        x = batch["x"][:n].to(pl_module.device)
+        mask = batch["mask"][:n].to(pl_module.device) if "mask" in batch else None
+        recon = pl_module.reconstruct(x)
+        meta = getattr(dm, "metadata", None)
+        fig = samples_figure(_physical(dm, x, mask).float().cpu().numpy(),
+                             _physical(dm, recon, mask).float().cpu().numpy(),
+                             getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
+                             title=f"step {trainer.global_step}: data (top) and reconstructions")
+        path = Path(trainer.default_root_dir) / "figures" / f"reconstructions_step{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
         plt.close(fig)

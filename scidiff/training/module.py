@@ -20,6 +20,7 @@ from scidiff.diffusion import GaussianDiffusion
 from scidiff.diffusion.guidance import drop_conditions
 from scidiff.inference.generation import DDIM, sample_model
 from scidiff.inference.seeds import key_seed
+from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
 from scidiff.training.ema import EMA
 
@@ -44,6 +45,11 @@ class DiffusionModule(L.LightningModule):
         val_timestep_buckets: the validation loss is also logged per bucket of
             ``T / val_timestep_buckets`` consecutive timesteps (``val/loss_t{lo}-{hi}``).
         seed: seeds every step's randomness together with the rank and the step.
+        latent: for latent diffusion, the frozen :class:`~scidiff.nets.latent.LatentCodec`
+            (autoencoder and per-channel latent statistics, fitted before training): every
+            batch's fields are encoded to the normalised latent the denoiser is trained on.
+            It is part of the state dict, so checkpoints hold the autoencoder and its
+            statistics; it is neither optimised nor averaged.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class DiffusionModule(L.LightningModule):
         cond_dropout: float = 0.0,
         val_timestep_buckets: int = 10,
         seed: int = 0,
+        latent: LatentCodec | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -74,6 +81,7 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout = float(cond_dropout)
         self.num_buckets = int(val_timestep_buckets)
         self.seed = int(seed)
+        self.latent = latent
         # Plain python stored with every checkpoint (run id, resolved config); see on_save_checkpoint.
         self.run_info: dict[str, Any] = {}
         self.loaded_run_info: dict[str, Any] = {}
@@ -93,6 +101,14 @@ class DiffusionModule(L.LightningModule):
             return None
         return Conditioning(params=params, fields=fields)
 
+    def model_input(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
+        """What the denoiser learns to generate, and its mask: the batch's fields, or for a latent
+        run their normalised latents (no mask: the autoencoder filled the missing points)."""
+        if self.latent is None:
+            return batch["x"], batch.get("mask")
+        return self.latent.encode(batch["x"], generator), None
+
     def _generator(self, *keys: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(key_seed(self.seed, *keys))
 
@@ -101,14 +117,14 @@ class DiffusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        x = batch["x"]
         key = (0, self.global_rank, self.global_step)
         g = self._generator(*key)
+        x, mask = self.model_input(batch, g)
         torch.manual_seed(key_seed(self.seed, 1, *key[1:]))  # network dropout
         t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
-        loss = self.diffusion.training_loss(self.denoiser, x, cond, batch.get("mask"), t=t, noise=noise).mean()
+        loss = self.diffusion.training_loss(self.denoiser, x, cond, mask, t=t, noise=noise).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer is not None else None
         if isinstance(sampler, ResumableSampler):
@@ -135,13 +151,13 @@ class DiffusionModule(L.LightningModule):
         self._val_count = torch.zeros(self.num_buckets, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        x = batch["x"]
         # the same timesteps and noise at every validation: curves compare weights, not draws
         g = self._generator(2, self.global_rank, batch_idx)
+        x, mask = self.model_input(batch, g)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         loss = self.diffusion.training_loss(
-            self.sampling_net, x, self.conditioning(batch), batch.get("mask"), t=t, noise=noise
+            self.sampling_net, x, self.conditioning(batch), mask, t=t, noise=noise
         )
         bucket = t * self.num_buckets // self.diffusion.num_timesteps
         self._val_sum.index_add_(0, bucket, loss.detach().to(torch.float64))
@@ -179,17 +195,21 @@ class DiffusionModule(L.LightningModule):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """DDIM samples ``[B, C, *S]`` (normalised units) from the EMA weights, through the
-        generation path every command uses (:func:`scidiff.inference.generation.sample_model`)."""
+        """DDIM samples of fields ``shape = [B, C, *S]`` (normalised units) from the EMA weights,
+        through the generation path every command uses (:func:`scidiff.inference.generation.sample_model`);
+        a latent run samples latents and decodes them."""
+        if self.latent is not None:
+            shape = (shape[0], *self.latent.latent_shape(shape[2:]))
         x_T = torch.randn(shape, device=self.device, generator=generator)
         net = self.sampling_net
         was_training = net.training
         net.eval()
         try:
-            return sample_model(net, self.diffusion, x_T, cond, sampler=DDIM(steps=num_steps, eta=eta),
-                                generator=generator)
+            out = sample_model(net, self.diffusion, x_T, cond, sampler=DDIM(steps=num_steps, eta=eta),
+                               generator=generator)
         finally:
             net.train(was_training)
+        return out if self.latent is None else self.latent.decode(out)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
