@@ -60,6 +60,7 @@ class LatentConfig:
     autoencoder: str                                   # run dir, .ckpt, run id, runs:/ or models:/
     posterior: Literal["mean", "sample"] = "mean"
     statistics_samples: int = 4096                     # training fields the latent statistics are computed over
+    cache: bool = True                                 # posterior mean: encode the training split once, keep it
     tracking_uri: str | None = None                    # the MLflow store of a run id / runs:/ / models:/ reference
 
 

@@ -150,7 +150,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     else:
         latent = None
         if first_stage is not None:
-            latent = latent_codec(cfg, first_stage, inner, fit=not checkpoint)
+            latent, cache = latent_codec(cfg, first_stage, inner, checkpoint.get("state_dict"))
             run_info["latent"] = {"checkpoint": str(first_stage.checkpoint), "sha256": first_stage.sha256,
                                   "mlflow_run_id": first_stage.mlflow_run_id, "global_step": first_stage.global_step,
                                   "posterior": latent.posterior, "net_config": first_stage.net_config}
@@ -165,8 +165,9 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
             field_channels=len(meta.field_names),
         )
         diffusion = hu.instantiate(cfg.diffusion)
+        kwargs = {"latent": latent, "latent_cache": cache} if latent is not None else {}
         module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion, optimizer=optimizer,
-                                            lr_scheduler=lr_scheduler, latent=latent)
+                                            lr_scheduler=lr_scheduler, **kwargs)
     config = OmegaConf.to_container(cfg, resolve=True)
     module.run_info = {"config": config, **run_info}
 
@@ -219,33 +220,44 @@ def load_first_stage(cfg):
         raise ConfigError(str(exc)) from None
 
 
-def latent_codec(cfg, first_stage, inner, *, fit: bool):
-    """The frozen codec of a latent run: ``first_stage``'s autoencoder, checked against the data,
-    with the latent's per-channel statistics over (up to ``latent.statistics_samples`` fields of)
-    the training split; ``fit=False`` when a checkpoint's statistics will be restored."""
+def latent_codec(cfg, first_stage, inner, state: dict[str, Any] | None = None):
+    """The frozen codec of a latent run and the training split's latents (or ``None``).
+
+    The codec is ``first_stage``'s autoencoder, checked against the data, with the latent's
+    per-channel statistics over (up to ``latent.statistics_samples`` fields of) the training
+    split, or restored from ``state`` (a checkpoint's state dict, when resuming). With the
+    posterior mean and ``latent.cache``, the whole training split is encoded once, in blocks
+    of 64 in split order (the same latents in every session, so resumption stays exact)."""
     import numpy as np
     import torch
 
     from scidiff.cli.errors import ConfigError
     from scidiff.inference.checkpoint import CheckpointError
     from scidiff.nets.latent import LatentCodec
+    from scidiff.training.module import LatentCache
 
     try:
         first_stage.check_data(inner.metadata)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     codec = LatentCodec(first_stage.autoencoder, posterior=cfg.latent.get("posterior", "mean"))
-    if fit:
-        train = inner.datasets["train"]
-        limit = int(cfg.latent.get("statistics_samples", 4096))
-        indices = np.asarray(train.indices)[:limit]
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        batches = (train.read_batch(indices[i:i + 64])["x"] for i in range(0, indices.size, 64))
+    train = inner.datasets["train"]
+    indices = np.asarray(train.indices)
+    limit = int(cfg.latent.get("statistics_samples", 4096))
+    cached = codec.posterior == "mean" and bool(cfg.latent.get("cache", True))
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    todo = indices if cached else indices[:limit]
+    raw = [codec.raw(train.read_batch(todo[i:i + 64])["x"], g) for i in range(0, todo.size, 64)]
+    if state:
+        codec.load_state_dict({k[len("latent."):]: v for k, v in state.items() if k.startswith("latent.")},
+                              strict=False)
+    else:
         try:
-            codec.fit(batches, generator=g)
+            codec.fit_latents(torch.cat(raw)[:limit].split(64))
         except ValueError as exc:
             raise ConfigError(f"latent.autoencoder: {exc}") from None
-    return codec
+    cache = LatentCache(indices, codec.normalise(torch.cat(raw))) if cached else None
+    return codec, cache
 
 
 def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None):
@@ -298,18 +310,19 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
 
     trainer, module, dm = parts["trainer"], parts["module"], parts["datamodule"]
     latent = getattr(module, "latent", None)
+    where = ""
     if hasattr(module, "autoencoder"):
         net, what = AsDenoiser(module.autoencoder), "FieldAutoencoder"
     else:
         net, what = module.denoiser, type(module.denoiser).__name__
         if latent is not None:
-            what += f" on the latent {'x'.join(map(str, latent.latent_shape(dm.metadata.spatial_shape)))}"
+            where = f" on the latent {'x'.join(map(str, latent.latent_shape(dm.metadata.spatial_shape)))}"
     sizes = " / ".join(f"{len(dm.datasets[s])} {s}" for s in ("train", "val", "test") if s in dm.datasets)
     device = trainer.strategy.root_device
     total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     steps = f"steps {parts['start_step']} -> {total}" if parts["start_step"] else f"{total or '?'} steps"
     line = (f"scidiff-train: run {cfg.run_dir} | {what} "
-            f"{sum(p.numel() for p in net.parameters()) / 1e6:.3g} M parameters | data {cfg.data.path} "
+            f"{sum(p.numel() for p in net.parameters()) / 1e6:.3g} M parameters{where} | data {cfg.data.path} "
             f"({sizes}) | {steps} on {device.type} x{trainer.world_size}")
     sample = dm.datasets["train"][0]
     batch = {k: torch.empty((dm.batch_size, *v.shape), device="meta") for k, v in sample.items()

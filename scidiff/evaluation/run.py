@@ -16,6 +16,9 @@ checkpoint's normalisation statistics and split indices (never recomputed), and 
   wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``, dimensionless: 0.1 is about
   10% off on a typical scale), fair CRPS, spread-skill ratio, energy score, rank
   histogram, bias/std maps, Wasserstein-1, and for voxel densities the atom counts;
+* for a latent diffusion model, the autoencoder's reconstruction error on the same data
+  (:mod:`scidiff.evaluation.reconstruction`), and bounds on the latent's NLL instead of the
+  data's (:mod:`scidiff.evaluation.bound`);
 * the **noise floor** of every sample metric (``floor/<metric>``): the same metrics for
   ensembles of ``members`` real fields of the store, the nearest neighbours of each
   sample in condition space (:mod:`scidiff.evaluation.floor`), and the **verdict**:
@@ -33,7 +36,8 @@ This module is the loop only; each piece it runs lives in the module named for i
 ``settings``            :class:`~scidiff.evaluation.settings.EvaluationSettings` and its sections
 ``data``                the checkpoint's data module, the split, the grid, the true NLL
 ``members``             the members: generated, or read from a ``scidiff-sample`` store
-``bound``               the bound of every sample, its variants, the ODE NLL, the gaps
+``bound``               the bound of every sample, its variants, the ODE NLL, the gaps (a latent model's: of its latent)
+``reconstruction``      a latent model's autoencoder on the evaluated data
 ``suite``               the sample metrics (:class:`~scidiff.evaluation.suite.FieldMetricSuite`)
 ``floor``, ``verdict``  the noise floor of the sample metrics, and each metric against it
 ``result``              :class:`~scidiff.evaluation.result.Evaluation`, ``EvaluationError``

@@ -15,6 +15,10 @@ run, ``runs:/<run_id>[/artifact]`` or a bare 32-character run id (the run's
 ``models:/<name>/<version>``, ``models:/<name>/latest`` (the highest version) or
 ``models:/<name>@<alias>`` (a version ``scidiff-train register_model=<name>`` registered:
 its source is the run's checkpoint file).
+
+A latent diffusion model's checkpoint also holds its autoencoder and the latent's statistics
+(``Pretrained.latent``); :func:`load_autoencoder` reads the checkpoint of an autoencoder run
+(``scidiff-train stage=autoencoder``), which :func:`load_pretrained` refuses.
 """
 
 from __future__ import annotations

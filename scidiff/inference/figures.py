@@ -26,10 +26,12 @@ def samples_figure(
     channel_names: Sequence[str] = (),
     units: Sequence[str] = (),
     title: str = "",
+    row_labels: tuple[str, str] = ("data", "sample"),
 ) -> Figure:
     """Rows: data then samples (``[N, C, *S]`` each, physical units); one panel per
     member and channel. 1-D fields are line plots, 2-D images, 3-D the middle slice.
-    Data and samples of a channel share one colour scale (or y-range)."""
+    Data and samples of a channel share one colour scale (or y-range); ``row_labels``
+    name the two rows."""
     if data.ndim != samples.ndim or data.shape[1] != samples.shape[1]:
         raise ValueError(f"data {data.shape} and samples {samples.shape} must share channels and rank")
     rank = data.ndim - 2
@@ -41,7 +43,7 @@ def samples_figure(
         both = np.concatenate([data[:n, ch].ravel(), samples[:n, ch].ravel()])
         both = both[np.isfinite(both)]
         lo, hi = (np.percentile(both, [1, 99]) if both.size else (0.0, 1.0))
-        for row, (label, arr) in enumerate((("data", data), ("sample", samples))):
+        for row, (label, arr) in enumerate(zip(row_labels, (data, samples))):
             for j in range(n):
                 ax = axes[2 * ch + row, j]
                 view = _view(arr[j, ch])

@@ -74,9 +74,14 @@ class LatentCodec(nn.Module):
     def fit(self, batches: Iterable[Tensor], generator: torch.Generator | None = None) -> None:
         """Per-channel mean and standard deviation of the latent over ``batches`` of fields
         (float64 sums); the codec is then ``fitted``."""
+        self.fit_latents(self.raw(x, generator) for x in batches)
+
+    @torch.no_grad()
+    def fit_latents(self, latents: Iterable[Tensor]) -> None:
+        """:meth:`fit` from the autoencoder's latents (:meth:`raw`) already computed."""
         n, s1, s2 = 0, 0.0, 0.0
-        for x in batches:
-            z = self.raw(x, generator).to(torch.float64)
+        for z in latents:
+            z = z.to(torch.float64)
             z = z.transpose(0, 1).reshape(z.shape[1], -1)
             n += z.shape[1]
             s1 = s1 + z.sum(1)
@@ -97,7 +102,10 @@ class LatentCodec(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Normalised field ``[B, C, *S]`` -> normalised latent ``[B, L, *S']``."""
-        z = self.raw(x, generator)
+        return self.normalise(self.raw(x, generator))
+
+    def normalise(self, z: Tensor) -> Tensor:
+        """The autoencoder's latent (:meth:`raw`) -> the normalised latent the denoiser sees."""
         return (z - self._view(self.mean, z.ndim, z.dtype)) / self._view(self.std, z.ndim, z.dtype)
 
     def decode(self, z: Tensor) -> Tensor:

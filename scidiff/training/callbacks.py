@@ -104,7 +104,8 @@ class ReconstructionFigure(Callback):
         fig = samples_figure(_physical(dm, x, mask).float().cpu().numpy(),
                              _physical(dm, recon, mask).float().cpu().numpy(),
                              getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
-                             title=f"step {trainer.global_step}: data (top) and reconstructions")
+                             title=f"step {trainer.global_step}: data (top) and reconstructions",
+                             row_labels=("data", "reconstruction"))
         path = Path(trainer.default_root_dir) / "figures" / f"reconstructions_step{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)

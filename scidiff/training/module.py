@@ -24,6 +24,28 @@ from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
 from scidiff.training.ema import EMA
 
+class LatentCache:
+    """The normalised latents of the training split, computed once (posterior mean: a field
+    always has the same latent), looked up by the batches' flat store ``index``. Encoding every
+    batch again costs more than the denoiser's step on small latents (measured: the quickstart's
+    encoder forward ~1.1 GFLOP a batch against ~0.7 for the denoiser's forward and backward)."""
+
+    def __init__(self, indices: Any, latents: Tensor) -> None:
+        self.rows = {int(k): i for i, k in enumerate(indices)}
+        self.latents = latents
+
+    def lookup(self, index: Tensor | None, device: torch.device) -> Tensor | None:
+        """The latents of the batch's samples, or ``None`` when one is not cached."""
+        if index is None:
+            return None
+        rows = [self.rows.get(int(k)) for k in index.tolist()]
+        if any(r is None for r in rows):
+            return None
+        if self.latents.device != device:
+            self.latents = self.latents.to(device)
+        return self.latents[torch.as_tensor(rows, device=device)]
+
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -50,6 +72,8 @@ class DiffusionModule(L.LightningModule):
             batch's fields are encoded to the normalised latent the denoiser is trained on.
             It is part of the state dict, so checkpoints hold the autoencoder and its
             statistics; it is neither optimised nor averaged.
+        latent_cache: the training split's latents (:class:`LatentCache`), used instead of
+            encoding the training batches; ``None``: encode every batch.
     """
 
     def __init__(
@@ -65,6 +89,7 @@ class DiffusionModule(L.LightningModule):
         val_timestep_buckets: int = 10,
         seed: int = 0,
         latent: LatentCodec | None = None,
+        latent_cache: LatentCache | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -82,6 +107,7 @@ class DiffusionModule(L.LightningModule):
         self.num_buckets = int(val_timestep_buckets)
         self.seed = int(seed)
         self.latent = latent
+        self.latent_cache = latent_cache
         # Plain python stored with every checkpoint (run id, resolved config); see on_save_checkpoint.
         self.run_info: dict[str, Any] = {}
         self.loaded_run_info: dict[str, Any] = {}
@@ -107,6 +133,10 @@ class DiffusionModule(L.LightningModule):
         run their normalised latents (no mask: the autoencoder filled the missing points)."""
         if self.latent is None:
             return batch["x"], batch.get("mask")
+        if self.latent_cache is not None and self.training:
+            cached = self.latent_cache.lookup(batch.get("index"), batch["x"].device)
+            if cached is not None:
+                return cached, None
         return self.latent.encode(batch["x"], generator), None
 
     def _generator(self, *keys: int) -> torch.Generator:

@@ -12,20 +12,49 @@ from scidiff.cli.train import CONFIG_DIR
 from tests.training.conftest import QUIET, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+LATENT_EXPERIMENTS = [e for e in EXPERIMENTS if e.endswith("_latent")]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
+    if experiment.startswith("quickstart"):
+        return []
+    out = [f"data.path={tmp_path}/{store}.zarr", f"generate_data.path={tmp_path}/{store}.zarr"]
+    if not experiment.endswith("_autoencoder"):
+        out.append("denoiser=unet_tiny")
+    return out
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     """Generates the experiment's store (tiny size) and runs one train + one val batch."""
-    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET]
-    if experiment != "quickstart":
-        overrides.append("denoiser=unet_tiny")
-        overrides.append(f"data.path={tmp_path}/{experiment}.zarr")
-        overrides.append(f"generate_data.path={tmp_path}/{experiment}.zarr")
+    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
+                 *_dev_overrides(experiment, tmp_path, experiment)]
+    if experiment.endswith("_autoencoder"):
+        overrides += ["callbacks.reconstructions=null", "autoencoder.model_channels=8"]
     proc = run_train(overrides, tmp_path, data_dir)
     assert "scidiff-train: 1 steps" in proc.stdout
     summary = json.loads(next((tmp_path / "outputs").rglob("summary.json")).read_text())
     assert summary["global_step"] == 1
+
+
+@pytest.mark.parametrize("experiment", LATENT_EXPERIMENTS)
+def test_latent_experiment_dev_run(experiment, tmp_path, data_dir):
+    """Each latent experiment with its own autoencoder experiment: one autoencoder step on the tiny
+    store, then one step of the latent model on it (the latent tests train them for real)."""
+    base = experiment[: -len("_latent")]
+    store = f"{base}_tiny"
+    one_step = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", "logger=none",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false"]
+    run_train([f"experiment={base}_autoencoder", "run_name=ae", "autoencoder.model_channels=8",
+               "callbacks.reconstructions=null", *one_step, *_dev_overrides(f"{base}_autoencoder", tmp_path, store)],
+              tmp_path, data_dir)
+    ae = next((tmp_path / "outputs").glob("*_autoencoder/ae"))
+    proc = run_train([f"experiment={experiment}", f"latent.autoencoder={ae}", "latent.statistics_samples=32",
+                      "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
+                      *_dev_overrides(experiment, tmp_path, store)], tmp_path, data_dir)
+    assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
 
 
 def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, data_dir):
