@@ -182,6 +182,12 @@ def check_dataclass(values: Mapping[str, Any], schema: type, path: str) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key of a composed training config."""
+    missing = sorted(_missing(cfg, ""))
+    if "latent.autoencoder" in missing:
+        raise ConfigError("latent.autoencoder: required: the autoencoder run this latent model works in (its run "
+                          "directory, checkpoint, MLflow run id or models:/<name>/<version>)")
+    if missing:
+        raise ConfigError(f"{missing[0]}: required value is missing (???); set it on the command line")
     top = {k: (dict(v) if isinstance(v := cfg[k], DictConfig) else list(v) if isinstance(v, ListConfig) else v)
            for k in cfg.keys() if k != "hydra"}
     check_dataclass(top, TrainConfig, "")
@@ -214,6 +220,29 @@ def check_train_config(cfg: DictConfig) -> None:
     check_data_path(cfg)
 
 
+def _missing(node: Any, path: str) -> list[str]:
+    """The keys under ``node`` whose value is ``???`` (interpolations are not resolved; Hydra's own
+    ``hydra`` node is skipped)."""
+    out = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{path}.{key}" if path else str(key)
+            if full == "hydra":
+                continue
+            if OmegaConf.is_missing(node, key):
+                out.append(full)
+            else:
+                child = node._get_node(key)
+                if isinstance(child, (DictConfig, ListConfig)):
+                    out += _missing(child, full)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            child = node._get_node(i)
+            if isinstance(child, (DictConfig, ListConfig)):
+                out += _missing(child, f"{path}[{i}]")
+    return out
+
+
 def check_stage(cfg: DictConfig) -> None:
     """The groups a stage needs are chosen, and ``module`` trains that stage; ``latent``
     names a readable autoencoder."""
@@ -240,9 +269,6 @@ def check_stage(cfg: DictConfig) -> None:
                              if _subclass(module_target, AutoencoderModule) else ""))
     if cfg.get("latent") is not None:
         node = cfg.latent
-        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "autoencoder"):
-            raise ConfigError("latent.autoencoder: required: the autoencoder run this latent model works in (its run "
-                              "directory, checkpoint, MLflow run id or models:/<name>/<version>)")
         if not isinstance(node, DictConfig):
             raise ConfigError(f"latent: expected {{autoencoder: <run or checkpoint>, posterior: mean}}, got {node!r}")
         values = OmegaConf.to_container(node, resolve=True)

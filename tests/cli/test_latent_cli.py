@@ -53,7 +53,7 @@ def test_the_autoencoder_run_logs_reconstruction_metrics_and_figures(latent_runs
     summary = json.loads((run_dir / "summary.json").read_text())
     client = MlflowClient(f"sqlite:///{latent_runs / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
-    for key in ("val/loss", "val/rmse_field", "val/log_spectrum_rmse", "val/kl", "train/spectral"):
+    for key in ("val/loss", "val/rmse_field", "val/log_spectrum_rmse", "val/kl"):
         assert np.isfinite(run.data.metrics[key]), key
     assert run.data.params["stage"] == "autoencoder"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
@@ -158,8 +158,8 @@ def broken(latent_runs, data_dir, tmp_path_factory) -> Path:
     full = torch.load(latent_runs / LATENT / "checkpoints" / "last.ckpt", weights_only=True)
     full["state_dict"] = {k: v for k, v in full["state_dict"].items() if not k.startswith("latent.autoencoder.")}
     torch.save(full, d / "no_autoencoder.ckpt")
-    run_train(["experiment=quickstart_autoencoder", "run_name=ae32", "data.path=${oc.env:SCIDIFF_DATA_DIR}/grf_tiny.zarr",
-               "data.split=fraction", "autoencoder.model_channels=8", "trainer.max_steps=1",
+    run_train(["experiment=grf_autoencoder", "run_name=ae32", "data.path=${oc.env:SCIDIFF_DATA_DIR}/grf_tiny.zarr",
+               "data.num_workers=0", "autoencoder.model_channels=8", "trainer.max_steps=1",
                "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
                "callbacks.periodic_checkpoint.every_n_train_steps=1", "logger=none", "callbacks.reconstructions=null",
                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], d, data_dir)
@@ -169,9 +169,10 @@ def broken(latent_runs, data_dir, tmp_path_factory) -> Path:
 TRAIN_CASES = [
     ([], "latent.autoencoder: required"),
     (["latent.autoencoder=/nonexistent/ae"], "latent.autoencoder: /nonexistent/ae does not exist"),
-    (["latent.autoencoder=outputs/quickstart_latent/lat"], "latent.autoencoder: {latent}/checkpoints/last.ckpt is a "
-                                                           "diffusion model's checkpoint, not an autoencoder's"),
-    (["latent.autoencoder={broken}/outputs/quickstart_autoencoder/ae32"], "was trained on the grid {'y': 32, 'x': 32}"),
+    (["latent.autoencoder=outputs/quickstart_latent/lat"], "latent.autoencoder: outputs/quickstart_latent/lat/"
+                                                           "checkpoints/last.ckpt is a diffusion model's checkpoint, "
+                                                           "not an autoencoder's"),
+    (["latent.autoencoder={broken}/outputs/grf_autoencoder/ae32"], "was trained on the grid {'y': 32, 'x': 32}"),
     (["latent.posterior=median"], "latent.posterior: expected"),
 ]
 
@@ -181,7 +182,7 @@ def test_latent_training_refuses_bad_input(args, expected, latent_runs, broken, 
     from scidiff.cli.train import main
     from tests.cli.test_bad_inputs import fill
 
-    values = {"broken": broken, "latent": (latent_runs / LATENT).resolve()}
+    values = {"broken": broken}
     args, expected = fill(args, **values), fill([expected], **values)[0]
     monkeypatch.chdir(latent_runs)
     monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))

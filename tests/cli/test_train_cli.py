@@ -19,7 +19,7 @@ def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
     if experiment.startswith("quickstart"):
         return []
     out = [f"data.path={tmp_path}/{store}.zarr", f"generate_data.path={tmp_path}/{store}.zarr"]
-    if not experiment.endswith("_autoencoder"):
+    if not experiment.endswith(("_autoencoder", "_latent")):  # a latent experiment's denoiser suits its latent grid
         out.append("denoiser=unet_tiny")
     return out
 
@@ -51,7 +51,9 @@ def test_latent_experiment_dev_run(experiment, tmp_path, data_dir):
                "callbacks.reconstructions=null", *one_step, *_dev_overrides(f"{base}_autoencoder", tmp_path, store)],
               tmp_path, data_dir)
     ae = next((tmp_path / "outputs").glob("*_autoencoder/ae"))
+    # the tiny stores' latents are smaller than the experiments' (climate: 4 x 8): a shallower UNet
     proc = run_train([f"experiment={experiment}", f"latent.autoencoder={ae}", "latent.statistics_samples=32",
+                      "denoiser.channel_mult=[1,2]", "denoiser.attention_levels=[1]",
                       "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
                       *_dev_overrides(experiment, tmp_path, store)], tmp_path, data_dir)
     assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
