@@ -164,6 +164,16 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
             num_params=len(meta.param_names),
             field_channels=len(meta.field_names),
         )
+        check_grid = getattr(denoiser, "check_grid", None)
+        if check_grid is not None:
+            grid = latent.latent_shape(meta.spatial_shape)[1:] if latent is not None else meta.spatial_shape
+            try:
+                check_grid(grid)
+            except ValueError as exc:
+                where = "the latent grid" if latent is not None else "the data's grid"
+                text = str(exc)
+                raise ConfigError((f"denoiser.{text}" if text.startswith("channel_mult:") else f"denoiser: {text}")
+                                  + f" ({where})") from None
         diffusion = hu.instantiate(cfg.diffusion)
         kwargs = {"latent": latent, "latent_cache": cache} if latent is not None else {}
         module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion, optimizer=optimizer,
@@ -247,11 +257,10 @@ def latent_codec(cfg, first_stage, inner, state: dict[str, Any] | None = None):
     cached = codec.posterior == "mean" and bool(cfg.latent.get("cache", True))
     g = torch.Generator().manual_seed(int(cfg.seed))
     todo = indices if cached else indices[:limit]
+    if state:  # the checkpoint's autoencoder and statistics, whatever became of the autoencoder run since
+        codec.load_state_dict({k[len("latent."):]: v for k, v in state.items() if k.startswith("latent.")})
     raw = [codec.raw(train.read_batch(todo[i:i + 64])["x"], g) for i in range(0, todo.size, 64)]
-    if state:
-        codec.load_state_dict({k[len("latent."):]: v for k, v in state.items() if k.startswith("latent.")},
-                              strict=False)
-    else:
+    if not state:
         try:
             codec.fit_latents(torch.cat(raw)[:limit].split(64))
         except ValueError as exc:
@@ -304,9 +313,8 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
     warning when the estimate makes it a GPU job (:mod:`scidiff.training.budget`), else ``None``."""
     import torch
 
-    from scidiff.training.budget import budget_warning, estimate_step
-
     from scidiff.training.autoencoder import AsDenoiser
+    from scidiff.training.budget import budget_warning, estimate_step
 
     trainer, module, dm = parts["trainer"], parts["module"], parts["datamodule"]
     latent = getattr(module, "latent", None)
@@ -327,7 +335,7 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
     sample = dm.datasets["train"][0]
     batch = {k: torch.empty((dm.batch_size, *v.shape), device="meta") for k, v in sample.items()
              if k in ("x", "params", "fields", "embedding")}
-    if latent is not None:  # the denoiser's input; encoding costs one encoder forward, not counted
+    if latent is not None:  # the denoiser's input (the training latents are encoded once, at the start)
         batch["x"] = torch.empty((dm.batch_size, *latent.latent_shape(dm.metadata.spatial_shape)), device="meta")
     try:
         estimate = estimate_step(net, batch)

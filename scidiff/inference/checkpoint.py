@@ -332,6 +332,16 @@ def _read(ref: str | os.PathLike, tracking_uri: str | None, key: str = "checkpoi
     return path, source, ckpt, info, config, dm_state
 
 
+def _load_weights(module: nn.Module, state: Mapping[str, Tensor], prefix: str, error: str) -> None:
+    """Load the entries of ``state`` under ``prefix`` into ``module`` (strict); ``CheckpointError``
+    ``error (<torch's first line>)`` when they do not fit."""
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{error} ({str(exc).strip().splitlines()[0]})") from None
+
+
 def autoencoder_net_config(config: Mapping[str, Any], metadata: FieldMetadata) -> dict[str, Any]:
     """The autoencoder's constructor config with the data's shape (channels, rank)."""
     net = dict(config["autoencoder"])
@@ -352,12 +362,8 @@ def load_autoencoder(ref: str | os.PathLike, *, tracking_uri: str | None = None,
     metadata = FieldMetadata.from_state(dm_state["metadata"])
     net_config = autoencoder_net_config(config, metadata)
     autoencoder = hu.instantiate(net_config)
-    weights = {k[len("autoencoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("autoencoder.")}
-    try:
-        autoencoder.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{key}: {path}: weights do not fit the configured autoencoder ({first})") from None
+    _load_weights(autoencoder, ckpt["state_dict"], "autoencoder.", f"{key}: {path}: weights do not fit the configured "
+                  "autoencoder")
     autoencoder.to(device).eval().requires_grad_(False)
     return TrainedAutoencoder(
         autoencoder=autoencoder, metadata=metadata, statistics=Statistics.from_state(dm_state["statistics"]),
@@ -372,16 +378,11 @@ def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tenso
 
     latent = info["latent"]
     codec = LatentCodec(hu.instantiate(dict(latent["net_config"])), posterior=latent.get("posterior", "mean"))
-    weights = {k[len("latent."):]: v for k, v in state.items() if k.startswith("latent.")}
-    if not any(k.startswith("autoencoder.") for k in weights):
+    if not any(k.startswith("latent.autoencoder.") for k in state):
         raise CheckpointError(f"checkpoint: {path} is a latent diffusion model but holds no autoencoder weights "
                               "(latent.autoencoder.*): it cannot decode its samples; use the checkpoint "
                               "scidiff-train wrote")
-    try:
-        codec.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint: {path}: the autoencoder weights do not fit its config ({first})") from None
+    _load_weights(codec, state, "latent.", f"checkpoint: {path}: the autoencoder weights do not fit its config")
     if not bool(codec.fitted):
         raise CheckpointError(f"checkpoint: {path}: the latent statistics were never computed")
     return codec
@@ -414,12 +415,7 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     )
     diffusion = hu.instantiate(config["diffusion"])
     prefix = "ema.model." if use_ema and any(k.startswith("ema.model.") for k in state) else "denoiser."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        denoiser.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint: {path}: weights do not fit the configured denoiser ({first})") from None
+    _load_weights(denoiser, state, prefix, f"checkpoint: {path}: weights do not fit the configured denoiser")
     denoiser.to(device).eval().requires_grad_(False)
     if latent is not None:
         latent.to(device).eval().requires_grad_(False)

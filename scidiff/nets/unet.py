@@ -203,6 +203,31 @@ class UNet(nn.Module):
         out = self.out_conv(F.silu(self.out_norm(h)))
         return out[(..., *(slice(0, s) for s in spatial))]
 
+    def check_grid(self, spatial_shape: Sequence[int]) -> None:
+        """Raise ``ValueError`` when fields on ``spatial_shape`` cannot pass through every level:
+        a size not divisible by ``2**levels`` on a circular axis (or without ``pad_to_multiple``),
+        or a reflect-padded axis with fewer than 2 points at the deepest level."""
+        spatial = tuple(int(s) for s in spatial_shape)
+        extra = [(-s) % self.factor for s in spatial]
+        bad = [i for i, (e, m) in enumerate(zip(extra, self.padding))
+               if e and (m == "circular" or not self.pad_to_multiple)]
+        if bad:
+            raise ValueError(
+                f"spatial shape {spatial} must be divisible by 2**levels = {self.factor} on "
+                f"axes {bad} (padding {[self.padding[i] for i in bad]}, pad_to_multiple="
+                f"{self.pad_to_multiple}); choose a grid size that is a multiple of {self.factor} "
+                "or fewer levels in channel_mult"
+            )
+        small = [i for i, (s, e, m) in enumerate(zip(spatial, extra, self.padding))
+                 if m == "reflect" and (s + e) // self.factor < 2]
+        if small:
+            i = small[0]
+            raise ValueError(
+                f"channel_mult: spatial shape {spatial} is too small for {self.factor.bit_length()} levels: axis {i} "
+                f"would have {(spatial[i] + extra[i]) // self.factor} point(s) at the deepest level, and its reflect "
+                "padding needs 2; use fewer levels in channel_mult"
+            )
+
     def _run(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         if self.checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
@@ -211,21 +236,10 @@ class UNet(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         """Pad each axis at its end up to a multiple of ``2**levels`` (see ``pad_to_multiple``)."""
         spatial = x.shape[2:]
+        self.check_grid(spatial)
         extra = [(-s) % self.factor for s in spatial]
         if not any(extra):
             return x
-        bad = [
-            i
-            for i, (e, m) in enumerate(zip(extra, self.padding))
-            if e and (m == "circular" or not self.pad_to_multiple)
-        ]
-        if bad:
-            raise ValueError(
-                f"spatial shape {tuple(spatial)} must be divisible by 2**levels = {self.factor} on "
-                f"axes {bad} (padding {[self.padding[i] for i in bad]}, pad_to_multiple="
-                f"{self.pad_to_multiple}); choose a grid size that is a multiple of {self.factor} "
-                "or fewer levels in channel_mult"
-            )
         modes = [
             "replicate" if m == "reflect" else "zeros" if m == "zeros" else m
             for m in self.padding

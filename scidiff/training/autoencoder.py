@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from scidiff.inference.seeds import key_seed
 from scidiff.nets.autoencoder import DiagonalGaussian, FieldAutoencoder, pixel_loss, spectral_loss
 from scidiff.training.data import ResumableSampler
+from scidiff.training.lr import configure_optimization
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -115,12 +116,9 @@ class AutoencoderModule(L.LightningModule):
         return terms["total"]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.autoencoder.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # total_steps: the trainer's estimate (max_steps when set)
+        return configure_optimization(self.optimizer_factory, self.lr_scheduler_factory, self.autoencoder.parameters(),
+                                      self.trainer.estimated_stepping_batches)
 
     # --------------------------------------------------------------- validation
     def _physical(self, x: Tensor) -> Tensor:

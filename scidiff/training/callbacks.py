@@ -25,62 +25,16 @@ def _physical(dm: Any, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return inverse(x, mask) if mask is not None else inverse(x)
 
 
-class SampleFigure(Callback):
-    """Every ``every_n_validations`` validations, ``num_samples`` DDIM samples (EMA weights,
-    conditioned on the first validation samples' params/fields) next to those data, in
-    physical units; saved to ``<run_dir>/figures/`` and logged to MLflow.
+class ValidationFigure(Callback):
+    """A figure every ``every_n_validations`` validations (rank 0, not during the sanity
+    check), saved to ``<run_dir>/figures/<prefix>_step<N>.png`` and logged to MLflow;
+    subclasses draw it (:meth:`figure`)."""
 
-    Rank 0 only; the generator is seeded with ``seed``, so figures of successive
-    validations differ only by the weights.
-    """
-
-    def __init__(self, every_n_validations: int = 1, num_samples: int = 4, num_steps: int = 50,
-                 eta: float = 0.0, seed: int = 0) -> None:
-        if every_n_validations < 1 or num_samples < 1 or num_steps < 1:
-            raise ValueError("SampleFigure: every_n_validations, num_samples and num_steps must be >= 1")
-        self.every, self.num_samples, self.num_steps, self.eta, self.seed = (
-            int(every_n_validations), int(num_samples), int(num_steps), float(eta), int(seed))
-        self._count = 0
-        self.last_path: Path | None = None
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._count += 1
-        if (self._count - 1) % self.every == 0 and trainer.is_global_zero:
-            self.last_path = self.draw(trainer, pl_module)
-
-    @torch.no_grad()
-    def draw(self, trainer: L.Trainer, pl_module: Any) -> Path:
-        dm = trainer.datamodule
-        batch = next(iter(dm.val_dataloader()))
-        n = min(self.num_samples, batch["x"].shape[0])
-        batch = {k: v[:n].to(pl_module.device) for k, v in batch.items() if torch.is_tensor(v)}
-        cond = pl_module.conditioning(batch)
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = pl_module.sample(tuple(batch["x"].shape), cond, num_steps=self.num_steps, eta=self.eta, generator=g)
-        mask = batch.get("mask")
-        data = _physical(dm, batch["x"], mask).float().cpu().numpy()
-        gen = _physical(dm, samples, mask).float().cpu().numpy()
-        meta = getattr(dm, "metadata", None)
-        fig = samples_figure(data, gen, getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
-                             title=f"step {trainer.global_step}: data (top) and DDIM-{self.num_steps} samples")
-        path = Path(trainer.default_root_dir) / "figures" / f"samples_step{trainer.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        log_artifact(trainer.logger, path, "figures")
-        return path
-
-
-class ReconstructionFigure(Callback):
-    """Every ``every_n_validations`` validations, the first ``num_samples`` validation fields
-    next to their reconstructions through the autoencoder's posterior mean, in physical
-    units; saved to ``<run_dir>/figures/`` and logged to MLflow (rank 0)."""
+    prefix = "figure"
 
     def __init__(self, every_n_validations: int = 1, num_samples: int = 4) -> None:
         if every_n_validations < 1 or num_samples < 1:
-            raise ValueError("ReconstructionFigure: every_n_validations and num_samples must be >= 1")
+            raise ValueError(f"{type(self).__name__}: every_n_validations and num_samples must be >= 1")
         self.every, self.num_samples = int(every_n_validations), int(num_samples)
         self._count = 0
         self.last_path: Path | None = None
@@ -92,26 +46,74 @@ class ReconstructionFigure(Callback):
         if (self._count - 1) % self.every == 0 and trainer.is_global_zero:
             self.last_path = self.draw(trainer, pl_module)
 
+    def first_validation_batch(self, trainer: L.Trainer, pl_module: Any) -> dict[str, torch.Tensor]:
+        batch = next(iter(trainer.datamodule.val_dataloader()))
+        n = min(self.num_samples, batch["x"].shape[0])
+        return {k: v[:n].to(pl_module.device) for k, v in batch.items() if torch.is_tensor(v)}
+
+    def figure(self, trainer: L.Trainer, pl_module: Any):
+        raise NotImplementedError
+
     @torch.no_grad()
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path:
-        dm = trainer.datamodule
-        batch = next(iter(dm.val_dataloader()))
-        n = min(self.num_samples, batch["x"].shape[0])
-        x = batch["x"][:n].to(pl_module.device)
-        mask = batch["mask"][:n].to(pl_module.device) if "mask" in batch else None
-        recon = pl_module.reconstruct(x)
-        meta = getattr(dm, "metadata", None)
-        fig = samples_figure(_physical(dm, x, mask).float().cpu().numpy(),
-                             _physical(dm, recon, mask).float().cpu().numpy(),
-                             getattr(meta, "channel_names", ()), getattr(meta, "units", ()),
-                             title=f"step {trainer.global_step}: data (top) and reconstructions",
-                             row_labels=("data", "reconstruction"))
-        path = Path(trainer.default_root_dir) / "figures" / f"reconstructions_step{trainer.global_step:07d}.png"
+        fig = self.figure(trainer, pl_module)
+        path = Path(trainer.default_root_dir) / "figures" / f"{self.prefix}_step{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
         plt.close(fig)
         log_artifact(trainer.logger, path, "figures")
         return path
+
+
+def _data_panels(trainer: L.Trainer, batch: dict[str, torch.Tensor], generated: torch.Tensor, title: str,
+                 rows: tuple[str, str]):
+    """The batch's fields over ``generated`` (normalised units both), in physical units."""
+    dm = trainer.datamodule
+    mask = batch.get("mask")
+    meta = getattr(dm, "metadata", None)
+    return samples_figure(_physical(dm, batch["x"], mask).float().cpu().numpy(),
+                          _physical(dm, generated, mask).float().cpu().numpy(),
+                          getattr(meta, "channel_names", ()), getattr(meta, "units", ()), title=title, row_labels=rows)
+
+
+class SampleFigure(ValidationFigure):
+    """Every ``every_n_validations`` validations, ``num_samples`` DDIM samples (EMA weights,
+    conditioned on the first validation samples' params/fields) next to those data, in
+    physical units; saved to ``<run_dir>/figures/`` and logged to MLflow.
+
+    Rank 0 only; the generator is seeded with ``seed``, so figures of successive
+    validations differ only by the weights.
+    """
+
+    prefix = "samples"
+
+    def __init__(self, every_n_validations: int = 1, num_samples: int = 4, num_steps: int = 50,
+                 eta: float = 0.0, seed: int = 0) -> None:
+        if num_steps < 1:
+            raise ValueError("SampleFigure: every_n_validations, num_samples and num_steps must be >= 1")
+        super().__init__(every_n_validations, num_samples)
+        self.num_steps, self.eta, self.seed = int(num_steps), float(eta), int(seed)
+
+    def figure(self, trainer: L.Trainer, pl_module: Any):
+        batch = self.first_validation_batch(trainer, pl_module)
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        samples = pl_module.sample(tuple(batch["x"].shape), pl_module.conditioning(batch), num_steps=self.num_steps,
+                                   eta=self.eta, generator=g)
+        return _data_panels(trainer, batch, samples, f"step {trainer.global_step}: data (top) and "
+                            f"DDIM-{self.num_steps} samples", ("data", "sample"))
+
+
+class ReconstructionFigure(ValidationFigure):
+    """Every ``every_n_validations`` validations, the first ``num_samples`` validation fields
+    next to their reconstructions through the autoencoder's posterior mean, in physical
+    units; saved to ``<run_dir>/figures/`` and logged to MLflow (rank 0)."""
+
+    prefix = "reconstructions"
+
+    def figure(self, trainer: L.Trainer, pl_module: Any):
+        batch = self.first_validation_batch(trainer, pl_module)
+        return _data_panels(trainer, batch, pl_module.reconstruct(batch["x"]),
+                            f"step {trainer.global_step}: data (top) and reconstructions", ("data", "reconstruction"))
 
 
 class PeriodicCheckpoint(ModelCheckpoint):

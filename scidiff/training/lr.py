@@ -1,8 +1,11 @@
-"""Learning-rate schedules, instantiated from config with ``_partial_: true``."""
+"""Learning-rate schedules, instantiated from config with ``_partial_: true``, and the
+optimiser set-up every training module returns to Lightning."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -35,3 +38,14 @@ def warmup_cosine(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def configure_optimization(optimizer: Callable[..., Optimizer], lr_scheduler: Callable[..., Any] | None,
+                           params: Iterable, total_steps: int) -> Any:
+    """What ``LightningModule.configure_optimizers`` returns: ``optimizer(params=...)``, with
+    ``lr_scheduler(optimizer, total_steps=...)`` stepped every optimiser step when given."""
+    opt = optimizer(params=params)
+    if lr_scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(opt, total_steps=int(total_steps)),
+                                               "interval": "step"}}

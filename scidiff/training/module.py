@@ -22,6 +22,7 @@ from scidiff.inference.generation import DDIM, sample_model
 from scidiff.inference.seeds import key_seed
 from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
+from scidiff.training.lr import configure_optimization
 from scidiff.training.ema import EMA
 
 class LatentCache:
@@ -168,12 +169,9 @@ class DiffusionModule(L.LightningModule):
             self.ema.update(self.denoiser)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.denoiser.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # total_steps: the trainer's estimate (max_steps when set)
+        return configure_optimization(self.optimizer_factory, self.lr_scheduler_factory, self.denoiser.parameters(),
+                                      self.trainer.estimated_stepping_batches)
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

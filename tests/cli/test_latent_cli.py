@@ -250,3 +250,17 @@ def test_an_autoencoder_of_other_variables_or_another_rank_is_refused_by_name(la
     cube = dataclasses.replace(meta, spatial_dims=("z", "y", "x"), spatial_shape=(16, 16, 16))
     with pytest.raises(CheckpointError, match=r"latent.autoencoder: .* is a 2-D autoencoder .* the data is 3-D"):
         ae.check_data(cube)
+
+
+def test_a_denoiser_too_deep_for_the_latent_grid_is_refused_before_training(latent_runs, data_dir, capsys,
+                                                                             monkeypatch):
+    """The quickstart's 8 x 8 latent through four levels with reflect padding: one line naming
+    denoiser.channel_mult, not torch's padding error at the first step."""
+    from scidiff.cli.train import main
+
+    monkeypatch.chdir(latent_runs)
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    assert_refused(main, ["experiment=quickstart_latent", f"latent.autoencoder={AE}", "run_name=deep",
+                          "boundary=reflect", "denoiser.channel_mult=[1,2,2,2,2]", "trainer.max_steps=2"],
+                   "denoiser.channel_mult: spatial shape (8, 8) is too small for 5 levels", capsys, monkeypatch,
+                   latent_runs / "outputs", latent_runs / "mlflow.db")

@@ -28,14 +28,16 @@ def _compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
+# the two stages of latent diffusion: test_autoencoder_and_latent_experiments_compose below
+FIELD_EXPERIMENTS = [e for e in _options("experiment") if not e.endswith(("_autoencoder", "_latent"))]
 CASES = (
-    [[f"experiment={e}"] for e in _options("experiment")]
+    [[f"experiment={e}"] for e in FIELD_EXPERIMENTS]
     + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
     + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")]
     + [[f"logger={g}", "experiment=quickstart"] for g in _options("logger")]
     + [[f"callbacks={c}", "experiment=quickstart"] for c in _options("callbacks")]
     + [[f"denoiser={d}", "experiment=quickstart"] for d in ("unet_tiny", "dit_tiny")]
-    + [[f"experiment={e}", "denoiser=dit"] for e in _options("experiment")]   # boundary is the UNet's only
+    + [[f"experiment={e}", "denoiser=dit"] for e in FIELD_EXPERIMENTS]   # boundary is the UNet's only
 )
 
 
@@ -74,3 +76,33 @@ def test_ddp_config_composes_with_dit(tmp_path, data_dir, monkeypatch):
     check_train_config(cfg)
     assert cfg.trainer.devices == 2 and cfg.denoiser._target_ == "scidiff.nets.DiT"
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+@pytest.mark.parametrize("base", sorted(e[: -len("_latent")] for e in _options("experiment") if e.endswith("_latent")))
+def test_autoencoder_and_latent_experiments_compose(base, tmp_path, data_dir, monkeypatch):
+    """<base>_autoencoder checks and instantiates its autoencoder, module and callbacks;
+    <base>_latent composes with its denoiser and asks, in one line, for its autoencoder run
+    (scidiff-train runs both stages: tests/cli/test_train_cli.py, tests/cli/test_latent_cli.py)."""
+    from scidiff.cli.errors import ConfigError
+    from scidiff.training import AutoencoderModule
+
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose([f"experiment={base}_autoencoder"], tmp_path / "ae")
+    check_train_config(cfg)
+    assert cfg.stage == "autoencoder" and cfg.get("denoiser") is None and cfg.get("diffusion") is None
+    autoencoder = hu.instantiate(cfg.autoencoder, in_channels=2, dims=len(cfg.data.spatial_dims))
+    module = hu.instantiate(cfg.module)(autoencoder=autoencoder, optimizer=hu.instantiate(cfg.optimizer),
+                                        lr_scheduler=hu.instantiate(cfg.lr_scheduler))
+    assert isinstance(module, AutoencoderModule)
+    for c in cfg.callbacks.values():
+        if c is not None:
+            hu.instantiate(c)
+    latent = _compose([f"experiment={base}_latent"], tmp_path / "lat")
+    with pytest.raises(ConfigError, match="latent.autoencoder: required"):
+        check_train_config(latent)
+    assert latent.stage == "diffusion" and latent.task_name == f"{base}_latent"
+    denoiser = hu.instantiate(latent.denoiser, in_channels=autoencoder.latent_channels,
+                              dims=len(latent.data.spatial_dims), num_params=0, field_channels=0)
+    assert isinstance(hu.instantiate(latent.module)(denoiser=denoiser, diffusion=hu.instantiate(latent.diffusion),
+                                                    optimizer=hu.instantiate(latent.optimizer)), DiffusionModule)

@@ -20,29 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_quickstart import _short, samplers_at  # noqa: E402 - the same samplers as the quickstart's page
+# the quickstart sampler page's samplers and evaluation settings
+from sampler_quickstart import evaluate_samples, samplers_at, short_verdict  # noqa: E402
 
-from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
 from scidiff.inference import DDPM, load_pretrained  # noqa: E402
 
 
 def measure(pretrained, sampler, args) -> dict[str, float | str]:
-    settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=args.batch_size, seed=0,
-                                  bound=BoundSettings(enabled=False), sampling=SamplingSettings(members=args.members),
-                                  sampler=sampler)
-    tic = time.perf_counter()
-    ev = evaluate(pretrained, settings, data_path=args.data_path, device="cpu", progress=False)
+    ev, seconds = evaluate_samples(pretrained, sampler, args)
     s = ev.scalars
     out = {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
            "crps": s["crps/field"], "crps_floor": s["floor/crps/field"], "std_ratio": s["std_ratio/field"],
            "members_per_s": 1000.0 * args.members / s["sampling_seconds_per_1000"],
-           "verdict": _short(ev.verdict.summary()) if ev.verdict else "none", "seconds": time.perf_counter() - tic}
+           "verdict": short_verdict(ev), "seconds": seconds}
     for key in ("autoencoder_rmse/field", "autoencoder_spectral_error/field"):
         if key in s:
             out[key] = s[key]

@@ -41,17 +41,28 @@ def samplers_at(calls: int) -> dict[str, object]:
     }
 
 
-def row(pretrained, sampler, args) -> dict[str, float | str]:
+def evaluate_samples(pretrained, sampler, args):
+    """The evaluation of ``args.members`` members for each of the first ``args.samples`` fields of
+    the held-out band (no bound), and its wall time in seconds."""
     settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=args.batch_size, seed=0,
                                   bound=BoundSettings(enabled=False), sampling=SamplingSettings(members=args.members),
                                   sampler=sampler)
     tic = time.perf_counter()
     ev = evaluate(pretrained, settings, data_path=args.data_path, device="cpu", progress=False)
+    return ev, time.perf_counter() - tic
+
+
+def row(pretrained, sampler, args) -> dict[str, float | str]:
+    ev, seconds = evaluate_samples(pretrained, sampler, args)
     s = ev.scalars
     return {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
             "crps": s["crps/field"], "crps_floor": s["floor/crps/field"],
-            "std_ratio": s["std_ratio/field"], "verdict": _short(ev.verdict.summary()) if ev.verdict else "none",
-            "seconds": time.perf_counter() - tic}
+            "std_ratio": s["std_ratio/field"], "verdict": short_verdict(ev), "seconds": seconds}
+
+
+def short_verdict(ev) -> str:
+    """``faithful (8/8)`` or ``NOT faithful (4/8)``, or ``none`` without a verdict."""
+    return _short(ev.verdict.summary()) if ev.verdict else "none"
 
 
 def _short(summary: str) -> str:
