@@ -28,12 +28,14 @@ SHORT = ["trainer.max_steps=16", "trainer.val_check_interval=8", "trainer.limit_
 
 @pytest.fixture(scope="module")
 def latent_runs(tmp_path_factory, data_dir) -> Path:
-    """A tiny autoencoder of the quickstart fields and a latent model on it (16 steps each)."""
+    """A tiny autoencoder of the quickstart fields, registered in MLflow's model registry, and a
+    latent model on it named by the registry (16 steps each)."""
     cwd = tmp_path_factory.mktemp("latent")
     run_train(["experiment=quickstart_autoencoder", "run_name=ae", "autoencoder.model_channels=8", *SHORT,
-               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], cwd, data_dir)
-    run_train(["experiment=quickstart_latent", f"latent.autoencoder={AE}", "run_name=lat", *SHORT, *QUIET,
-               "module.cond_dropout=0.2"], cwd, data_dir)
+               "register_model=qs_autoencoder", "trainer.enable_progress_bar=false",
+               "trainer.enable_model_summary=false"], cwd, data_dir)
+    run_train(["experiment=quickstart_latent", "latent.autoencoder=models:/qs_autoencoder/1", "run_name=lat", *SHORT,
+               *QUIET, "module.cond_dropout=0.2"], cwd, data_dir)
     return cwd
 
 
@@ -70,7 +72,8 @@ def test_the_latent_checkpoint_holds_the_autoencoder_and_the_latent_statistics(l
     pre = load_pretrained(latent_runs / LATENT)
     ae = load_autoencoder(latent_runs / AE)
     assert pre.is_latent and pre.sample_shape == (4, 8, 8) and pre.field_shape == (1, 16, 16)
-    assert pre.latent_info["sha256"] == ae.sha256 and pre.latent_info["posterior"] == "mean"
+    assert pre.latent_info["sha256"] == ae.sha256 and pre.latent_info["posterior"] == "mean"  # the registered file
+    assert pre.latent_info["mlflow_run_id"] == json.loads((latent_runs / AE / "summary.json").read_text())["mlflow_run_id"]
     for a, b in zip(pre.latent.autoencoder.state_dict().values(), ae.autoencoder.state_dict().values()):
         assert torch.equal(a, b)
     assert pre.statistics.x == ae.statistics.x

@@ -53,7 +53,8 @@ def test_latent_experiment_dev_run(experiment, tmp_path, data_dir):
     ae = next((tmp_path / "outputs").glob("*_autoencoder/ae"))
     # the tiny stores' latents are smaller than the experiments' (climate: 4 x 8): a shallower UNet
     proc = run_train([f"experiment={experiment}", f"latent.autoencoder={ae}", "latent.statistics_samples=32",
-                      "denoiser.channel_mult=[1,2]", "denoiser.attention_levels=[1]",
+                      "denoiser.channel_mult=[1,2]", "denoiser.attention_levels=[1]", "denoiser.model_channels=16",
+                      "denoiser.head_channels=16",
                       "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
                       *_dev_overrides(experiment, tmp_path, store)], tmp_path, data_dir)
     assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
