@@ -51,6 +51,17 @@ class TrainConfig:
     diffusion: dict | None = None      # stage=diffusion
     autoencoder: dict | None = None    # stage=autoencoder
     latent: dict | None = None
+    finetune: dict | None = None
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """``finetune``: the trained model a run adapts, and how."""
+
+    base: str                                          # run dir, .ckpt, run id, runs:/ or models:/
+    method: Literal["full", "lora"] = "lora"
+    lora: dict | None = None                           # scidiff.nets.adapters.LoraSpec's fields
+    tracking_uri: str | None = None
 
 
 @dataclasses.dataclass
@@ -183,6 +194,9 @@ def check_dataclass(values: Mapping[str, Any], schema: type, path: str) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key of a composed training config."""
     missing = sorted(_missing(cfg, ""))
+    if "finetune.base" in missing:
+        raise ConfigError("finetune.base: required: the trained model to adapt (its run directory, checkpoint, "
+                          "MLflow run id or models:/<name>/<version>)")
     if "latent.autoencoder" in missing:
         raise ConfigError("latent.autoencoder: required: the autoencoder run this latent model works in (its run "
                           "directory, checkpoint, MLflow run id or models:/<name>/<version>)")
@@ -199,6 +213,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.get("generate_data") is not None:
         check_dataclass(OmegaConf.to_container(cfg.generate_data, resolve=True), GenerateData, "generate_data.")
     check_stage(cfg)
+    check_finetune(cfg)
     if cfg.resume is not None and cfg.resume != "auto":
         check_resume(cfg)
     for group in ("data", "denoiser", "diffusion", "autoencoder", "trainer", "logger", "module", "optimizer",
@@ -281,6 +296,42 @@ def check_stage(cfg: DictConfig) -> None:
             load_autoencoder(values["autoencoder"], tracking_uri=values.get("tracking_uri"))
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def check_finetune(cfg: DictConfig) -> None:
+    """``finetune``: its keys, the LoRA settings, a readable base checkpoint of a diffusion model."""
+    node = cfg.get("finetune")
+    if node is None:
+        return
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"finetune: expected {{base: <run or checkpoint>, method: lora}}, got {node!r}")
+    values = OmegaConf.to_container(node, resolve=True)
+    check_dataclass(values, FinetuneConfig, "finetune.")
+    if cfg.get("stage", "diffusion") != "diffusion" or cfg.get("latent") is not None:
+        raise ConfigError("finetune: adapts a field-space diffusion model (stage=diffusion, latent=null)")
+    from scidiff.nets.adapters import LoraSpec
+
+    if values.get("method", "lora") == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("finetune.method: lora needs the peft library: pip install 'scidiff[adapt]' "
+                              "(or finetune.method=full)") from None
+        lora = dict(values.get("lora") or {})
+        unknown = sorted(set(lora) - {"rank", "alpha", "dropout", "targets", "train"})
+        if unknown:
+            raise ConfigError(f"finetune.lora.{unknown[0]}: unknown key (accepted: rank, alpha, dropout, targets, train)")
+        try:
+            LoraSpec(**lora)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from None
+    from scidiff.inference.checkpoint import CheckpointError, load_pretrained
+
+    try:
+        load_pretrained(values["base"], tracking_uri=values.get("tracking_uri"))
+    except CheckpointError as exc:
+        text = str(exc)
+        raise ConfigError("finetune.base" + text[len("checkpoint"):] if text.startswith("checkpoint") else text) from None
 
 
 def check_resume(cfg: DictConfig) -> None:

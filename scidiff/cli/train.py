@@ -134,7 +134,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
     checkpoint = safe_torch_load(ckpt) if ckpt is not None else {}
     first_stage = load_first_stage(cfg)
-    inner = open_data(cfg, checkpoint.get("ResumableDataModule"), first_stage)
+    base = load_base(cfg)
+    inner = open_data(cfg, checkpoint.get("ResumableDataModule"), first_stage, base)
     datamodule = ResumableDataModule(inner)
     meta = inner.metadata
     optimizer = hu.instantiate(cfg.optimizer)
@@ -157,13 +158,16 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
             with open_dict(cfg):  # a latent is normalised per channel: its scale is 1
                 cfg.diffusion.sigma_data = 1.0 if latent is not None else round(inner.statistics.normalised_rms(), 6)
-        denoiser = hu.instantiate(
-            cfg.denoiser,
-            in_channels=latent.latent_channels if latent is not None else meta.num_channels,
-            dims=len(meta.spatial_dims),
-            num_params=len(meta.param_names),
-            field_channels=len(meta.field_names),
-        )
+        if base is not None:
+            denoiser = finetuned_denoiser(cfg, base, run_info)
+        else:
+            denoiser = hu.instantiate(
+                cfg.denoiser,
+                in_channels=latent.latent_channels if latent is not None else meta.num_channels,
+                dims=len(meta.spatial_dims),
+                num_params=len(meta.param_names),
+                field_channels=len(meta.field_names),
+            )
         check_grid = getattr(denoiser, "check_grid", None)
         if check_grid is not None:
             grid = latent.latent_shape(meta.spatial_shape)[1:] if latent is not None else meta.spatial_shape
@@ -190,6 +194,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         with store_lock(cfg.logger.get("tracking_uri")):  # ranks of torchrun/srun open it together
             logger = hu.instantiate(cfg.logger, **kwargs)
             open_run(logger, resumed="run_id" in kwargs)  # rank 0: owned, ended FAILED/KILLED if we fail
+        if base is not None:
+            link_base_run(logger, run_info["finetune"]["base"])
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
@@ -215,6 +221,65 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
                              callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "logger": logger,
             "start_step": int(checkpoint.get("global_step", 0))}
+
+
+def load_base(cfg):
+    """The trained model a fine-tuning run adapts (``finetune.base``), or ``None``."""
+    from scidiff.cli.errors import ConfigError
+    from scidiff.inference.checkpoint import CheckpointError, load_pretrained
+
+    if cfg.get("finetune") is None:
+        return None
+    try:
+        return load_pretrained(cfg.finetune.base, tracking_uri=cfg.finetune.get("tracking_uri"))
+    except CheckpointError as exc:
+        text = str(exc)
+        raise ConfigError("finetune.base" + text[len("checkpoint"):] if text.startswith("checkpoint") else text) from None
+
+
+def finetuned_denoiser(cfg, base, run_info: dict[str, Any]):
+    """The base model's denoiser (its EMA weights), to be trained in full or through LoRA adapters
+    (``finetune.method``); the run's ``denoiser`` and ``diffusion`` become the base's, and
+    ``run_info["finetune"]`` records the base and the method."""
+    from omegaconf import OmegaConf, open_dict
+
+    from scidiff.cli.errors import ConfigError
+    from scidiff.nets.adapters import LoraSpec, apply_lora
+
+    with open_dict(cfg):
+        cfg.denoiser = OmegaConf.create(dict(base.config["denoiser"]))
+        cfg.diffusion = OmegaConf.create(dict(base.config["diffusion"]))
+    denoiser = base.denoiser.train().requires_grad_(True)
+    method = cfg.finetune.get("method", "lora")
+    info: dict[str, Any] = {"method": method,
+                            "base": {"checkpoint": str(base.checkpoint), "sha256": base.sha256,
+                                     "mlflow_run_id": base.mlflow_run_id, "global_step": base.global_step,
+                                     "weights": base.weights}}
+    total = sum(p.numel() for p in denoiser.parameters())
+    if method == "lora":
+        spec = LoraSpec(**OmegaConf.to_container(cfg.finetune.get("lora") or {}, resolve=True))
+        try:
+            counts = apply_lora(denoiser, spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        info["lora"] = spec.to_dict()
+        info["trainable_parameters"], info["base_parameters"] = counts["trainable"], total
+    else:
+        info["trainable_parameters"], info["base_parameters"] = total, total
+    run_info["finetune"] = info
+    return denoiser
+
+
+def link_base_run(logger, base: dict[str, Any]) -> None:
+    """Tag the fine-tuning run with the base model's MLflow run and checkpoint hash (rank 0)."""
+    from scidiff.training.tracking import mlflow_logger
+
+    ml = mlflow_logger(logger)
+    if ml is None or ml.run_id is None:
+        return
+    ml.experiment.set_tag(ml.run_id, "scidiff.base_checkpoint_sha256", base["sha256"])
+    if base.get("mlflow_run_id"):
+        ml.experiment.set_tag(ml.run_id, "scidiff.base_run_id", base["mlflow_run_id"])
 
 
 def load_first_stage(cfg):
@@ -269,12 +334,13 @@ def latent_codec(cfg, first_stage, inner, state: dict[str, Any] | None = None):
     return codec, cache
 
 
-def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None):
+def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None, base=None):
     """The run's data module, set up: split, statistics (restored from ``state``, a
     checkpoint's data-module state, when resuming) and every split's values checked.
     A latent run normalises its fields with the statistics of its autoencoder
-    (``first_stage``). A store or a data config that cannot be used is a ``ConfigError``
-    naming ``data``, before any training."""
+    (``first_stage``); a fine-tuning run everything with its base model's (``base``), whose
+    variables, grid, parameters and condition fields the data must have. A store or a data
+    config that cannot be used is a ``ConfigError`` naming ``data``, before any training."""
     import hydra.utils as hu
     from hydra.errors import InstantiationException
 
@@ -289,7 +355,18 @@ def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None):
         raise _data_error(cfg, exc) from exc
     if first_stage is not None and not state:
         try:
-            inner.adopt_x_statistics(first_stage.statistics, f"latent.autoencoder: {first_stage.checkpoint}")
+            inner.adopt_statistics(first_stage.statistics, f"latent.autoencoder: {first_stage.checkpoint}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if base is not None and not state:
+        what = f"finetune.base: {base.checkpoint}"
+        mine, theirs = inner.metadata, base.metadata
+        grid, base_grid = dict(zip(mine.spatial_dims, mine.spatial_shape)), dict(zip(theirs.spatial_dims,
+                                                                                        theirs.spatial_shape))
+        if grid != base_grid:
+            raise ConfigError(f"{what} was trained on the grid {base_grid}, the data's is {grid}")
+        try:
+            inner.adopt_statistics(base.statistics, what, parts=("x", "params", "fields"))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return inner
@@ -329,8 +406,12 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
     device = trainer.strategy.root_device
     total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     steps = f"steps {parts['start_step']} -> {total}" if parts["start_step"] else f"{total or '?'} steps"
+    total_params = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if trainable < total_params:  # a LoRA fine-tuning
+        where += f" ({trainable / 1e6:.3g} M trained)"
     line = (f"scidiff-train: run {cfg.run_dir} | {what} "
-            f"{sum(p.numel() for p in net.parameters()) / 1e6:.3g} M parameters{where} | data {cfg.data.path} "
+            f"{total_params / 1e6:.3g} M parameters{where} | data {cfg.data.path} "
             f"({sizes}) | {steps} on {device.type} x{trainer.world_size}")
     sample = dm.datasets["train"][0]
     batch = {k: torch.empty((dm.batch_size, *v.shape), device="meta") for k, v in sample.items()
@@ -385,6 +466,9 @@ def train(cfg) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     summary["checkpoint"] = str(last.resolve()) if last.exists() else None
     ml = mlflow_logger(parts["logger"])
+    finetune = parts["module"].run_info.get("finetune")
+    if trainer.is_global_zero and finetune:
+        summary["finetune"] = finetune_summary(run_dir, parts, finetune, summary["checkpoint"])
     if trainer.is_global_zero:
         done = trainer.global_step - parts["start_step"]
         steps = (f"steps {parts['start_step']} -> {trainer.global_step} ({done} in this session)" if parts["start_step"]
@@ -395,12 +479,40 @@ def train(cfg) -> dict[str, Any]:
             store, ui = store_description(ml._tracking_uri)
             summary.update(mlflow_run_id=ml.run_id, mlflow_store=store, mlflow_ui=ui)
             line += f" | MLflow run {ml.run_id} in {store} | view: {ui}"
+        if finetune:
+            f = summary["finetune"]
+            line += (f" | fine-tuned ({f['method']}) {f['trainable_parameters'] / 1e6:.3g} of "
+                     f"{f['base_parameters'] / 1e6:.3g} M parameters from {f['base']['checkpoint']}")
+            if f.get("adapter"):
+                line += f" | adapter {f['adapter']['path']} ({f['adapter']['bytes'] / 1e6:.3g} MB, "
+                line += f"{100 * f['adapter']['fraction_of_base']:.2g} % of the base checkpoint)"
         if cfg.get("register_model"):
             line += " | " + _register(cfg.register_model, parts["logger"], trainer, summary)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(line, flush=True)
     return summary
+
+
+def finetune_summary(run_dir: Path, parts: dict[str, Any], finetune: dict[str, Any],
+                     checkpoint: str | None) -> dict[str, Any]:
+    """What a fine-tuning run reports; a LoRA run also writes its adapter (the weights that
+    sample, the EMA's when there is one) to ``<run dir>/adapter.safetensors``, logged to MLflow."""
+    from scidiff.training.checkpoint import ADAPTER_FILE, save_adapter
+    from scidiff.training.tracking import log_artifact
+
+    out = dict(finetune)
+    if finetune["method"] != "lora":
+        return out
+    module = parts["module"]
+    path = save_adapter(run_dir / ADAPTER_FILE, module.sampling_net, finetune,
+                        weights="ema" if module.ema is not None else "raw")
+    size = path.stat().st_size
+    base_size = Path(finetune["base"]["checkpoint"]).stat().st_size
+    out["adapter"] = {"path": str(path.resolve()), "bytes": size, "fraction_of_base": size / base_size}
+    if parts["logger"] is not None:
+        log_artifact(parts["logger"], path, None)
+    return out
 
 
 def _register(name: str, logger, trainer, summary: dict[str, Any]) -> str:

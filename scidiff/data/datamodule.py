@@ -217,22 +217,27 @@ class FieldDataModule:
             stats.save(path)
         return stats
 
-    def adopt_x_statistics(self, other: Statistics, what: str) -> None:
-        """Normalise the target with ``other``'s statistics (those of another run on the same
-        variables: a latent diffusion run normalises its fields as its autoencoder was trained).
-        Call after :meth:`setup`; ``ValueError`` naming ``what`` when the variables or their
-        transforms differ."""
+    def adopt_statistics(self, other: Statistics, what: str, parts: Sequence[str] = ("x",)) -> None:
+        """Normalise with ``other``'s statistics for ``parts`` (``x``, ``params``, ``fields``):
+        those of another run on the same variables (a latent run normalises its fields as its
+        autoencoder was trained; a fine-tuning run everything as its base model). Call after
+        :meth:`setup`; ``ValueError`` naming ``what`` when the names or transforms differ."""
         import dataclasses
 
         mine = self._need_stats()
-        names = [c.name for c in mine.x]
-        theirs = [c.name for c in other.x]
-        if names != theirs:
-            raise ValueError(f"{what} normalised the variables {theirs}, the data config has {names}")
-        for a, b in zip(mine.x, other.x):
-            if (a.pointwise, a.log_offset) != (b.pointwise, b.log_offset):
-                raise ValueError(f"{what} transformed {a.name} with {b.pointwise}, the data config with {a.pointwise}")
-        self.statistics = dataclasses.replace(mine, x=tuple(other.x))
+        labels = {"x": "variables", "params": "parameters", "fields": "condition fields"}
+        changes = {}
+        for part in parts:
+            own, theirs = getattr(mine, part), getattr(other, part)
+            names, other_names = [c.name for c in own], [c.name for c in theirs]
+            if names != other_names:
+                raise ValueError(f"{what} normalised the {labels[part]} {other_names}, the data config has {names}")
+            for a, b in zip(own, theirs):
+                if (a.pointwise, a.log_offset) != (b.pointwise, b.log_offset):
+                    raise ValueError(f"{what} transformed {a.name} with {b.pointwise}, the data config with "
+                                     f"{a.pointwise}")
+            changes[part] = tuple(theirs)
+        self.statistics = dataclasses.replace(mine, **changes)
         self._build_datasets()
 
     def _build_datasets(self) -> None:

@@ -37,6 +37,7 @@ from scidiff.data.dataset import FieldMetadata
 from scidiff.data.statistics import Statistics
 from scidiff.data.transforms import ChannelTransform
 from scidiff.diffusion import GaussianDiffusion
+from scidiff.nets.adapters import LoraSpec, apply_lora, load_adapter_state, merge_lora
 from scidiff.nets.autoencoder import FieldAutoencoder
 from scidiff.nets.latent import LatentCodec
 from scidiff.inference.tracking import (
@@ -388,9 +389,45 @@ def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tenso
     return codec
 
 
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An adapter file written by a LoRA fine-tuning run: (weights, metadata: ``base_sha256``,
+    ``lora`` (the :class:`~scidiff.nets.adapters.LoraSpec`), ``weights``)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"adapter: {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise CheckpointError(f"adapter: {path} is not a readable safetensors file ({type(exc).__name__})") from None
+    if "base_sha256" not in meta or "lora" not in meta:
+        raise CheckpointError(f"adapter: {path} was not written by a LoRA fine-tuning run (no base_sha256 / lora)")
+    return weights, {**meta, "lora": json.loads(meta["lora"])}
+
+
+def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Path) -> None:
+    weights, meta = read_adapter(adapter)
+    sha = file_sha256(base_path)
+    if meta["base_sha256"] != sha:
+        raise CheckpointError(f"adapter: {adapter} was trained on the base checkpoint {meta['base_sha256'][:12]}..., "
+                              f"not {base_path} ({sha[:12]}...)")
+    try:
+        apply_lora(denoiser, LoraSpec(**meta["lora"]))
+        load_adapter_state(denoiser, weights)
+    except (ImportError, ValueError) as exc:
+        raise CheckpointError(f"adapter: {adapter}: {exc}") from None
+
+
 def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
-                    use_ema: bool = True) -> Pretrained:
-    """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be).
+                    use_ema: bool = True, adapter: str | os.PathLike | None = None) -> Pretrained:
+    """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be); with
+    ``adapter``, a LoRA adapter file (``adapter.safetensors`` of a fine-tuning run) on it,
+    checked to have been trained on this very checkpoint (its sha256) and merged.
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, or not one written by
@@ -414,8 +451,17 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         field_channels=len(metadata.field_names),
     )
     diffusion = hu.instantiate(config["diffusion"])
+    finetune = info.get("finetune") or {}
+    if finetune.get("method") == "lora":  # the base weights and the adapters, merged below
+        try:
+            apply_lora(denoiser, LoraSpec(**finetune["lora"]))
+        except ImportError as exc:
+            raise CheckpointError(f"checkpoint: {path} is a LoRA fine-tuned model: {exc}") from None
     prefix = "ema.model." if use_ema and any(k.startswith("ema.model.") for k in state) else "denoiser."
     _load_weights(denoiser, state, prefix, f"checkpoint: {path}: weights do not fit the configured denoiser")
+    if adapter is not None:
+        _add_adapter(denoiser, adapter, path)
+    merge_lora(denoiser)  # a fine-tuned model runs at the base model's speed
     denoiser.to(device).eval().requires_grad_(False)
     if latent is not None:
         latent.to(device).eval().requires_grad_(False)
@@ -439,4 +485,4 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
 
 
 __all__ = ["CheckpointError", "Pretrained", "TrainedAutoencoder", "autoencoder_net_config", "fetch_checkpoint",
-           "file_sha256", "load_autoencoder", "load_pretrained", "resolve_checkpoint", "safe_torch_load"]
+           "file_sha256", "load_autoencoder", "load_pretrained", "read_adapter", "resolve_checkpoint", "safe_torch_load"]

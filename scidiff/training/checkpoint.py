@@ -21,6 +21,26 @@ from scidiff.data.atomic import atomic_path
 from scidiff.inference.checkpoint import CheckpointError, safe_torch_load
 
 CHECKPOINT_SUFFIX = ".ckpt"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def save_adapter(path: str | os.PathLike, model: torch.nn.Module, finetune: dict[str, Any], weights: str) -> Path:
+    """Write a LoRA fine-tuning's adapter (:func:`scidiff.nets.adapters.adapter_state` of ``model``)
+    as safetensors, atomically, with the base checkpoint's sha256 and the LoRA settings in its
+    metadata (what :func:`scidiff.inference.checkpoint.read_adapter` checks)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from scidiff.nets.adapters import LoraSpec, adapter_state
+
+    spec = LoraSpec(**finetune["lora"])
+    meta = {"base_sha256": finetune["base"]["sha256"], "base_checkpoint": finetune["base"]["checkpoint"],
+            "lora": json.dumps(spec.to_dict()), "weights": weights, "format": "scidiff-lora-adapter"}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(adapter_state(model, spec), str(tmp), metadata=meta)
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -170,7 +170,9 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # total_steps: the trainer's estimate (max_steps when set)
-        return configure_optimization(self.optimizer_factory, self.lr_scheduler_factory, self.denoiser.parameters(),
+        # only what is trained (a LoRA fine-tuning freezes the base weights)
+        return configure_optimization(self.optimizer_factory, self.lr_scheduler_factory,
+                                      [p for p in self.denoiser.parameters() if p.requires_grad],
                                       self.trainer.estimated_stepping_batches)
 
     # --------------------------------------------------------------- validation
