@@ -237,7 +237,10 @@ class FieldDataModule:
                     raise ValueError(f"{what} transformed {a.name} with {b.pointwise}, the data config with "
                                      f"{a.pointwise}")
             changes[part] = tuple(theirs)
-        self.statistics = dataclasses.replace(mine, **changes)
+        # provenance: the adopted parts' (all of them: the other's own record)
+        info = dict(other.info) if set(parts) >= {"x", "params", "fields"} else dict(mine.info)
+        info["normalised_as"] = f"{what} ({', '.join(parts)})"
+        self.statistics = dataclasses.replace(mine, **changes, info=info)
         self._build_datasets()
 
     def _build_datasets(self) -> None:
