@@ -349,6 +349,8 @@ def check_resume(cfg: DictConfig) -> None:
         raise ConfigError(f"resume: {cfg.resume} is a stage={trained_config.get('stage', 'diffusion')} run, this is "
                           f"stage={cfg.get('stage', 'diffusion')}; resume with the run's own config")
     trained = trained_config.get(net)
+    if cfg.get("finetune") is not None:  # a fine-tuning's denoiser is its base model's, not the config's
+        return
     wanted = OmegaConf.to_container(cfg[net], resolve=True)
     if trained is not None and trained != wanted:
         differ = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))

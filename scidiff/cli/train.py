@@ -468,7 +468,7 @@ def train(cfg) -> dict[str, Any]:
     ml = mlflow_logger(parts["logger"])
     finetune = parts["module"].run_info.get("finetune")
     if trainer.is_global_zero and finetune:
-        summary["finetune"] = finetune_summary(run_dir, parts, finetune, summary["checkpoint"])
+        summary["finetune"] = finetune_summary(run_dir, parts, finetune)
     if trainer.is_global_zero:
         done = trainer.global_step - parts["start_step"]
         steps = (f"steps {parts['start_step']} -> {trainer.global_step} ({done} in this session)" if parts["start_step"]
@@ -494,8 +494,7 @@ def train(cfg) -> dict[str, Any]:
     return summary
 
 
-def finetune_summary(run_dir: Path, parts: dict[str, Any], finetune: dict[str, Any],
-                     checkpoint: str | None) -> dict[str, Any]:
+def finetune_summary(run_dir: Path, parts: dict[str, Any], finetune: dict[str, Any]) -> dict[str, Any]:
     """What a fine-tuning run reports; a LoRA run also writes its adapter (the weights that
     sample, the EMA's when there is one) to ``<run dir>/adapter.safetensors``, logged to MLflow."""
     from scidiff.training.checkpoint import ADAPTER_FILE, save_adapter

@@ -150,6 +150,18 @@ def test_lightning_overhead_page(page, tmp_path):
     assert "| unet_tiny | 2 x 8x8 | cpu | 1 |" in text and "lightning " in text
 
 
+def test_latent_speed_page(page, tmp_path):
+    """The experiments' field and latent denoisers and our autoencoder next to diffusers' (skipped
+    without diffusers, the bench extra)."""
+    pytest.importorskip("diffusers")
+    dest = tmp_path / "latent.md"
+    run_script([str(ROOT / "workflows/benchmarks/latent_speed.py"), "--cases", "grf", "--steps", "1", "--members",
+                "1", "--batch", "1", "--rounds", "1", "--page", str(dest)], tmp_path)
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "latent speed page")
+    assert "| grf 1x64x64 -> latent 4x16x16 |" in text and "| diffusers AutoencoderKL 64x64 |" in text
+
+
 # ----------------------------------------------------------- workflows, from their reports
 def test_quickstart_quality_page(page, tmp_path):
     qq = load_workflow(ROOT / "workflows" / "quickstart_quality.py")
