@@ -9,10 +9,11 @@ steps and learning rate, ``experiment=quickstart_finetune``):
 * **steep**: n in [3.75, 4.25], beyond the training range [1, 3.5] (extrapolation), a store
   generated here: trained on the fields of n in [3.75, 3.77], scored on those of n >= 3.8.
 
-Each model (base, LoRA, full) is sampled on the new regime (fields none of them trained on) and
-on the **old regime**, the base model's training split (n < 2 or n > 2.5), to see what the
-adaptation made the model forget,
-with DPM-Solver++ 2M at 20 calls, ``--members`` members for each of the first ``--samples``
+Each is also run with prior preservation (DreamBooth): 256 fields the base model generates at
+parameters of its own training split, whose loss is added with weight 1 at every step. Each
+model (base, LoRA, full, and both with the prior) is sampled on the new regime (fields none
+of them trained on) and on the **old regime**, the base model's training split (n < 2 or
+n > 2.5), to see what the adaptation made the model forget, with DPM-Solver++ 2M at 20 calls, ``--members`` members for each of the first ``--samples``
 fields: spectral error and CRPS beside their noise floor (real fields of the nearest
 parameters), and the verdict.
 
@@ -57,12 +58,17 @@ def regime_store(name: str, out: Path, args) -> Path:
     return path
 
 
+METHODS = {"lora": [], "full": [], "lora+prior": ["finetune.prior.count=256"], "full+prior": ["finetune.prior.count=256"]}
+
+
 def finetune(base: Path, regime: str, method: str, store: Path, args) -> Path:
-    run = args.out / "outputs" / "quickstart_finetune" / f"{regime}_{method}"
+    name = f"{regime}_{method.replace('+', '_')}"
+    run = args.out / "outputs" / "quickstart_finetune" / name
     _, train, val = REGIMES[regime]
     if not (run / "summary.json").exists():
         subprocess.run([sys.executable, "-m", "scidiff.cli.train", "experiment=quickstart_finetune",
-                        f"finetune.base={base.resolve()}", f"finetune.method={method}", f"run_name={regime}_{method}",
+                        f"finetune.base={base.resolve()}", f"finetune.method={method.split('+')[0]}",
+                        f"run_name={name}", *METHODS[method], f"finetune.prior.data_path={args.data_path.resolve()}",
                         f"data.path={store}", f"data.split.train={json.dumps(train)}",
                         f"data.split.val={json.dumps(val)}", f"trainer.max_steps={args.steps}",
                         "trainer.enable_progress_bar=false"], cwd=args.out, check=True)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for regime in args.regimes:
         store = regime_store(regime, args.out, args)
-        runs = {m: finetune(args.base, regime, m, store, args) for m in ("lora", "full")}
+        runs = {m: finetune(args.base, regime, m, store, args) for m in METHODS}
         models = {"base": base, **{m: load_pretrained(r) for m, r in runs.items()}}
         new = models["lora"].split_indices                      # val: the regime's fields not trained on
         for name, model in models.items():
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             adapter = "-" if f is None or "adapter" not in f else \
                 f"{f['adapter']['bytes'] / 1e3:.0f} kB ({100 * f['adapter']['fraction_of_base']:.1f} %)"
             step = "-" if info is None else f"{info['fit_time_s'] / args.steps:.3f}"
-            print(f"{regime:5s} {name:5s} new: spectral {r['new']['spectral']:.4f} (floor {r['new']['spectral_floor']:.4f})"
+            print(f"{regime:5s} {name:10s} new: spectral {r['new']['spectral']:.4f} (floor {r['new']['spectral_floor']:.4f})"
                   f" crps {r['new']['crps']:.4f} {r['new']['verdict']} | old: spectral {r['old']['spectral']:.4f} (floor "
                   f"{r['old']['spectral_floor']:.4f}) crps {r['old']['crps']:.4f} {r['old']['verdict']} | trained "
                   f"{trained} | adapter {adapter} | s/step {step}", flush=True)
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
 
         summary = (
             f"The quickstart model (`{args.base}`) adapted for {args.steps} steps, through LoRA adapters (rank 4 on the "
-            "convolutions and the embedding's scale-shift layers) and in full, to two new regimes: *band*, the held-out "
+            "convolutions and the embedding's scale-shift layers) and in full, each also with prior preservation (256 "
+            "fields of the base model at its training conditions, weight 1), to two new regimes: *band*, the held-out "
             "band n in [2.0, 2.5] (interpolation; trained on the 13 fields of n in [2.245, 2.255], scored on the rest), "
             "and *steep*, n in [3.75, 4.25] beyond the training range [1, 3.5] (extrapolation; trained on the fields of "
             "n in [3.75, 3.77], scored on n >= 3.8). Old regime: the base's training split. DPM-Solver++ 2M, 20 calls, "

@@ -61,6 +61,7 @@ class FinetuneConfig:
     base: str                                          # run dir, .ckpt, run id, runs:/ or models:/
     method: Literal["full", "lora"] = "lora"
     lora: dict | None = None                           # scidiff.nets.adapters.LoraSpec's fields
+    prior: dict | None = None                          # prior preservation: {count, weight, steps, data_path}
     tracking_uri: str | None = None
 
 
@@ -325,6 +326,16 @@ def check_finetune(cfg: DictConfig) -> None:
             LoraSpec(**lora)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
+    prior = dict(values.get("prior") or {})
+    unknown = sorted(set(prior) - {"count", "weight", "steps", "data_path"})
+    if unknown:
+        raise ConfigError(f"finetune.prior.{unknown[0]}: unknown key (accepted: count, weight, steps, data_path)")
+    for key, kind in (("count", int), ("steps", int), ("weight", (int, float))):
+        value = prior.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value < 0
+                                  or (key == "steps" and value < 1)):
+            raise ConfigError(f"finetune.prior.{key}: expected a {'positive integer' if kind is int else 'number >= 0'}"
+                              f", got {value!r}")
     from scidiff.inference.checkpoint import CheckpointError, load_pretrained
 
     try:

@@ -158,8 +158,13 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         if cfg.diffusion.get("sigma_data") == "auto":  # EDM's sigma_data from the training statistics
             with open_dict(cfg):  # a latent is normalised per channel: its scale is 1
                 cfg.diffusion.sigma_data = 1.0 if latent is not None else round(inner.statistics.normalised_rms(), 6)
+        prior = None
         if base is not None:
+            prior = prior_fields(cfg, base)  # from the base model, before it is adapted
             denoiser = finetuned_denoiser(cfg, base, run_info)
+            if prior is not None:
+                run_info["finetune"]["prior"] = {"count": int(prior["x"].shape[0]),
+                                                 "weight": float(cfg.finetune.prior.get("weight", 1.0))}
         else:
             denoiser = hu.instantiate(
                 cfg.denoiser,
@@ -180,6 +185,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
                                   + f" ({where})") from None
         diffusion = hu.instantiate(cfg.diffusion)
         kwargs = {"latent": latent, "latent_cache": cache} if latent is not None else {}
+        if prior is not None:
+            kwargs.update(prior=prior, prior_weight=float(cfg.finetune.prior.get("weight", 1.0)))
         module = hu.instantiate(cfg.module)(denoiser=denoiser, diffusion=diffusion, optimizer=optimizer,
                                             lr_scheduler=lr_scheduler, **kwargs)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -268,6 +275,61 @@ def finetuned_denoiser(cfg, base, run_info: dict[str, Any]):
         info["trainable_parameters"], info["base_parameters"] = total, total
     run_info["finetune"] = info
     return denoiser
+
+
+PRIOR_FILE = "prior_fields.pt"
+
+
+def prior_fields(cfg, base) -> dict[str, Any] | None:
+    """Prior preservation's fields (``finetune.prior.count`` > 0): the base model's samples at
+    parameters (and condition fields) drawn from its own training split, normalised. Generated
+    once with DPM-Solver++ 2M (``finetune.prior.steps`` calls) and cached in the run directory
+    (``prior_fields.pt``), so a resumed run trains on the same ones. ``None`` without a prior."""
+    import hydra.utils as hu
+    import numpy as np
+    import torch
+
+    from scidiff.cli.errors import ConfigError
+    from scidiff.conditioning import Conditioning
+    from scidiff.inference.generation import DPMSolver, initial_noise, sample_model
+    from scidiff.inference.seeds import generator
+    from scidiff.training import atomic_torch_save, safe_torch_load
+
+    node = cfg.finetune.get("prior")
+    count = int((node or {}).get("count", 0))
+    if count <= 0:
+        return None
+    path = Path(cfg.run_dir) / PRIOR_FILE
+    if path.is_file():
+        return safe_torch_load(path)
+    data = dict(base.config["data"])
+    store = node.get("data_path") or data.get("path")
+    if store is None or not Path(store).exists():
+        raise ConfigError(f"finetune.prior.data_path: the base model's data store {store} does not exist; it is needed "
+                          "for the base's training conditions (give its location)")
+    dm = hu.instantiate(data, path=str(store), num_workers=0, statistics_path=None)
+    dm.load_state_dict({"statistics": base.statistics.state_dict(),
+                        "split_indices": {k: list(v) for k, v in base.split_indices.items()}})
+    train = dm.datasets["train"]
+    rng = np.random.default_rng(int(cfg.seed))
+    chosen = np.sort(rng.choice(np.asarray(train.indices), size=count, replace=count > len(train)))
+    cond = {k: v for k, v in train.read_batch(chosen).items() if k in ("params", "fields")}
+    sampler = DPMSolver(steps=int(node.get("steps", 20)), order=2)
+    net = base.denoiser.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, count, 64):
+            gens = [generator(int(cfg.seed), 5, j) for j in range(i, min(count, i + 64))]
+            x_T = initial_noise(base.sample_shape, gens)
+            c = Conditioning(**{k: v[i:i + 64] for k, v in cond.items()}) if cond else None
+            out.append(sample_model(net, base.diffusion, x_T, c, sampler=sampler, generator=gens))
+    prior = {"x": torch.cat(out).float(), **{k: v.float() for k, v in cond.items()}}
+    if _process_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(prior, path)
+    print(f"scidiff-train: prior preservation: {count} fields of the base model at its training conditions "
+          f"(DPM-Solver++ 2M, {sampler.steps} calls), cached in {path}", flush=True)
+    return prior
 
 
 def link_base_run(logger, base: dict[str, Any]) -> None:

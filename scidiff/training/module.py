@@ -75,6 +75,10 @@ class DiffusionModule(L.LightningModule):
             statistics; it is neither optimised nor averaged.
         latent_cache: the training split's latents (:class:`LatentCache`), used instead of
             encoding the training batches; ``None``: encode every batch.
+        prior: prior preservation (DreamBooth) for a fine-tuning: fields the base model generated
+            over its own parameter distribution, ``{"x": [N, C, *S], "params": [N, P], "fields"?}``
+            (normalised); each step adds ``prior_weight`` times the loss on a batch of them.
+        prior_weight: the prior loss's weight (lambda).
     """
 
     def __init__(
@@ -91,6 +95,8 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         latent: LatentCodec | None = None,
         latent_cache: LatentCache | None = None,
+        prior: Mapping[str, Tensor] | None = None,
+        prior_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -109,6 +115,8 @@ class DiffusionModule(L.LightningModule):
         self.seed = int(seed)
         self.latent = latent
         self.latent_cache = latent_cache
+        self.prior = dict(prior) if prior is not None else None
+        self.prior_weight = float(prior_weight)
         # Plain python stored with every checkpoint (run id, resolved config); see on_save_checkpoint.
         self.run_info: dict[str, Any] = {}
         self.loaded_run_info: dict[str, Any] = {}
@@ -156,11 +164,29 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
         loss = self.diffusion.training_loss(self.denoiser, x, cond, mask, t=t, noise=noise).mean()
+        if self.prior is not None:  # after the instance draws: runs without a prior draw the same numbers
+            prior_loss = self.prior_loss(x.shape[0], g)
+            self.log("train/instance_loss", loss, on_step=True, on_epoch=False, batch_size=x.shape[0])
+            self.log("train/prior_loss", prior_loss, on_step=True, on_epoch=False, batch_size=x.shape[0])
+            loss = loss + self.prior_weight * prior_loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         sampler = getattr(self.trainer.datamodule, "sampler", None) if self._trainer is not None else None
         if isinstance(sampler, ResumableSampler):
             sampler.batches_done = batch_idx + 1
         return loss
+
+    def prior_loss(self, batch_size: int, g: torch.Generator) -> Tensor:
+        """The diffusion loss on ``batch_size`` prior fields drawn with ``g`` (prior preservation)."""
+        if self.prior["x"].device != self.device:
+            self.prior = {k: v.to(self.device) for k, v in self.prior.items()}
+        n = self.prior["x"].shape[0]
+        idx = torch.randint(0, n, (batch_size,), device=self.device, generator=g)
+        x = self.prior["x"][idx]
+        t = self.diffusion.sample_timesteps(batch_size, x.device, generator=g)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
+        cond = self.conditioning({k: v[idx] for k, v in self.prior.items() if k in ("params", "fields")})
+        cond = drop_conditions(cond, self.cond_dropout, generator=g)
+        return self.diffusion.training_loss(self.denoiser, x, cond, None, t=t, noise=noise).mean()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -32,7 +32,33 @@ def finetuned(trained_run, data_dir) -> Path:
                "finetune.lora.train=[param_embedding]"], trained_run, data_dir)
     run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=full", "finetune.method=full",
                *SHORT], trained_run, data_dir)
+    run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=prior", "finetune.prior.count=12",
+               "finetune.prior.steps=3", "finetune.prior.weight=0.5", *SHORT], trained_run, data_dir)
     return trained_run
+
+
+def test_prior_preservation_generates_cached_base_fields_and_adds_their_loss(finetuned):
+    """The prior fields are the base model's samples at conditions of its training split, cached
+    in the run; the logged loss is instance + weight * prior."""
+    from mlflow.tracking import MlflowClient
+
+    from scidiff.inference.checkpoint import load_pretrained
+
+    run = finetuned / "outputs/quickstart_finetune/prior"
+    prior = torch.load(run / "prior_fields.pt", weights_only=True)
+    assert prior["x"].shape == (12, 1, 16, 16) and prior["params"].shape == (12, 2)
+    assert torch.isfinite(prior["x"]).all() and 0.05 < float(prior["x"].std()) < 3.0  # a 30-step base: not degenerate
+    base = load_pretrained(finetuned / BASE)
+    n = base.statistics.param_transform().inverse(prior["params"].double())[:, 0]   # spectral index
+    assert ((n < 2.0) | (n > 2.5)).all()                  # the base's training regime, not the new one
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finetune"]["prior"] == {"count": 12, "weight": 0.5}
+    client = MlflowClient(f"sqlite:///{finetuned / 'mlflow.db'}")
+    history = {k: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], k)}
+               for k in ("train/loss", "train/instance_loss", "train/prior_loss")}
+    step = max(history["train/loss"])
+    assert history["train/loss"][step] == pytest.approx(
+        history["train/instance_loss"][step] + 0.5 * history["train/prior_loss"][step], rel=1e-5)
 
 
 def test_lora_writes_a_small_adapter_and_links_the_base_run(finetuned):
@@ -100,6 +126,9 @@ CASES = [
                                                               "UNet"),
     (["finetune.base={base}", "finetune.lora.rank=0"], "finetune.lora.rank: expected a positive integer"),
     (["finetune.base={base}", "+finetune.lora.ranks=4"], "finetune.lora.ranks: unknown key"),
+    (["finetune.base={base}", "finetune.prior.count=-1"], "finetune.prior.count: expected a positive integer"),
+    (["finetune.base={base}", "finetune.prior.count=4", "finetune.prior.data_path=/nonexistent.zarr"],
+     "finetune.prior.data_path: the base model's data store /nonexistent.zarr does not exist"),
 ]
 
 

@@ -24,7 +24,9 @@ def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS])
+# a fine-tuning needs a trained base: tests/cli/test_finetune_cli.py
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
+                                        and not e.endswith("_finetune")])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     """Generates the experiment's store (tiny size) and runs one train + one val batch."""
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,

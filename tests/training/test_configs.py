@@ -28,8 +28,9 @@ def _compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
-# the two stages of latent diffusion: test_autoencoder_and_latent_experiments_compose below
-FIELD_EXPERIMENTS = [e for e in _options("experiment") if not e.endswith(("_autoencoder", "_latent"))]
+# the two stages of latent diffusion: test_autoencoder_and_latent_experiments_compose below; a fine-tuning
+# needs a trained base (tests/cli/test_finetune_cli.py)
+FIELD_EXPERIMENTS = [e for e in _options("experiment") if not e.endswith(("_autoencoder", "_latent", "_finetune"))]
 CASES = (
     [[f"experiment={e}"] for e in FIELD_EXPERIMENTS]
     + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
