@@ -169,6 +169,8 @@ class UNet(nn.Module):
         mid.append(res(ch, ch))
         self.mid = _EmbedSequential(*mid)
 
+        self.skip_channels = tuple(skips)  # the widths of the skips, then the middle: what a ControlNet adds to
+        self.mid_channels = ch
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
@@ -186,8 +188,13 @@ class UNet(nn.Module):
             Conv(self.dims, ch, self.out_channels, 3, padding=self.padding)
         )
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        """``x: [B, C, *S]``, ``t: [B]`` int timesteps, ``cond`` or ``None`` -> ``[B, C_out, *S]``."""
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None, *,
+                residuals: Sequence[Tensor] | None = None) -> Tensor:
+        """``x: [B, C, *S]``, ``t: [B]`` int timesteps, ``cond`` or ``None`` -> ``[B, C_out, *S]``.
+
+        ``residuals`` (a ControlNet's, :class:`scidiff.nets.controlnet.ControlNet`): one tensor per
+        skip connection (widths ``skip_channels``) and one for the middle block (``mid_channels``),
+        added to them."""
         check_input(x, t, self.in_channels, self.dims)
         spatial = tuple(x.shape[2:])
         emb = F.silu(self.cond_embed(t, cond))
@@ -198,6 +205,11 @@ class UNet(nn.Module):
             h = self._run(block, h, emb)
             hs.append(h)
         h = self._run(self.mid, h, emb)
+        if residuals is not None:
+            if len(residuals) != len(hs) + 1:
+                raise ValueError(f"residuals: expected {len(hs) + 1} tensors (skips and middle), got {len(residuals)}")
+            hs = [a + r for a, r in zip(hs, residuals)]
+            h = h + residuals[-1]
         for block in self.up:
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
         out = self.out_conv(F.silu(self.out_norm(h)))
