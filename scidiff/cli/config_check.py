@@ -339,10 +339,9 @@ def check_finetune(cfg: DictConfig) -> None:
     from scidiff.inference.checkpoint import CheckpointError, load_pretrained
 
     try:
-        load_pretrained(values["base"], tracking_uri=values.get("tracking_uri"))
+        load_pretrained(values["base"], tracking_uri=values.get("tracking_uri"), key="finetune.base")
     except CheckpointError as exc:
-        text = str(exc)
-        raise ConfigError("finetune.base" + text[len("checkpoint"):] if text.startswith("checkpoint") else text) from None
+        raise ConfigError(str(exc)) from None
 
 
 def check_resume(cfg: DictConfig) -> None:

@@ -238,10 +238,9 @@ def load_base(cfg):
     if cfg.get("finetune") is None:
         return None
     try:
-        return load_pretrained(cfg.finetune.base, tracking_uri=cfg.finetune.get("tracking_uri"))
+        return load_pretrained(cfg.finetune.base, tracking_uri=cfg.finetune.get("tracking_uri"), key="finetune.base")
     except CheckpointError as exc:
-        text = str(exc)
-        raise ConfigError("finetune.base" + text[len("checkpoint"):] if text.startswith("checkpoint") else text) from None
+        raise ConfigError(str(exc)) from None
 
 
 def finetuned_denoiser(cfg, base, run_info: dict[str, Any]):

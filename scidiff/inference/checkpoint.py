@@ -424,10 +424,12 @@ def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Pat
 
 
 def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
-                    use_ema: bool = True, adapter: str | os.PathLike | None = None) -> Pretrained:
+                    use_ema: bool = True, adapter: str | os.PathLike | None = None,
+                    key: str = "checkpoint") -> Pretrained:
     """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be); with
     ``adapter``, a LoRA adapter file (``adapter.safetensors`` of a fine-tuning run) on it,
-    checked to have been trained on this very checkpoint (its sha256) and merged.
+    checked to have been trained on this very checkpoint (its sha256) and merged. ``key`` names
+    the setting ``ref`` came from in the errors about finding and reading the file.
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, or not one written by
@@ -435,9 +437,9 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     """
     import hydra.utils as hu
 
-    path, source, ckpt, info, config, dm_state = _read(ref, tracking_uri)
+    path, source, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
     if config.get("stage") == "autoencoder":
-        raise CheckpointError(f"checkpoint: {path} is an autoencoder (stage=autoencoder), not a diffusion model; "
+        raise CheckpointError(f"{key}: {path} is an autoencoder (stage=autoencoder), not a diffusion model; "
                               "give it as latent.autoencoder of a latent diffusion run (e.g. experiment=grf_latent)")
     metadata = FieldMetadata.from_state(dm_state["metadata"])
     statistics = Statistics.from_state(dm_state["statistics"])
