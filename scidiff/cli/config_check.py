@@ -59,8 +59,9 @@ class FinetuneConfig:
     """``finetune``: the trained model a run adapts, and how."""
 
     base: str                                          # run dir, .ckpt, run id, runs:/ or models:/
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "controlnet"] = "lora"
     lora: dict | None = None                           # scidiff.nets.adapters.LoraSpec's fields
+    controlnet: dict | None = None                     # {hint_channels, blocks}: the new condition's branch
     prior: dict | None = None                          # prior preservation: {count, weight, steps, data_path}
     tracking_uri: str | None = None
 
@@ -326,7 +327,17 @@ def check_finetune(cfg: DictConfig) -> None:
             LoraSpec(**lora)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
+    control = dict(values.get("controlnet") or {})
+    unknown = sorted(set(control) - {"hint_channels", "blocks"})
+    if unknown:
+        raise ConfigError(f"finetune.controlnet.{unknown[0]}: unknown key (accepted: hint_channels, blocks)")
+    for key, value in control.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"finetune.controlnet.{key}: expected a positive integer, got {value!r}")
     prior = dict(values.get("prior") or {})
+    if values.get("method") == "controlnet" and int(prior.get("count") or 0) > 0:
+        raise ConfigError("finetune.prior.count: prior preservation is for method=full|lora; a ControlNet keeps the "
+                          "base model frozen (control_scale=0 samples the base), so set finetune.prior.count=0")
     unknown = sorted(set(prior) - {"count", "weight", "steps", "data_path"})
     if unknown:
         raise ConfigError(f"finetune.prior.{unknown[0]}: unknown key (accepted: count, weight, steps, data_path)")

@@ -58,6 +58,8 @@ class CommandOptions:
     data and device, and where the results go."""
 
     checkpoint: str
+    adapter: str | None = None
+    control_scale: float | None = None
     data_path: str | None = None
     ensemble: str | None = None
     out: str | None = None
@@ -125,12 +127,23 @@ def output_dir(plain: dict[str, Any], pretrained) -> Path:
 
     if plain["out"] is not None:
         return Path(plain["out"])
-    split = plain["settings"].split
+    split = plain["settings"].split + variant_suffix(pretrained)
     ckpt = Path(pretrained.checkpoint)
     if ckpt.parent.name == "checkpoints" and not is_mlflow_reference(str(plain["checkpoint"])) \
             and Path(plain["checkpoint"]).exists():
         return ckpt.parent.parent / "eval" / split
     return Path("eval") / (pretrained.mlflow_run_id or pretrained.sha256[:12]) / split
+
+
+def variant_suffix(pretrained) -> str:
+    """``""`` for the checkpoint as trained; for it with an adapter merged or another ControlNet
+    scale, a suffix naming that variant (``-adapter-<sha>``, ``-control0.5``), so its evaluation
+    never takes the place of the checkpoint's own."""
+    ident = pretrained.model_identity
+    suffix = f"-adapter-{ident['adapter_sha256'][:8]}" if "adapter_sha256" in ident else ""
+    if ident.get("control_scale", 1.0) != 1.0:
+        suffix += f"-control{ident['control_scale']:g}"
+    return suffix
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -161,7 +174,8 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
     from scidiff.inference.runtime import distributed_context, resolve_device
 
     logger = LoggerConfig(**(plain["logger"] or {}))
-    pretrained = load_pretrained(plain["checkpoint"], tracking_uri=logger.tracking_uri)
+    pretrained = load_pretrained(plain["checkpoint"], tracking_uri=logger.tracking_uri, adapter=plain["adapter"],
+                                 control_scale=plain["control_scale"])
     check_output(output_dir(plain, pretrained), bool(plain["overwrite"]))  # before hours of computing
     device = resolve_device(plain["device"])
     ctx = distributed_context(device)
@@ -170,8 +184,9 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
                       device=device, progress=plain["progress"] and ctx.rank == 0)
         summary: dict[str, Any] = {"scalars": ev.scalars, "verdict": None if ev.verdict is None else ev.verdict.label}
         if ctx.rank == 0:
+            # a variant of the checkpoint (adapter, ControlNet scale) gets its own run, never the training run's metrics
             done = publish(ev, pretrained, output_dir(plain, pretrained), log=logger.enabled,
-                           tracking_uri=logger.tracking_uri, new_run=logger.new_run,
+                           tracking_uri=logger.tracking_uri, new_run=logger.new_run or bool(variant_suffix(pretrained)),
                            experiment_name=logger.experiment_name, params=_params(plain, pretrained))
             summary.update(file=str(done.file), figures=[str(p) for p in done.figures], mlflow_run_id=done.run_id,
                            tracking_uri=done.tracking_uri)
@@ -191,7 +206,8 @@ def _params(plain: dict[str, Any], pretrained) -> dict[str, Any]:
     config = {k: v for k, v in plain.items() if k not in ("logger", "settings")}
     config.update(sampler=settings.sampler.identity(), guidance=settings.guidance.identity())
     out = flatten(config)
-    out.update({"checkpoint_sha256": pretrained.sha256, "global_step": pretrained.global_step})
+    out.update({"checkpoint_sha256": pretrained.sha256, "global_step": pretrained.global_step,
+                **pretrained.model_identity})
     return out
 
 

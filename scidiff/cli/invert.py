@@ -59,6 +59,8 @@ class InvertConfig:
 
     checkpoint: str
     tracking_uri: str | None
+    adapter: str | None
+    control_scale: float | None
     input: str
     sampler: dict            # a _target_ node of configs/sampler/ (DDIM, eta 0)
     refine_steps: int

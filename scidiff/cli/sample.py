@@ -35,6 +35,8 @@ class SampleConfig:
 
     checkpoint: str
     tracking_uri: str | None
+    adapter: str | None
+    control_scale: float | None
     params: dict | None
     members: int
     batch_size: int

@@ -161,7 +161,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
         prior = None
         if base is not None:
             prior = prior_fields(cfg, base)  # from the base model, before it is adapted
-            denoiser = finetuned_denoiser(cfg, base, run_info)
+            denoiser = finetuned_denoiser(cfg, base, run_info, meta)
             if prior is not None:
                 run_info["finetune"]["prior"] = {"count": int(prior["x"].shape[0]),
                                                  "weight": float(cfg.finetune.prior.get("weight", 1.0))}
@@ -243,10 +243,11 @@ def load_base(cfg):
         raise ConfigError(str(exc)) from None
 
 
-def finetuned_denoiser(cfg, base, run_info: dict[str, Any]):
-    """The base model's denoiser (its EMA weights), to be trained in full or through LoRA adapters
-    (``finetune.method``); the run's ``denoiser`` and ``diffusion`` become the base's, and
-    ``run_info["finetune"]`` records the base and the method."""
+def finetuned_denoiser(cfg, base, run_info: dict[str, Any], metadata):
+    """The base model's denoiser (its EMA weights), to be trained in full, through LoRA adapters,
+    or frozen inside a ControlNet for the data's new condition fields (``finetune.method``); the
+    run's ``denoiser`` and ``diffusion`` become the base's, and ``run_info["finetune"]`` records
+    the base and the method."""
     from omegaconf import OmegaConf, open_dict
 
     from scidiff.cli.errors import ConfigError
@@ -262,7 +263,20 @@ def finetuned_denoiser(cfg, base, run_info: dict[str, Any]):
                                      "mlflow_run_id": base.mlflow_run_id, "global_step": base.global_step,
                                      "weights": base.weights}}
     total = sum(p.numel() for p in denoiser.parameters())
-    if method == "lora":
+    if method == "controlnet":
+        from scidiff.nets.controlnet import ControlNet
+
+        node = dict(OmegaConf.to_container(cfg.finetune.get("controlnet") or {}, resolve=True))
+        new_fields = list(metadata.field_names[len(base.metadata.field_names):])
+        try:
+            denoiser = ControlNet(denoiser, control_channels=len(new_fields),
+                                  hint_channels=int(node.get("hint_channels") or 16), blocks=node.get("blocks"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        info["controlnet"] = {**denoiser.settings(), "fields": new_fields}
+        info["trainable_parameters"] = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+        info["base_parameters"] = total
+    elif method == "lora":
         spec = LoraSpec(**OmegaConf.to_container(cfg.finetune.get("lora") or {}, resolve=True))
         try:
             counts = apply_lora(denoiser, spec)
@@ -426,11 +440,25 @@ def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None, base=N
                                                                                         theirs.spatial_shape))
         if grid != base_grid:
             raise ConfigError(f"{what} was trained on the grid {base_grid}, the data's is {grid}")
+        control = cfg.finetune.get("method") == "controlnet"
+        if control:
+            check_control_fields(mine.field_names, theirs.field_names, what)
         try:
-            inner.adopt_statistics(base.statistics, what, parts=("x", "params", "fields"))
+            inner.adopt_statistics(base.statistics, what, parts=("x", "params", "fields"), extra_fields=control)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return inner
+
+
+def check_control_fields(fields, base_fields, what: str) -> None:
+    """A ControlNet's data has the base model's condition fields, then the new one(s)."""
+    from scidiff.cli.errors import ConfigError
+
+    fields, base_fields = list(fields), list(base_fields)
+    if fields[:len(base_fields)] != base_fields or len(fields) == len(base_fields):
+        raise ConfigError(f"data.fields: a ControlNet adds condition fields after the base model's: {what} takes "
+                          f"{base_fields}, so data.fields must be those followed by the new one(s), got {fields} "
+                          "(coarsened fields come after named ones)")
 
 
 def _data_error(cfg, exc: BaseException):

@@ -217,11 +217,14 @@ class FieldDataModule:
             stats.save(path)
         return stats
 
-    def adopt_statistics(self, other: Statistics, what: str, parts: Sequence[str] = ("x",)) -> None:
+    def adopt_statistics(self, other: Statistics, what: str, parts: Sequence[str] = ("x",),
+                         extra_fields: bool = False) -> None:
         """Normalise with ``other``'s statistics for ``parts`` (``x``, ``params``, ``fields``):
         those of another run on the same variables (a latent run normalises its fields as its
-        autoencoder was trained; a fine-tuning run everything as its base model). Call after
-        :meth:`setup`; ``ValueError`` naming ``what`` when the names or transforms differ."""
+        autoencoder was trained; a fine-tuning run everything as its base model). With
+        ``extra_fields`` the data may have condition fields after ``other``'s (a ControlNet's new
+        condition), which keep their own statistics. Call after :meth:`setup`; ``ValueError``
+        naming ``what`` when the names or transforms differ."""
         import dataclasses
 
         mine = self._need_stats()
@@ -230,13 +233,14 @@ class FieldDataModule:
         for part in parts:
             own, theirs = getattr(mine, part), getattr(other, part)
             names, other_names = [c.name for c in own], [c.name for c in theirs]
-            if names != other_names:
+            shared = names[:len(other_names)] if part == "fields" and extra_fields else names
+            if shared != other_names:
                 raise ValueError(f"{what} normalised the {labels[part]} {other_names}, the data config has {names}")
             for a, b in zip(own, theirs):
                 if (a.pointwise, a.log_offset) != (b.pointwise, b.log_offset):
                     raise ValueError(f"{what} transformed {a.name} with {b.pointwise}, the data config with "
                                      f"{a.pointwise}")
-            changes[part] = tuple(theirs)
+            changes[part] = tuple(theirs) + tuple(own[len(theirs):])
         # provenance: the adopted parts' (all of them: the other's own record)
         info = dict(other.info) if set(parts) >= {"x", "params", "fields"} else dict(mine.info)
         info["normalised_as"] = f"{what} ({', '.join(parts)})"

@@ -83,6 +83,8 @@ class Pretrained:
             model units are then the normalised latent, and :meth:`to_model` /
             :meth:`to_physical` encode / decode. ``latent_info``: the autoencoder run it came
             from (checkpoint, sha256, MLflow run).
+        adapter: the LoRA adapter file merged on the checkpoint (``path``, ``sha256``), else empty.
+        control_scale: a ControlNet's conditioning scale (0: the base model), else ``None``.
     """
 
     denoiser: nn.Module
@@ -100,6 +102,20 @@ class Pretrained:
     source_tracking_uri: str | None = None
     latent: LatentCodec | None = None
     latent_info: Mapping[str, Any] = field(default_factory=dict)
+    adapter: Mapping[str, Any] = field(default_factory=dict)
+    control_scale: float | None = None
+
+    @property
+    def model_identity(self) -> dict[str, Any]:
+        """What besides the checkpoint determines the network's output: the adapter file merged
+        on it (``adapter_sha256``) and a ControlNet's conditioning scale; empty for a plain
+        checkpoint (so its ensembles keep their identity)."""
+        out: dict[str, Any] = {}
+        if self.adapter:
+            out["adapter_sha256"] = self.adapter["sha256"]
+        if self.control_scale is not None:
+            out["control_scale"] = self.control_scale
+        return out
 
     # -- units ---------------------------------------------------------------------------
     @property
@@ -410,7 +426,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     return weights, {**meta, "lora": json.loads(meta["lora"])}
 
 
-def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Path) -> None:
+def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Path) -> dict[str, str]:
+    """Put the adapter file on ``denoiser`` (the checkpoint ``base_path``'s); its path and sha256."""
     weights, meta = read_adapter(adapter)
     sha = file_sha256(base_path)
     if meta["base_sha256"] != sha:
@@ -421,15 +438,18 @@ def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Pat
         load_adapter_state(denoiser, weights)
     except (ImportError, ValueError) as exc:
         raise CheckpointError(f"adapter: {adapter}: {exc}") from None
+    return {"path": str(Path(adapter).resolve()), "sha256": file_sha256(adapter)}
 
 
 def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
                     use_ema: bool = True, adapter: str | os.PathLike | None = None,
-                    key: str = "checkpoint") -> Pretrained:
+                    control_scale: float | None = None, key: str = "checkpoint") -> Pretrained:
     """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be); with
     ``adapter``, a LoRA adapter file (``adapter.safetensors`` of a fine-tuning run) on it,
-    checked to have been trained on this very checkpoint (its sha256) and merged. ``key`` names
-    the setting ``ref`` came from in the errors about finding and reading the file.
+    checked to have been trained on this very checkpoint (its sha256) and merged. A ControlNet
+    (``finetune.method=controlnet``) runs its control branch at ``control_scale`` (``None``: as
+    trained, 1; 0: the base model). ``key`` names the setting ``ref`` came from in the errors
+    about finding and reading the file.
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, or not one written by
@@ -459,10 +479,27 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
             apply_lora(denoiser, LoraSpec(**finetune["lora"]))
         except ImportError as exc:
             raise CheckpointError(f"checkpoint: {path} is a LoRA fine-tuned model: {exc}") from None
+    control = finetune.get("controlnet") if finetune.get("method") == "controlnet" else None
+    if control is not None:  # the base denoiser (without the new fields) inside its ControlNet
+        from scidiff.nets.controlnet import ControlNet
+
+        base_net = hu.instantiate(config["denoiser"], in_channels=metadata.num_channels,
+                                  dims=len(metadata.spatial_dims), num_params=len(metadata.param_names),
+                                  field_channels=len(metadata.field_names) - int(control["control_channels"]))
+        denoiser = ControlNet(base_net, control_channels=int(control["control_channels"]),
+                              hint_channels=int(control["hint_channels"]), blocks=control.get("blocks"))
+    elif control_scale is not None:
+        raise CheckpointError(f"control_scale: {path} is not a ControlNet (fine-tuned with finetune.method="
+                              "controlnet); leave control_scale=null")
+    if control is not None and control_scale is not None:
+        if isinstance(control_scale, bool) or not isinstance(control_scale, (int, float)) or control_scale < 0:
+            raise CheckpointError(f"control_scale: expected a number >= 0, got {control_scale!r}")
+        denoiser.scale = float(control_scale)
     prefix = "ema.model." if use_ema and any(k.startswith("ema.model.") for k in state) else "denoiser."
     _load_weights(denoiser, state, prefix, f"checkpoint: {path}: weights do not fit the configured denoiser")
+    adapter_info: dict[str, Any] = {}
     if adapter is not None:
-        _add_adapter(denoiser, adapter, path)
+        adapter_info = _add_adapter(denoiser, adapter, path)
     merge_lora(denoiser)  # a fine-tuned model runs at the base model's speed
     denoiser.to(device).eval().requires_grad_(False)
     if latent is not None:
@@ -483,6 +520,8 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         source_tracking_uri=source,
         latent=latent,
         latent_info={k: v for k, v in (info.get("latent") or {}).items() if k != "net_config"},
+        adapter=adapter_info,
+        control_scale=float(denoiser.scale) if control is not None else None,
     )
 
 

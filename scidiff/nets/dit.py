@@ -197,21 +197,37 @@ class DiT(nn.Module):
             self._pos_cache = (key, pos[None])
         return self._pos_cache[1]
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        """``x: [B, C, *S]``, ``t: [B]`` int timesteps, ``cond`` or ``None`` -> ``[B, C_out, *S]``."""
-        check_input(x, t, self.in_channels, self.dims, divisor=self.patch_size)
-        b = x.shape[0]
+    def tokens(self, x: Tensor, cond: Conditioning | None) -> tuple[Tensor, tuple[int, ...]]:
+        """The input tokens ``[B, N, D]`` (patches of the field and its condition fields, with
+        their positions) and the token grid."""
         h = self.patch_embed(self.fields(x, cond))  # [B, D, *G]
         grid = tuple(h.shape[2:])
         # contiguous: elementwise ops keep a transposed layout, and every Linear would copy it
         h = h.flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
-        h = h + self.position_embedding(grid, h.device, h.dtype)
+        return h + self.position_embedding(grid, h.device, h.dtype), grid
+
+    def run_block(self, block: nn.Module, h: Tensor, c: Tensor) -> Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+        return block(h, c)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None,
+                residuals: Sequence[Tensor] | None = None) -> Tensor:
+        """``x: [B, C, *S]``, ``t: [B]`` int timesteps, ``cond`` or ``None`` -> ``[B, C_out, *S]``.
+
+        ``residuals`` (a ControlNet's, :class:`scidiff.nets.controlnet.ControlNet`): tokens
+        ``[B, N, D]`` added to the outputs of the first ``len(residuals)`` blocks."""
+        check_input(x, t, self.in_channels, self.dims, divisor=self.patch_size)
+        b = x.shape[0]
+        h, grid = self.tokens(x, cond)
         c = F.silu(self.cond_embed(t, cond))
-        for block in self.blocks:
-            if self.checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
-            else:
-                h = block(h, c)
+        residuals = list(residuals or ())
+        if len(residuals) > len(self.blocks):
+            raise ValueError(f"residuals: at most {len(self.blocks)} (one per block), got {len(residuals)}")
+        for i, block in enumerate(self.blocks):
+            h = self.run_block(block, h, c)
+            if i < len(residuals):
+                h = h + residuals[i]
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         h = self.final(
             modulate(self.final_norm(h), shift, scale)

@@ -207,7 +207,8 @@ def invert(cfg: Mapping[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     sampler, guidance = as_sampler(cfg["sampler"]), as_guidance(cfg["guidance"])
     device = resolve_device(str(cfg["device"]))
-    pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg["tracking_uri"], device=device)
+    pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg["tracking_uri"], device=device,
+                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"))
     inputs = read_inputs(cfg["input"], pretrained)
     y, _, cond = model_inputs(pretrained, inputs)
     if cond is None and guidance.active:
@@ -225,6 +226,7 @@ def invert(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "checkpoint": str(pretrained.checkpoint),
         "checkpoint_sha256": pretrained.sha256,
         "checkpoint_weights": pretrained.weights,
+        **pretrained.model_identity,
         "steps": sampler.steps,
         "spacing": sampler.spacing,
         "refine_steps": int(cfg["refine_steps"]),

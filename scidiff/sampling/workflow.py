@@ -99,7 +99,7 @@ def _identity(cfg: Mapping[str, Any], pretrained, sets, sampler: Sampler, guidan
     extra = {}
     if conditions is not None:  # absent otherwise, so stores of runs without conditions keep their hash
         extra["conditions"] = {"path": conditions.path, "sha256": conditions.sha256}
-    return {**extra,
+    return {**extra, **pretrained.model_identity,
         "checkpoint_sha256": pretrained.sha256,
         "weights": pretrained.weights,
         "param_names": list(sets.names),
@@ -154,7 +154,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
     except ValueError as exc:
         raise SampleError(str(exc)) from None
 
-    pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device)
+    pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device,
+                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"))
     try:
         sampler.check(pretrained.diffusion)
     except ValueError as exc:
@@ -204,6 +205,7 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
                 "sample_config": canonical_json(_json_config(cfg, pretrained)),
                 "checkpoint": str(pretrained.checkpoint),
                 "checkpoint_sha256": pretrained.sha256,
+                **pretrained.model_identity,
                 "checkpoint_global_step": pretrained.global_step,
                 "weights": pretrained.weights,
                 "scidiff_version": scidiff.__version__,

@@ -1,7 +1,9 @@
 """Fine-tuning a trained model as a user runs it: ``scidiff-train experiment=quickstart_finetune
-finetune.base=<run>`` with LoRA adapters and in full, in subprocesses; the adapter file, the MLflow
-link to the base run, the fine-tuned checkpoint used by ``scidiff-sample``, the base + adapter
-path from Python, and the bad inputs (one line each, nothing written)."""
+finetune.base=<run>`` with LoRA adapters and in full, and ``experiment=quickstart_controlnet``, in
+subprocesses; the adapter file, the MLflow link to the base run, the fine-tuned checkpoint used by
+``scidiff-sample``, the base + adapter path from Python and from ``scidiff-sample adapter=`` /
+``scidiff-evaluate adapter=``, the ControlNet's frozen base and its ``control_scale``, and the bad
+inputs (one line each, nothing written)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +37,15 @@ def finetuned(trained_run, data_dir) -> Path:
                *SHORT], trained_run, data_dir)
     run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=prior", "finetune.prior.count=12",
                "finetune.prior.steps=3", "finetune.prior.weight=0.5", *SHORT], trained_run, data_dir)
+    run_train(["experiment=quickstart_controlnet", f"finetune.base={base}", "run_name=control", *SHORT],
+              trained_run, data_dir)
     return trained_run
+
+
+def sample_cli(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "scidiff.cli.sample", "members=2", "sampler.steps=4", "progress=false",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_prior_preservation_generates_cached_base_fields_and_adds_their_loss(finetuned):
@@ -87,7 +98,7 @@ def test_lora_writes_a_small_adapter_and_links_the_base_run(finetuned):
 
 
 def test_the_finetuned_model_samples_like_base_plus_adapter_and_differs_from_the_base(finetuned, data_dir):
-    from scidiff.inference.checkpoint import load_pretrained
+    from scidiff.inference.checkpoint import file_sha256, load_pretrained
     from scidiff.inference.generation import DDIM, generate
 
     run = finetuned / "outputs/quickstart_finetune/lora"
@@ -101,11 +112,86 @@ def test_the_finetuned_model_samples_like_base_plus_adapter_and_differs_from_the
     a, b, c = (generate(m, params, [0, 1], sampler=DDIM(steps=5)) for m in (merged, stacked, base))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - c).abs().max() > 1e-4
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "scidiff.cli.sample", "checkpoint=outputs/quickstart_finetune/lora",
-                           "out=ft.zarr", "members=2", "params.grid={spectral_index: [2.25], amplitude: [1.0]}",
-                           "sampler.steps=4"], cwd=finetuned, env=env, capture_output=True, text=True, timeout=240)
+    grid = "params.grid={spectral_index: [2.25], amplitude: [1.0]}"
+    proc = sample_cli(["checkpoint=outputs/quickstart_finetune/lora", "out=ft.zarr", grid], finetuned, data_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the same model as the base checkpoint with the adapter file: the same members, another identity
+    adapter = run / "adapter.safetensors"
+    proc = sample_cli([f"checkpoint={BASE}", f"adapter={adapter}", "out=stacked.zarr", grid], finetuned, data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import xarray as xr
+
+    with xr.open_zarr(finetuned / "ft.zarr") as a, xr.open_zarr(finetuned / "stacked.zarr") as b:
+        np.testing.assert_allclose(a["field"].values, b["field"].values, rtol=1e-4, atol=1e-4)
+        assert json.loads(b.attrs["identity"])["adapter_sha256"] == file_sha256(adapter)
+        assert "adapter_sha256" not in json.loads(a.attrs["identity"])
+
+
+def test_evaluating_base_plus_adapter_never_takes_the_place_of_the_base_evaluation(finetuned, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    from scidiff.inference.checkpoint import file_sha256
+    from tests.cli.test_evaluate_cli import TINY, run_evaluate
+
+    adapter = finetuned / "outputs/quickstart_finetune/lora/adapter.safetensors"
+    proc = run_evaluate([f"checkpoint={finetuned / BASE}", f"adapter={adapter}", *TINY], finetuned, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = finetuned / BASE / "eval" / f"val-adapter-{file_sha256(adapter)[:8]}"
+    assert (out / "evaluation.nc").is_file() and not (finetuned / BASE / "eval" / "val").exists()
+    client = MlflowClient(f"sqlite:///{finetuned / 'mlflow.db'}")
+    base_run = json.loads((finetuned / BASE / "summary.json").read_text())["mlflow_run_id"]
+    assert not any(k.startswith("eval/") for k in client.get_run(base_run).data.metrics)   # the base run untouched
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`scidiff.evaluated_run` = '{base_run}'")
+    assert len(runs) == 1 and runs[0].data.params["adapter_sha256"] == file_sha256(adapter)
+
+
+def test_controlnet_keeps_the_base_frozen_and_scale_zero_samples_the_base(finetuned, data_dir):
+    """The ControlNet run trains only its branch (the base's weights in its checkpoint are the
+    base's, bit for bit), samples from the CLI with the new field from a store, and
+    ``control_scale=0`` generates exactly the base model's members."""
+    import xarray as xr
+
+    from scidiff.inference.checkpoint import load_pretrained
+    from scidiff.inference.generation import DDIM, generate
+    from scidiff.sampling.conditions import coarsen_factors
+
+    run = finetuned / "outputs/quickstart_controlnet/control"
+    summary = json.loads((run / "summary.json").read_text())
+    f = summary["finetune"]
+    assert f["method"] == "controlnet" and f["controlnet"]["fields"] == ["field@coarse4x4"]
+    assert f["controlnet"]["control_channels"] == 1 and 0 < f["trainable_parameters"] < f["base_parameters"]
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    base_ckpt = torch.load(finetuned / BASE / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for prefix in ("denoiser.base.", "ema.model.base."):
+        frozen = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+        assert frozen and all(torch.equal(v, base_ckpt["ema.model." + k]) for k, v in frozen.items())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ckpt.items() if k.startswith("denoiser.zero."))
+
+    model, base = load_pretrained(run), load_pretrained(finetuned / BASE)
+    assert model.control_scale == 1.0 and coarsen_factors(model.metadata.field_names[0]) == ("field", (4, 4))
+    params, fields = torch.tensor([[2.25, 1.0], [1.5, 1.0]]), torch.randn(2, 1, 16, 16)
+    off = load_pretrained(run, control_scale=0.0)
+    a, b, c = (generate(m, params, [0, 1], sampler=DDIM(steps=4), fields=fields if m is not base else None)
+               for m in (off, base, model))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (c - a).abs().max() > 1e-5
+
+    store = data_dir / "grf_quickstart.zarr"
+    args = [f"checkpoint={run}", f"conditions.path={store}", "conditions.isel={sample: [0, 1]}"]
+    for scale, out in ((None, "cn.zarr"), (0, "cn0.zarr")):
+        proc = sample_cli([*args, f"out={out}", *([f"control_scale={scale}"] if scale is not None else [])],
+                          finetuned, data_dir)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    with xr.open_zarr(finetuned / "cn.zarr") as one, xr.open_zarr(finetuned / "cn0.zarr") as zero:
+        assert one["field"].shape == (2, 2, 16, 16) and np.isfinite(one["field"].values).all()
+        assert json.loads(one.attrs["identity"])["control_scale"] == 1.0
+        assert json.loads(zero.attrs["identity"])["control_scale"] == 0.0
+        assert np.abs(one["field"].values - zero["field"].values).max() > 1e-5
+    proc = sample_cli([f"checkpoint={BASE}", "control_scale=0.5", "out=bad.zarr",
+                       "params.grid={spectral_index: [2.25], amplitude: [1.0]}"], finetuned, data_dir)
+    assert proc.returncode == 2 and "control_scale: " in proc.stderr and "is not a ControlNet" in proc.stderr
+    assert not (finetuned / "bad.zarr").exists()
 
 
 def test_an_adapter_of_another_base_is_refused_naming_both(finetuned, trained_run):
@@ -129,6 +215,14 @@ CASES = [
     (["finetune.base={base}", "finetune.prior.count=-1"], "finetune.prior.count: expected a positive integer"),
     (["finetune.base={base}", "finetune.prior.count=4", "finetune.prior.data_path=/nonexistent.zarr"],
      "finetune.prior.data_path: the base model's data store /nonexistent.zarr does not exist"),
+    (["finetune.base={base}", "finetune.method=controlnet"],
+     "data.fields: a ControlNet adds condition fields after the base model's"),
+    (["experiment=quickstart_controlnet", "finetune.base={base}", "finetune.controlnet.hint_channels=0"],
+     "finetune.controlnet.hint_channels: expected a positive integer, got 0"),
+    (["experiment=quickstart_controlnet", "finetune.base={base}", "finetune.controlnet.blocks=2"],
+     "finetune.controlnet.blocks: only for a DiT"),
+    (["experiment=quickstart_controlnet", "finetune.base={base}", "finetune.prior.count=4"],
+     "finetune.prior.count: prior preservation is for method=full|lora"),
 ]
 
 
@@ -140,7 +234,8 @@ def test_finetuning_refuses_bad_input(args, expected, finetuned, data_dir, capsy
     args = fill(args, base=finetuned / BASE)
     monkeypatch.chdir(finetuned)
     monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
-    assert_refused(main, ["experiment=quickstart_finetune", "run_name=bad", "trainer.max_steps=2", *args], expected,
+    experiment = [] if any(a.startswith("experiment=") for a in args) else ["experiment=quickstart_finetune"]
+    assert_refused(main, [*experiment, "run_name=bad", "trainer.max_steps=2", *args], expected,
                    capsys, monkeypatch, finetuned / "outputs", finetuned / "mlflow.db")
 
 
