@@ -203,6 +203,12 @@ class SpreadSkillRatio(PointMeanMetric):
         """Returns: ``[C]`` (or ``[C, *S]``; a scalar with ``average="channels"``), dimensionless."""
         return self._reduce_channels(torch.sqrt(self.spread_sq_sum / self.error_sq_sum))
 
+    def skill(self) -> Tensor:
+        """The ensemble mean's RMSE (the ratio's denominator), ``[C]`` (or ``[C, *S]``), in the
+        units of the fields; summed over the ranks under DDP, as :meth:`compute` is."""
+        with self.sync_context():
+            return self._reduce_channels(torch.sqrt(self.error_sq_sum / self.weight_sum))
+
 
 def energy_score(
     forecasts: Tensor,

@@ -72,7 +72,8 @@ CONVENTIONS = "CF-1.10"
 UNITS_NOTE = (
     "bpd: variational bound on -log2 p(x) per dimension of the data in physical units "
     "(the normalisation's log-determinant included); bpd_model: the same for the normalised data; "
-    "bound_terms: per-timestep terms of the normalised data. CRPS, bias, std, W1: units of each variable; "
+    "bound_terms: per-timestep terms of the normalised data. CRPS, ensemble_mean_rmse (RMSE of the ensemble mean "
+    "against the real field), bias, std, W1: units of each variable; "
     "energy_score: normalised units; spread_skill, std_ratio, rank_deviation: dimensionless; "
     "spectral_error: mean over wavenumber shells of |ln(P_samples(k)/P_data(k))|, dimensionless "
     "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
@@ -93,7 +94,7 @@ def netcdf_engine() -> str:
         return "scipy"
 
 
-_PER_VARIABLE = ("crps", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
+_PER_VARIABLE = ("crps", "ensemble_mean_rmse", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
 _DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation",
                   "spectral_error", "w1_out_of_range", "atoms", "autoencoder_spectral_error", "autoencoder_atoms")
 

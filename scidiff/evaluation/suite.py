@@ -161,6 +161,7 @@ class SampleMetrics:
         rank_hist = m["rank"].compute().cpu().numpy()
         per_channel = {
             "crps": m["crps"].compute(), "spread_skill": m["spread_skill"].compute(),
+            "ensemble_mean_rmse": m["spread_skill"].skill(),
             "spectral_error": m["spectral"].compute(), "w1": m["w1"].compute(),
             "bias_rms": _nanrms(moments.bias), "std_ratio": _nanmean(moments.std_ratio),
             # total variation distance of the rank histogram from the flat one (0 = calibrated)

@@ -130,6 +130,10 @@ def test_spread_skill_ratio_of_under_dispersed_ensemble_matches_closed_form():
     assert torch.allclose(
         metric.compute(), torch.full((2,), expected, dtype=torch.float64), atol=0.01
     )
+    # the skill, the ensemble mean's RMSE: closed form sqrt(1 + 0.25 / M), and exactly numpy's
+    assert torch.allclose(metric.skill(), torch.full((2,), math.sqrt(1 + 0.25 / m), dtype=torch.float64), atol=0.01)
+    direct = np.sqrt(((members.mean(1) - obs) ** 2).mean(dim=(0, 2, 3)).numpy())
+    np.testing.assert_allclose(metric.skill().numpy(), direct, rtol=1e-12)
 
 
 def test_energy_score_matches_direct_pairwise_computation():
