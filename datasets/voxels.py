@@ -106,6 +106,29 @@ class Molecule:
     num_heavy_atoms: int
     molecular_weight: float  # g mol-1
     tpsa: float  # angstrom2
+    descriptors: np.ndarray  # [len(DESCRIPTORS)] float64, RDKit descriptors of the molecule (a conditioning vector)
+
+
+# The molecule's descriptor vector (the store's ``descriptors``, dims (sample, descriptor)): name, units,
+# and how it is computed from the RDKit molecule without hydrogens.
+DESCRIPTORS = {
+    "molecular_weight": ("g mol-1", lambda m, D, R: D.MolWt(m)),
+    "heavy_atoms": ("1", lambda m, D, R: m.GetNumHeavyAtoms()),
+    "carbon_atoms": ("1", lambda m, D, R: sum(a.GetSymbol() == "C" for a in m.GetAtoms())),
+    "nitrogen_atoms": ("1", lambda m, D, R: sum(a.GetSymbol() == "N" for a in m.GetAtoms())),
+    "oxygen_atoms": ("1", lambda m, D, R: sum(a.GetSymbol() == "O" for a in m.GetAtoms())),
+    "fluorine_atoms": ("1", lambda m, D, R: sum(a.GetSymbol() == "F" for a in m.GetAtoms())),
+    "hydrogen_bond_donors": ("1", lambda m, D, R: R.CalcNumHBD(m)),
+    "hydrogen_bond_acceptors": ("1", lambda m, D, R: R.CalcNumHBA(m)),
+    "rotatable_bonds": ("1", lambda m, D, R: R.CalcNumRotatableBonds(m)),
+    "rings": ("1", lambda m, D, R: R.CalcNumRings(m)),
+    "aromatic_rings": ("1", lambda m, D, R: R.CalcNumAromaticRings(m)),
+    "fraction_sp3_carbon": ("1", lambda m, D, R: R.CalcFractionCSP3(m)),
+    "tpsa": ("angstrom2", lambda m, D, R: R.CalcTPSA(m)),
+    "logp": ("1", lambda m, D, R: D.MolLogP(m)),
+    "molar_refractivity": ("cm3 mol-1", lambda m, D, R: D.MolMR(m)),
+    "labute_asa": ("angstrom2", lambda m, D, R: R.CalcLabuteASA(m)),
+}
 
 
 def embed(index: int, smiles: str, seed: int) -> Molecule | None:
@@ -152,6 +175,7 @@ def embed(index: int, smiles: str, seed: int) -> Molecule | None:
         num_heavy_atoms=mol.GetNumHeavyAtoms(),
         molecular_weight=Descriptors.MolWt(mol),
         tpsa=rdMolDescriptors.CalcTPSA(mol),
+        descriptors=np.array([float(f(mol, Descriptors, rdMolDescriptors)) for _, f in DESCRIPTORS.values()]),
     )
 
 
@@ -256,6 +280,9 @@ def make_store(settings: VoxelSettings, *, seed: int, size: str) -> StoreSpec:
         values = np.asarray(values, np.float32)
         data_vars[name] = (SAMPLE_DIM, values, {"units": units, "long_name": long_name,
                                                 "valid_min": float(values.min()), "valid_max": float(values.max())})
+    data_vars["descriptors"] = ((SAMPLE_DIM, "descriptor"), np.stack([p.molecule.descriptors for p in poses]).astype(
+        np.float32), {"units": "1", "long_name": "RDKit descriptors of the molecule (units per descriptor: "
+                      "descriptor_units), a conditioning vector"})
     data_vars["atom_position"] = ((SAMPLE_DIM, "atom", "xyz"), atom_position, {
         "units": "angstrom", "long_name": "atom centre (x, y, z) in the grid frame; NaN pads"})
     data_vars["atom_element"] = ((SAMPLE_DIM, "atom"), atom_element, {
@@ -270,6 +297,9 @@ def make_store(settings: VoxelSettings, *, seed: int, size: str) -> StoreSpec:
     template = xr.Dataset(
         data_vars,
         coords={SAMPLE_DIM: (SAMPLE_DIM, np.arange(n, dtype=np.int64), {"units": "1", "long_name": "sample index"}),
+                "descriptor": ("descriptor", np.array(list(DESCRIPTORS)), {"long_name": "RDKit descriptor"}),
+                "descriptor_units": ("descriptor", np.array([u for u, _ in DESCRIPTORS.values()]),
+                                     {"long_name": "units of the descriptor"}),
                 **coords},
         attrs=base_attrs(
             "voxels", seed, size,

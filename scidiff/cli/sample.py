@@ -76,6 +76,7 @@ class ObservationsConfig:
 class ConditionsConfig:
     path: str
     isel: dict | None = None         # {dim: index | [indices]}: samples of the input to use
+    embedding: str | None = None     # the variable holding the embedding (default: the training's name)
 
 
 @dataclasses.dataclass

@@ -172,6 +172,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
                 dims=len(meta.spatial_dims),
                 num_params=len(meta.param_names),
                 field_channels=len(meta.field_names),
+                embedding_dim=meta.embedding_dim,
             )
         check_grid = getattr(denoiser, "check_grid", None)
         if check_grid is not None:
@@ -326,7 +327,7 @@ def prior_fields(cfg, base) -> dict[str, Any] | None:
     train = dm.datasets["train"]
     rng = np.random.default_rng(int(cfg.seed))
     chosen = np.sort(rng.choice(np.asarray(train.indices), size=count, replace=count > len(train)))
-    cond = {k: v for k, v in train.read_batch(chosen).items() if k in ("params", "fields")}
+    cond = {k: v for k, v in train.read_batch(chosen).items() if k in ("params", "fields", "embedding")}
     sampler = DPMSolver(steps=int(node.get("steps", 20)), order=2)
     net = base.denoiser.eval()
     out = []
@@ -444,7 +445,8 @@ def open_data(cfg, state: dict[str, Any] | None = None, first_stage=None, base=N
         if control:
             check_control_fields(mine.field_names, theirs.field_names, what)
         try:
-            inner.adopt_statistics(base.statistics, what, parts=("x", "params", "fields"), extra_fields=control)
+            inner.adopt_statistics(base.statistics, what, parts=("x", "params", "fields", "embedding"),
+                                  extra_fields=control)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return inner

@@ -42,8 +42,8 @@ class FieldDataModule:
     """Splits, statistics, transforms and loaders over a zarr/netCDF store (module docstring).
 
     Args:
-        path, variables, spatial_dims, sample_dims, params, fields, mask, engine, open_kwargs: as for
-            :class:`~scidiff.data.FieldDataset`.
+        path, variables, spatial_dims, sample_dims, params, fields, embedding, mask, engine, open_kwargs:
+            as for :class:`~scidiff.data.FieldDataset`.
         split: an object with ``indices(ds, sample_dims) -> {"train", "val", "test"}``
             (:class:`IndexSplit`, :class:`FractionSplit`, :class:`CoordinateSplit`);
             default ``FractionSplit(0.8, 0.1, 0.1)``.
@@ -66,6 +66,7 @@ class FieldDataModule:
         sample_dims: str | Sequence[str] = "sample",
         params: Sequence[Any] = (),
         fields: Sequence[Any] = (),
+        embedding: Any = None,
         split: Any = None,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
@@ -100,7 +101,7 @@ class FieldDataModule:
         # Checks the layout now, so a bad config fails at instantiation, before any training.
         self._base = FieldDataset(
             self.path, variables, spatial_dims, sample_dims, params, fields,
-            statistics=None, mask=mask, engine=engine, open_kwargs=open_kwargs,
+            statistics=None, mask=mask, engine=engine, open_kwargs=open_kwargs, embedding=embedding,
         )
         self.split_indices: dict[str, np.ndarray] | None = None
         self.statistics: Statistics | None = None
@@ -219,7 +220,7 @@ class FieldDataModule:
 
     def adopt_statistics(self, other: Statistics, what: str, parts: Sequence[str] = ("x",),
                          extra_fields: bool = False) -> None:
-        """Normalise with ``other``'s statistics for ``parts`` (``x``, ``params``, ``fields``):
+        """Normalise with ``other``'s statistics for ``parts`` (``x``, ``params``, ``fields``, ``embedding``):
         those of another run on the same variables (a latent run normalises its fields as its
         autoencoder was trained; a fine-tuning run everything as its base model). With
         ``extra_fields`` the data may have condition fields after ``other``'s (a ControlNet's new
@@ -228,7 +229,8 @@ class FieldDataModule:
         import dataclasses
 
         mine = self._need_stats()
-        labels = {"x": "variables", "params": "parameters", "fields": "condition fields"}
+        labels = {"x": "variables", "params": "parameters", "fields": "condition fields",
+                  "embedding": "embedding components"}
         changes = {}
         for part in parts:
             own, theirs = getattr(mine, part), getattr(other, part)

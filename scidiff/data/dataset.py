@@ -9,6 +9,7 @@ A sample is one position on the sample-dim grid; the dataset returns::
      "mask":   [C, *S]  float32, 1 = valid           (only when the data can have NaN),
      "params": [P]      float32, normalised           (only when parameters are configured),
      "fields": [Cf, *S] float32, normalised           (only when fields are configured),
+     "embedding": [E]   float32, normalised           (only when an embedding is configured),
      "index":  int64    the sample's flat index in the store}
 
 Channels: each target variable gives one channel, or one per value of its
@@ -16,7 +17,10 @@ extra dims (``select={"level": [850, 500]}`` keeps two levels; a scalar drops th
 dim). Parameters are data variables or coordinates along (some of) the sample
 dims, one number per sample. Conditioning fields are other variables (with the
 sample dims, or static maps such as a land-sea mask) or a coarsened copy of the
-target (block means, repeated back to full resolution) for downscaling.
+target (block means, repeated back to full resolution) for downscaling. An *embedding* is
+a vector per sample: a variable with the sample dims and one more dim (a molecule's
+descriptors or fingerprint, a forcing time series, an encoder's output), each component
+normalised like a parameter.
 
 Laziness: the store is opened on first use in each process (DataLoader worker,
 DDP rank) and never pickled; a batch is read with one indexed read per variable
@@ -106,6 +110,13 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec(ParamSpec):
+    """A conditioning vector: a variable with the sample dims and one more dim (its ``E``
+    components), each component normalised as a parameter (``transform``; a component
+    constant over the training split is only centred)."""
+
+
+@dataclass(frozen=True)
 class FieldSpec:
     """A conditioning field: a variable (``name``; with the sample dims or static), or,
     with ``coarsen`` (block factors per spatial dim, e.g. ``{lat: 4, lon: 4}``), the
@@ -189,6 +200,12 @@ class FieldMetadata:
     coords: Mapping[str, np.ndarray] = field(default_factory=dict)
     coord_dims: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     coord_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    embedding_names: tuple[str, ...] = ()  # the components of the conditioning vector, ``name[dim=value]``
+
+    @property
+    def embedding_dim(self) -> int:
+        """``E``, the width of the conditioning vector (0: none)."""
+        return len(self.embedding_names)
 
     @property
     def num_channels(self) -> int:
@@ -209,6 +226,7 @@ class FieldMetadata:
         for k in ("sample_dims", "sample_shape", "spatial_dims", "spatial_shape", "channel_names",
                   "channel_variables", "units", "long_names", "param_names", "param_units", "field_names"):
             kw[k] = tuple(kw[k])
+        kw["embedding_names"] = tuple(kw.get("embedding_names") or ())
         kw["coords"] = {k: np.asarray(v) for k, v in kw["coords"].items()}
         kw["coord_dims"] = {k: tuple(v) for k, v in kw["coord_dims"].items()}
         return cls(**kw)
@@ -252,7 +270,8 @@ def _attrs(da: xr.DataArray) -> tuple[str, str]:
 
 
 def _resolve(ds: xr.Dataset, path: str, spec: Any, kind: str, sample_dims: Sequence[str],
-             spatial_dims: Sequence[str], require_sample: bool, is_param: bool = False) -> _Resolved:
+             spatial_dims: Sequence[str], require_sample: bool, is_param: bool = False,
+             is_vector: bool = False) -> _Resolved:
     if spec.name not in ds.variables:
         raise ValueError(
             f"{kind} {spec.name!r} not found in store {path}; it has data variables {sorted(ds.data_vars)} "
@@ -272,7 +291,15 @@ def _resolve(ds: xr.Dataset, path: str, spec: Any, kind: str, sample_dims: Seque
     if require_sample and len(own_sample) != len(sample_dims):
         missing = [d for d in sample_dims if d not in da.dims]
         raise ValueError(f"{kind} {spec.name!r} lacks the sample dim(s) {missing} (its dims are {da.dims})")
-    if is_param:
+    if is_vector:
+        extra = [d for d in da.dims if d not in sample_dims]
+        if len(extra) != 1 or any(d in spatial_dims for d in extra):
+            raise ValueError(
+                f"{kind} {spec.name!r} has dims {tuple(da.dims)}: an embedding needs the sample dims "
+                f"{list(sample_dims)} and exactly one more dim (its components), no spatial dim"
+            )
+        spatial = ()
+    elif is_param:
         extra = [d for d in da.dims if d not in sample_dims]
         if extra:
             lengths = {d: int(da.sizes[d]) for d in extra}
@@ -349,6 +376,8 @@ class FieldDataset(Dataset):
         sample_dims: the dim(s) indexing samples (``"time"`` or ``["simulation", "time"]``).
         params: conditioning parameters: names or :class:`ParamSpec` mappings.
         fields: conditioning fields: names or :class:`FieldSpec` mappings.
+        embedding: a conditioning vector per sample: a name or an :class:`EmbeddingSpec`
+            mapping (``None``: none).
         indices: flat sample indices this dataset serves (default: all).
         statistics: normalisation statistics; ``None`` returns physical units (identity).
         mask: ``"auto"`` (a mask iff the statistics saw NaN in the target, or no
@@ -367,6 +396,7 @@ class FieldDataset(Dataset):
         fields: Sequence[str | Mapping[str, Any] | FieldSpec] = (),
         indices: Sequence[int] | np.ndarray | None = None,
         statistics: Statistics | None = None,
+        embedding: str | Mapping[str, Any] | EmbeddingSpec | None = None,
         mask: MaskMode = "auto",
         engine: str | None = None,
         open_kwargs: Mapping[str, Any] | None = None,
@@ -390,6 +420,7 @@ class FieldDataset(Dataset):
         self.variable_specs = tuple(_coerce(VariableSpec, v, "variables") for v in variables)
         self.param_specs = tuple(_coerce(ParamSpec, p, "params") for p in (params or ()))
         self.field_specs = tuple(_coerce(FieldSpec, f, "fields") for f in (fields or ()))
+        self.embedding_spec = None if embedding is None else _coerce(EmbeddingSpec, embedding, "embedding")
 
         ds = open_store(self.path, self.engine, self.open_kwargs)
         try:
@@ -420,6 +451,9 @@ class FieldDataset(Dataset):
                         for s in self.param_specs)
         self._f = tuple(_resolve(ds, path, s, "field variable", self.sample_dims, self.spatial_dims, False)
                         for s in self.field_specs if s.name is not None)
+        self._e = () if self.embedding_spec is None else (
+            _resolve(ds, path, self.embedding_spec, "embedding", self.sample_dims, self.spatial_dims, True,
+                     is_vector=True),)
         self._coarsen: list[tuple[int, ...]] = []
         for s in self.field_specs:
             if s.coarsen is None:
@@ -432,7 +466,7 @@ class FieldDataset(Dataset):
                 if f < 1 or size % f:
                     raise ValueError(f"fields coarsen: factor {f} along dim {d!r} does not divide its size {size}")
             self._coarsen.append(factors)
-        names = [r.name for r in (*self._x, *self._p, *self._f)]
+        names = [r.name for r in (*self._x, *self._p, *self._f, *self._e)]
         self._fingerprint = _fingerprint(ds, names)
         self.sample_nbytes = int(4 * sum(len(r.channel_names) for r in self._x) * np.prod(self.spatial_shape))
         coords, cdims, cattrs = {}, {}, {}
@@ -466,26 +500,30 @@ class FieldDataset(Dataset):
             coords=coords,
             coord_dims=cdims,
             coord_attrs=cattrs,
+            embedding_names=tuple(n for r in self._e for n in r.channel_names),
         )
 
-    def channel_specs(self) -> tuple[list[ChannelSpec], list[ChannelSpec], list[ChannelSpec]]:
-        """Channel specs of the target, the parameters and the variable fields."""
+    def channel_specs(self) -> tuple[list[ChannelSpec], ...]:
+        """Channel specs of the target, the parameters, the variable fields and the embedding."""
         return ([c for r in self._x for c in r.channel_specs()],
                 [c for r in self._p for c in r.channel_specs()],
-                [c for r in self._f for c in r.channel_specs()])
+                [c for r in self._f for c in r.channel_specs()],
+                [c for r in self._e for c in r.channel_specs()])
 
     # -- statistics and transforms -------------------------------------------------------
 
     def set_statistics(self, statistics: Statistics | None) -> None:
         """Use ``statistics`` to normalise (``None``: physical units, identity transforms)."""
-        x_specs, p_specs, f_specs = self.channel_specs()
+        x_specs, p_specs, f_specs, e_specs = self.channel_specs()
         if statistics is None:
             self.x_transform = ChannelTransform.identity([c.name for c in x_specs])
             self.param_transform = ChannelTransform.identity([c.name for c in p_specs])
             self.field_transform = ChannelTransform.identity([c.name for c in f_specs])
+            self.embedding_transform = ChannelTransform.identity([c.name for c in e_specs])
         else:
             for kind, got, want in (("variable", statistics.x, x_specs), ("parameter", statistics.params, p_specs),
-                                    ("field variable", statistics.fields, f_specs)):
+                                    ("field variable", statistics.fields, f_specs),
+                                    ("embedding", statistics.embedding, e_specs)):
                 got_names, want_names = [c.name for c in got], [c.name for c in want]
                 if got_names != want_names:
                     raise ValueError(
@@ -495,6 +533,7 @@ class FieldDataset(Dataset):
             self.x_transform = statistics.x_transform()
             self.param_transform = statistics.param_transform()
             self.field_transform = statistics.field_transform()
+            self.embedding_transform = statistics.embedding_transform()
         self.statistics = statistics
         if self.mask_mode == "auto":
             self.has_mask = statistics is None or statistics.has_missing
@@ -572,7 +611,8 @@ class FieldDataset(Dataset):
         x = np.concatenate([self._read(r, comps, n) for r in self._x], axis=1)
         params = np.concatenate([self._read(r, comps, n) for r in self._p], axis=1) if self._p else None
         fields = np.concatenate([self._read(r, comps, n) for r in self._f], axis=1) if self._f else None
-        return PhysicalBlock(x=x, params=params, fields=fields)
+        embedding = self._read(self._e[0], comps, n) if self._e else None
+        return PhysicalBlock(x=x, params=params, fields=fields, embedding=embedding)
 
     def read_params(self, flat_indices: Sequence[int] | np.ndarray) -> torch.Tensor | None:
         """The normalised parameters ``[N, P]`` of samples ``flat_indices`` without reading their
@@ -621,6 +661,12 @@ class FieldDataset(Dataset):
             cond.append(coarsen_repeat(y, out.get("mask"), factors))
         if cond:
             out["fields"] = torch.cat(cond, dim=1)
+        if phys.embedding is not None:
+            e = self.embedding_transform(torch.from_numpy(np.ascontiguousarray(phys.embedding, dtype=np.float32)))
+            if not torch.isfinite(e).all():
+                bad = [n for c, n in enumerate(self.embedding_transform.names) if not torch.isfinite(e[:, c]).all()]
+                raise ValueError(f"embedding component(s) {bad[:4]} are missing or invalid in samples {idx[:8].tolist()}")
+            out["embedding"] = e
         out["index"] = torch.from_numpy(idx.copy())
         return out
 

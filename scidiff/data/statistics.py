@@ -82,12 +82,14 @@ def _validate(stats: ChannelStats, kind: str) -> None:
 
 @dataclass(frozen=True)
 class Statistics:
-    """Per-channel statistics of the target (``x``), the parameters and the conditioning fields."""
+    """Per-channel statistics of the target (``x``), the parameters, the conditioning fields and
+    the components of the conditioning vector (``embedding``)."""
 
     x: tuple[ChannelStats, ...]
     params: tuple[ChannelStats, ...] = ()
     fields: tuple[ChannelStats, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)  # provenance: store, split, sample count
+    embedding: tuple[ChannelStats, ...] = ()
 
     @property
     def has_missing(self) -> bool:
@@ -128,6 +130,10 @@ class Statistics:
         """Physical -> normalised for the conditioning fields read from variables."""
         return self._transform(self.fields)
 
+    def embedding_transform(self) -> ChannelTransform:
+        """Physical -> normalised for the conditioning vector ``[B, E]``."""
+        return self._transform(self.embedding)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain python (JSON-able) state, for checkpoints; see :meth:`from_state`."""
         return {
@@ -135,6 +141,7 @@ class Statistics:
             "x": [asdict(c) for c in self.x],
             "params": [asdict(c) for c in self.params],
             "fields": [asdict(c) for c in self.fields],
+            "embedding": [asdict(c) for c in self.embedding],
             "info": dict(self.info),
         }
 
@@ -147,6 +154,7 @@ class Statistics:
             x=tuple(ChannelStats(**c) for c in state["x"]),
             params=tuple(ChannelStats(**c) for c in state["params"]),
             fields=tuple(ChannelStats(**c) for c in state["fields"]),
+            embedding=tuple(ChannelStats(**c) for c in state.get("embedding", ())),
             info=dict(state.get("info", {})),
         )
 
@@ -230,6 +238,7 @@ class PhysicalBlock:
     x: np.ndarray  # [N, C, *S]
     params: np.ndarray | None  # [N, P]
     fields: np.ndarray | None  # [N, Cv, *S], the variable fields only
+    embedding: np.ndarray | None = None  # [N, E]
 
 
 class SampleSource(Protocol):
@@ -239,8 +248,9 @@ class SampleSource(Protocol):
     indices: np.ndarray  # the flat sample indices it serves
     sample_nbytes: int  # bytes of one sample's target channels (float32)
 
-    def channel_specs(self) -> tuple[Sequence[ChannelSpec], Sequence[ChannelSpec], Sequence[ChannelSpec]]:
-        """Specs of the target channels, the parameters and the variable fields."""
+    def channel_specs(self) -> tuple[Sequence[ChannelSpec], ...]:
+        """Specs of the target channels, the parameters, the variable fields and (optionally, a
+        fourth entry) the embedding's components."""
         ...
 
     def read_physical(self, flat_indices: np.ndarray) -> PhysicalBlock:
@@ -327,8 +337,10 @@ def compute_statistics(
         raise ValueError("compute_statistics: no samples (is the training split empty?)")
     if block_size is None:
         block_size = default_block_size(dataset.sample_nbytes)
-    x_specs, p_specs, f_specs = dataset.channel_specs()
+    x_specs, p_specs, f_specs, *rest = dataset.channel_specs()
+    e_specs = rest[0] if rest else []
     mx, mp, mf = RunningMoments(len(x_specs)), RunningMoments(len(p_specs)), RunningMoments(len(f_specs))
+    me = RunningMoments(len(e_specs))
     for block in iter_blocks(indices, int(block_size)):
         phys = dataset.read_physical(block)
         mx.update(_warp_np(phys.x, x_specs, "variable"))
@@ -336,10 +348,25 @@ def compute_statistics(
             mp.update(_warp_np(phys.params, p_specs, "parameter"))
         if f_specs:
             mf.update(_warp_np(phys.fields, f_specs, "field variable"))
+        if e_specs:
+            me.update(_warp_np(phys.embedding, e_specs, "embedding component"))
     meta = {"num_samples": int(indices.size), "block_size": int(block_size), **dict(info or {})}
     return Statistics(
         x=_finish(mx, x_specs, "variable"),
         params=_finish(mp, p_specs, "parameter"),
         fields=_finish(mf, f_specs, "field variable"),
+        embedding=_finish_embedding(me, e_specs),
         info=meta,
     )
+
+
+def _finish_embedding(moments: RunningMoments, specs: Sequence[ChannelSpec]) -> tuple[ChannelStats, ...]:
+    """An embedding's component statistics. A component constant over the training split (a
+    fingerprint bit no training molecule sets) carries nothing to learn, but is no error: it is
+    only centred (a fixed scaling of 1), so a new value still reaches the model."""
+    specs = list(specs)
+    for i, s in enumerate(specs):
+        spread = moments.std[i] if s.scaling == "zscore" else moments.max[i] - moments.min[i]
+        if s.scaling in ("zscore", "minmax") and moments.count[i] and not spread > 1e-12 * max(1.0, abs(moments.mean[i])):
+            specs[i] = ChannelSpec(s.name, s.pointwise, "fixed", s.log_offset, float(moments.mean[i]), 1.0)
+    return _finish(moments, specs, "embedding component")

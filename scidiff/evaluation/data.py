@@ -146,11 +146,11 @@ def on_device(t: Tensor | None, device) -> Tensor | None:
 
 
 def condition_of(batch: Mapping[str, Tensor], device) -> Conditioning | None:
-    """The batch's (normalised) parameters and conditioning fields on ``device``, or None."""
-    params, fields = batch.get("params"), batch.get("fields")
-    if params is None and fields is None:
+    """The batch's (normalised) parameters, conditioning fields and embedding on ``device``, or None."""
+    parts = {k: batch.get(k) for k in ("params", "fields", "embedding")}
+    if all(v is None for v in parts.values()):
         return None
-    return Conditioning(params=on_device(params, device), fields=on_device(fields, device))
+    return Conditioning(**{k: on_device(v, device) for k, v in parts.items()})
 
 
 # ---------------------------------------------------------------------------- true NLL

@@ -113,8 +113,9 @@ def pool_indices(dm, pool: str) -> np.ndarray:
 
 
 def is_conditional(metadata) -> bool:
-    """Whether the model sees parameters or conditioning fields."""
-    return bool(tuple(metadata.param_names)) or bool(tuple(metadata.field_names))
+    """Whether the model sees parameters, conditioning fields or an embedding."""
+    return (bool(tuple(metadata.param_names)) or bool(tuple(metadata.field_names))
+            or bool(tuple(getattr(metadata, "embedding_names", ()))))
 
 
 def condition_features(reader, indices: np.ndarray, metadata) -> np.ndarray:
@@ -125,12 +126,14 @@ def condition_features(reader, indices: np.ndarray, metadata) -> np.ndarray:
     divided by ``sqrt(number of grid points)``: the Euclidean distance squared is then
     the sum over parameters of their squared differences plus the sum over field
     channels of their *mean* squared difference over the grid, so a 64 x 64 field does
-    not outweigh the parameters 4096 times. ``D = 0`` for an unconditional model.
+    not outweigh the parameters 4096 times. The embedding's components likewise count as one
+    (divided by ``sqrt(E)``). ``D = 0`` for an unconditional model.
     """
     idx = np.asarray(indices, np.int64).reshape(-1)
     if not is_conditional(metadata):
         return np.zeros((idx.size, 0), np.float64)
-    if not tuple(metadata.field_names):  # parameters only: no need to read the fields
+    embedding_dim = len(getattr(metadata, "embedding_names", ()))
+    if not tuple(metadata.field_names) and not embedding_dim:  # parameters only: no need to read the fields
         params = reader.read_params(idx)
         if params is not None:
             return params.to(torch.float64).numpy()
@@ -146,6 +149,8 @@ def condition_features(reader, indices: np.ndarray, metadata) -> np.ndarray:
             parts.append(batch["params"].to(torch.float64).reshape(len(batch["x"]), -1))
         if batch.get("fields") is not None:
             parts.append(batch["fields"].to(torch.float64).flatten(1) / math.sqrt(points))
+        if batch.get("embedding") is not None:
+            parts.append(batch["embedding"].to(torch.float64) / math.sqrt(embedding_dim))
         out.append(torch.cat(parts, dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float64)
 

@@ -471,6 +471,7 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         dims=len(metadata.spatial_dims),
         num_params=len(metadata.param_names),
         field_channels=len(metadata.field_names),
+        embedding_dim=metadata.embedding_dim,
     )
     diffusion = hu.instantiate(config["diffusion"])
     finetune = info.get("finetune") or {}
@@ -485,7 +486,8 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
 
         base_net = hu.instantiate(config["denoiser"], in_channels=metadata.num_channels,
                                   dims=len(metadata.spatial_dims), num_params=len(metadata.param_names),
-                                  field_channels=len(metadata.field_names) - int(control["control_channels"]))
+                                  field_channels=len(metadata.field_names) - int(control["control_channels"]),
+                                  embedding_dim=metadata.embedding_dim)
         denoiser = ControlNet(base_net, control_channels=int(control["control_channels"]),
                               hint_channels=int(control["hint_channels"]), blocks=control.get("blocks"))
     elif control_scale is not None:

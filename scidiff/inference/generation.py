@@ -454,6 +454,7 @@ def generate(
     observations: Observations | None = None,
     fields: Tensor | None = None,
     device: torch.device | str = "cpu",
+    embedding: Tensor | None = None,
 ) -> Tensor:
     """Generate ``b = len(seeds)`` members, in *physical* units, ``[b, C, *S]`` float32 on CPU.
 
@@ -466,6 +467,7 @@ def generate(
         observations: ``b`` rows in model units, for inpainting; ``None`` for free generation.
         fields: condition fields ``[b, Cf, *S]`` in model units; ``None`` for a model without
             field conditioning. Guidance's null condition drops them with the parameters.
+        embedding: the conditioning vectors ``[b, E]`` in model units (normalised), or ``None``.
     """
     device = torch.device(device)
     gens = member_generators(seeds)
@@ -475,9 +477,12 @@ def generate(
         model_params = pretrained.params_to_model(params.to(torch.float64)).to(device, torch.float32)
     if fields is not None and fields.shape[0] != len(gens):
         raise ValueError(f"fields has {fields.shape[0]} rows for {len(gens)} members")
+    if embedding is not None and embedding.shape[0] != len(gens):
+        raise ValueError(f"embedding has {embedding.shape[0]} rows for {len(gens)} members")
     cond = None
-    if model_params is not None or fields is not None:
-        cond = Conditioning(params=model_params, fields=None if fields is None else fields.to(device, torch.float32))
+    if model_params is not None or fields is not None or embedding is not None:
+        cond = Conditioning(params=model_params, fields=None if fields is None else fields.to(device, torch.float32),
+                            embedding=None if embedding is None else embedding.to(device, torch.float32))
     x0 = sample_model(pretrained.denoiser, pretrained.diffusion, x_T, cond, sampler=sampler, guidance=guidance, generator=gens,
                       observations=observations)
     with torch.no_grad():

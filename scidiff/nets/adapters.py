@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 ROLES = ("convolutions", "attention", "mlp", "modulation")
 FULL = {"param_embedding": r"cond_embed\.params\b", "time_embedding": r"cond_embed\.time\b",
-        "embedding": r"cond_embed\.embedding\b"}
+        "embedding": r"cond_embed\.vector\b"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -150,6 +150,21 @@ class StoreReader:
                 arr = np.repeat(arr, f, axis=2 + i)
         return arr
 
+    def vectors(self, name: str, *, what: str, width: int) -> np.ndarray:
+        """Variable ``name`` with one vector of ``width`` components per sample (its one dim besides
+        the sample dims; a variable without the sample dims serves every sample): ``[N, width]``."""
+        self.require(name, what)
+        da = self.ds[name]
+        extra = [d for d in da.dims if d not in self.sample_dims]
+        if len(extra) != 1:
+            raise ConditionError(f"{self._where()}: {name} ({what}) has dims {tuple(da.dims)}; expected the sample "
+                                 f"dims {self.sample_dims} and one dim of {width} components")
+        if int(da.sizes[extra[0]]) != width:
+            raise ConditionError(f"{self._where()}: {name} ({what}) has {int(da.sizes[extra[0]])} components along "
+                                 f"{extra[0]!r}; the checkpoint takes {width}")
+        da = self._expand(da).transpose(*self.sample_dims, extra[0])
+        return np.asarray(da.values, dtype=np.float64).reshape(self.num_samples, width)
+
     def scalars(self, name: str, *, what: str) -> np.ndarray:
         """Variable or coordinate ``name`` with one value per sample: ``[N]`` float64."""
         self.require(name, what)
@@ -230,6 +245,29 @@ def condition_fields(pretrained, variables: Tensor | None, target: Tensor | None
     return torch.stack(channels, dim=1).to(torch.float32)
 
 
+def embedding_variable(pretrained) -> str | None:
+    """The store variable the checkpoint's embedding was read from in training (``data.embedding``)."""
+    spec = (pretrained.config.get("data") or {}).get("embedding")
+    if spec is None or not pretrained.metadata.embedding_names:
+        return None
+    return str(spec if isinstance(spec, str) else spec["name"])
+
+
+def read_embedding(reader: StoreReader, pretrained, name: str | None = None) -> Tensor | None:
+    """The checkpoint's embedding ``[N, E]`` in model units (normalised as in training), read from
+    ``name`` (default: the training's variable); ``None`` when the checkpoint takes none."""
+    meta = pretrained.metadata
+    if not meta.embedding_names:
+        return None
+    name = name or embedding_variable(pretrained)
+    phys = reader.vectors(name, what="the checkpoint's embedding", width=meta.embedding_dim)
+    if not np.isfinite(phys).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(phys))[:, 0]})[:8]
+        raise ConditionError(f"{reader.key}: {reader.path}: {name} has missing or infinite components in samples {bad}")
+    model = pretrained.statistics.embedding_transform()(torch.from_numpy(phys))
+    return model.to(torch.float32)
+
+
 def read_condition_inputs(reader: StoreReader, pretrained, *,
                           target: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """``(variables, target)`` in physical units for :func:`condition_fields`, read with ``reader``:
@@ -268,7 +306,9 @@ class Conditions:
     """Condition inputs for ``scidiff-sample``, one row per input sample.
 
     Attributes:
-        fields: ``[Nc, Cf, *S]`` float32, model units (what the denoiser sees).
+        fields: ``[Nc, Cf, *S]`` float32, model units (what the denoiser sees); ``None`` for a
+            checkpoint conditioned on an embedding only.
+        embedding: ``[Nc, E]`` float32, model units, or ``None``.
         params: ``{name: [Nc] float64}``: the checkpoint's parameters found in the store
             (physical units; empty when it holds none).
         coords: the store's coordinates along its sample dims, ``{name: ([Nc] values, attrs)}``.
@@ -276,20 +316,22 @@ class Conditions:
         path: the store; ``sha256``: hash of the arrays read and the sample coordinates.
     """
 
-    fields: Tensor
+    fields: Tensor | None
     params: Mapping[str, np.ndarray]
     coords: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]
     sample_dims: tuple[str, ...]
     path: str
     sha256: str
+    embedding: Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.fields.shape[0])
+        return int((self.fields if self.fields is not None else self.embedding).shape[0])
 
 
 def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, Any] | None = None,
-                    key: str = "conditions.path") -> Conditions:
-    """Read the checkpoint's condition fields (and any of its parameters) from ``path``.
+                    key: str = "conditions.path", embedding: str | None = None) -> Conditions:
+    """Read the checkpoint's condition fields, its embedding (from the variable ``embedding``,
+    default the training's) and any of its parameters from ``path``.
 
     The sample dims are the dims of the variables read other than the spatial dims and
     the training data's extra (channel) dims, e.g. ``sample``, ``time`` or ``(simulation,
@@ -298,9 +340,9 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
     from scidiff.data.dataset import open_store
 
     meta = pretrained.metadata
-    if not meta.field_names:
-        raise ConditionError(f"conditions: the checkpoint {pretrained.checkpoint} is not conditioned on fields "
-                             f"(its conditions: {list(meta.param_names) or 'none'}); remove conditions")
+    if not meta.field_names and not meta.embedding_names:
+        raise ConditionError(f"conditions: the checkpoint {pretrained.checkpoint} is not conditioned on fields or an "
+                             f"embedding (its conditions: {list(meta.param_names) or 'none'}); remove conditions")
     text = os.fspath(path)
     if "://" not in text and not Path(text).exists():
         raise ConditionError(f"{key}: {text} does not exist")
@@ -322,17 +364,24 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
         names = [c["name"] for c in _specs(pretrained, "fields")] + list(meta.param_names)
         if any(coarsen_factors(n) for n in meta.field_names):
             names += list(meta.channel_variables)
+        vector = (embedding or embedding_variable(pretrained)) if meta.embedding_names else None
         skip = {*meta.spatial_dims, *extra_dims([*meta.channel_names, *(c.name for c in pretrained.statistics.fields)])}
         sample_dims = [d for n in names if n in ds.variables for d in ds[n].dims if d not in skip]
+        if vector is not None and vector in ds.variables:  # its component dim: the training's name, else its last
+            dims = ds[vector].dims
+            named = extra_dims(meta.embedding_names) & set(dims)
+            component = next(iter(named)) if named else dims[-1]
+            sample_dims += [d for d in dims if d != component and d not in skip]
         reader = StoreReader(ds, text, key, meta, sample_dims)
-        variables, target = read_condition_inputs(reader, pretrained)
+        variables, target = read_condition_inputs(reader, pretrained) if meta.field_names else (None, None)
+        vectors = read_embedding(reader, pretrained, vector) if vector is not None else None
         params = {p: reader.scalars(p, what=f"parameter {p} of the checkpoint")
                   for p in meta.param_names if p in ds.variables}
         coords = reader.sample_coords()
     finally:
         ds.close()
     h = hashlib.sha256()
-    for label, arr in (("variables", variables), ("target", target)):
+    for label, arr in (("variables", variables), ("target", target), ("embedding", vectors)):
         if arr is not None:
             h.update(f"{label}{tuple(arr.shape)}".encode())
             h.update(arr.numpy().tobytes())
@@ -346,10 +395,13 @@ def load_conditions(path: str | os.PathLike, pretrained, *, isel: Mapping[str, A
             h.update("\x00".join(map(str, values.tolist())).encode())
         else:
             h.update(np.ascontiguousarray(values).tobytes())
-    with torch.no_grad():
-        fields = condition_fields(pretrained, variables, target)
+    fields = None
+    if meta.field_names:
+        with torch.no_grad():
+            fields = condition_fields(pretrained, variables, target)
     return Conditions(fields=fields, params=params, coords=coords, sample_dims=reader.sample_dims,
-                      path=str(Path(text).resolve()) if "://" not in text else text, sha256=h.hexdigest())
+                      path=str(Path(text).resolve()) if "://" not in text else text, sha256=h.hexdigest(),
+                      embedding=vectors)
 
 
 __all__ = [
@@ -357,6 +409,8 @@ __all__ = [
     "Conditions",
     "StoreReader",
     "coarsen_factors",
+    "embedding_variable",
+    "read_embedding",
     "condition_fields",
     "load_conditions",
     "read_condition_inputs",

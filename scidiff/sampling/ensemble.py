@@ -52,25 +52,42 @@ from scidiff.sampling.store import EnsembleStore
 
 @dataclass(frozen=True)
 class FieldConditions:
-    """Spatial condition fields in *model* units for the ``N`` samples of a run.
+    """Condition inputs in *model* units for the ``N`` samples of a run: spatial fields and/or
+    an embedding.
 
-    ``fields`` is ``[Nc, Cf, *S]`` (one row per condition input, see
-    :mod:`scidiff.sampling.conditions`) and ``index[j]`` the row sample ``j`` uses, so
-    a parameter grid crossed with the inputs does not copy the fields.
+    ``fields`` is ``[Nc, Cf, *S]`` and ``embedding`` ``[Nc, E]`` (one row per condition input,
+    see :mod:`scidiff.sampling.conditions`; either may be ``None``), and ``index[j]`` the row
+    sample ``j`` uses, so a parameter grid crossed with the inputs does not copy them.
     """
 
-    fields: Tensor
+    fields: Tensor | None
     index: np.ndarray  # [N] int64
+    embedding: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.fields.ndim < 3:
+        if self.fields is None and self.embedding is None:
+            raise ValueError("FieldConditions: give fields, an embedding or both")
+        if self.fields is not None and self.fields.ndim < 3:
             raise ValueError(f"fields must be [Nc, Cf, *S], got shape {tuple(self.fields.shape)}")
-        if self.index.size and (self.index.min() < 0 or self.index.max() >= self.fields.shape[0]):
-            raise ValueError(f"index must lie in [0, {self.fields.shape[0]})")
+        if self.embedding is not None and self.embedding.ndim != 2:
+            raise ValueError(f"embedding must be [Nc, E], got shape {tuple(self.embedding.shape)}")
+        rows = (self.fields if self.fields is not None else self.embedding).shape[0]
+        if self.fields is not None and self.embedding is not None and self.embedding.shape[0] != rows:
+            raise ValueError(f"fields has {rows} rows, embedding {self.embedding.shape[0]}")
+        if self.index.size and (self.index.min() < 0 or self.index.max() >= rows):
+            raise ValueError(f"index must lie in [0, {rows})")
 
-    def take(self, samples: Sequence[int]) -> Tensor:
-        """``[b, Cf, *S]`` for members of the given samples."""
+    def take(self, samples: Sequence[int]) -> Tensor | None:
+        """``[b, Cf, *S]`` for members of the given samples (``None`` without fields)."""
+        if self.fields is None:
+            return None
         return self.fields[torch.as_tensor(self.index[list(samples)], dtype=torch.long)]
+
+    def take_embedding(self, samples: Sequence[int]) -> Tensor | None:
+        """``[b, E]`` for members of the given samples (``None`` without an embedding)."""
+        if self.embedding is None:
+            return None
+        return self.embedding[torch.as_tensor(self.index[list(samples)], dtype=torch.long)]
 
 
 # ------------------------------------------------------------------------- run
@@ -206,7 +223,8 @@ def run_ensemble(
                 params = params_all[js] if sets.values.shape[1] > 0 else None
                 x = generate(pretrained, params, [int(seeds[j, k]) for j, k in rows], sampler=sampler,
                              guidance=guidance, observations=None if observations is None else observations.take(js),
-                             fields=None if fields is None else fields.take(js), device=device)
+                             fields=None if fields is None else fields.take(js),
+                             embedding=None if fields is None else fields.take_embedding(js), device=device)
                 keep = [i for i, (j, k) in enumerate(group) if missing(j, k)]
                 batch += [group[i] for i in keep]
                 values.append(x[keep])

@@ -33,7 +33,13 @@ from scidiff.data.dataset import open_store
 from scidiff.inference.checkpoint import load_pretrained
 from scidiff.inference.generation import DDIM, GuidanceSpec, as_guidance, as_sampler, invert_model, sample_model
 from scidiff.inference.runtime import resolve_device
-from scidiff.sampling.conditions import ConditionError, StoreReader, condition_fields, read_condition_inputs
+from scidiff.sampling.conditions import (
+    ConditionError,
+    StoreReader,
+    condition_fields,
+    read_condition_inputs,
+    read_embedding,
+)
 
 
 class InputError(ValueError):
@@ -50,6 +56,7 @@ class Inputs:
     fields: Any  # torch [N, Cf, *S] float32: the condition fields in model units, or None
     sample_coord: Any  # numpy [N]
     spatial_coords: dict[str, Any]  # name -> xarray Variable on spatial dims
+    embedding: Any = None  # torch [N, E] float32: the embedding in model units, or None
 
 
 def read_inputs(path: str, pretrained) -> Inputs:
@@ -89,6 +96,7 @@ def read_inputs(path: str, pretrained) -> Inputs:
             variables, _ = read_condition_inputs(reader, pretrained, target=False)
             with torch.no_grad():  # coarsened channels: block means of the input itself
                 fields = condition_fields(pretrained, variables, x)
+        embedding = read_embedding(reader, pretrained)
         sample_coord = np.asarray(ds["sample"].values) if "sample" in ds.coords else np.arange(n)
         spatial_coords = {str(k): xr.Variable(c.dims, np.asarray(c.values), attrs=dict(c.attrs))
                           for k, c in ds.coords.items() if c.dims and set(c.dims) <= set(spatial)}
@@ -96,7 +104,8 @@ def read_inputs(path: str, pretrained) -> Inputs:
         raise InputError(str(exc)) from None
     finally:
         ds.close()
-    return Inputs(x=x, params=params, fields=fields, sample_coord=sample_coord, spatial_coords=spatial_coords)
+    return Inputs(x=x, params=params, fields=fields, sample_coord=sample_coord, spatial_coords=spatial_coords,
+                  embedding=embedding)
 
 
 def model_inputs(pretrained, inputs: Inputs):
@@ -109,8 +118,9 @@ def model_inputs(pretrained, inputs: Inputs):
         with torch.no_grad():
             y = pretrained.latent.encode(y.to(torch.float32))
     params = pretrained.params_to_model(inputs.params) if inputs.params is not None else None
-    fields = inputs.fields
-    cond = None if params is None and fields is None else Conditioning(params=params, fields=fields)
+    fields, embedding = inputs.fields, inputs.embedding
+    cond = None if params is None and fields is None and embedding is None else Conditioning(
+        params=params, fields=fields, embedding=embedding)
     return y, valid, cond
 
 

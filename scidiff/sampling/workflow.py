@@ -167,7 +167,7 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
         sets = check_parameter_sets(requested, pretrained.param_names, pretrained.param_ranges())
     else:
         sets, index = combine_conditions(conditions, requested, pretrained)
-        fields = FieldConditions(conditions.fields, index)
+        fields = FieldConditions(conditions.fields, index, embedding=conditions.embedding)
     conditional = len(pretrained.param_names) > 0 or conditions is not None
     if not conditional and (guidance.scale != 1.0 or guidance.rescale != 0.0):
         raise SampleError("guidance.scale: the checkpoint is unconditional; guidance needs a conditional model "
@@ -269,13 +269,16 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
 
 
 def _needed_variables(pretrained) -> list[str]:
-    """The store variables a field-conditioned checkpoint needs as conditions."""
-    from scidiff.sampling.conditions import coarsen_factors
+    """The store variables a field- or embedding-conditioned checkpoint needs as conditions."""
+    from scidiff.sampling.conditions import coarsen_factors, embedding_variable
 
     meta = pretrained.metadata
     names = [c.name for c in pretrained.statistics.fields]
     if any(coarsen_factors(n) for n in meta.field_names):
         names += [v for v in dict.fromkeys(meta.channel_variables)]
+    vector = embedding_variable(pretrained)
+    if vector is not None:
+        names.append(f"{vector} (the embedding, {meta.embedding_dim} components)")
     return names
 
 
@@ -283,19 +286,25 @@ def _load_conditions(spec: Mapping[str, Any] | None, pretrained):
     """The ``conditions`` node read for ``pretrained`` (``None`` when neither needs them)."""
     from scidiff.sampling.conditions import load_conditions
 
-    fields = list(pretrained.metadata.field_names)
+    meta = pretrained.metadata
+    fields = list(meta.field_names)
+    if spec is not None and spec.get("embedding") is not None and not meta.embedding_names:
+        raise SampleError(f"conditions.embedding: the checkpoint {pretrained.checkpoint} takes no embedding "
+                          f"(its conditions: {[*meta.param_names, *fields] or 'none'}); leave conditions.embedding=null")
     if spec is not None and all(v is None for v in dict(spec).values()):
-        spec = None  # the config's default {path: null, isel: null}
+        spec = None  # the config's default {path: null, isel: null, embedding: null}
     if spec is None:
-        if fields:
-            raise SampleError(f"conditions: the checkpoint {pretrained.checkpoint} is conditioned on the fields "
-                              f"{fields}; give conditions.path=<zarr or netCDF store with the variables "
+        if fields or meta.embedding_names:
+            what = (f"the fields {fields}" if fields else "") + (" and " if fields and meta.embedding_names else "") + (
+                f"an embedding of {meta.embedding_dim} components" if meta.embedding_names else "")
+            raise SampleError(f"conditions.path: the checkpoint {pretrained.checkpoint} is conditioned on {what}; "
+                              f"give conditions.path=<zarr or netCDF store with the variables "
                               f"{_needed_variables(pretrained)} in physical units>")
         return None
     spec = dict(spec)
     if spec.get("path") in (None, "???"):
-        raise SampleError("conditions.path: required (a zarr or netCDF store of the condition fields)")
-    return load_conditions(str(spec["path"]), pretrained, isel=spec.get("isel"))
+        raise SampleError("conditions.path: required (a zarr or netCDF store of the condition fields or embedding)")
+    return load_conditions(str(spec["path"]), pretrained, isel=spec.get("isel"), embedding=spec.get("embedding"))
 
 
 def combine_conditions(conditions, requested: ParameterSets | None, pretrained) -> tuple[ParameterSets, np.ndarray]:

@@ -131,10 +131,10 @@ class DiffusionModule(L.LightningModule):
 
     @staticmethod
     def conditioning(batch: Mapping[str, Tensor]) -> Conditioning | None:
-        params, fields = batch.get("params"), batch.get("fields")
-        if params is None and fields is None:
+        parts = {k: batch.get(k) for k in ("params", "fields", "embedding")}
+        if all(v is None for v in parts.values()):
             return None
-        return Conditioning(params=params, fields=fields)
+        return Conditioning(**parts)
 
     def model_input(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
                     ) -> tuple[Tensor, Tensor | None]:
@@ -184,7 +184,7 @@ class DiffusionModule(L.LightningModule):
         x = self.prior["x"][idx]
         t = self.diffusion.sample_timesteps(batch_size, x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
-        cond = self.conditioning({k: v[idx] for k, v in self.prior.items() if k in ("params", "fields")})
+        cond = self.conditioning({k: v[idx] for k, v in self.prior.items() if k in ("params", "fields", "embedding")})
         cond = drop_conditions(cond, self.cond_dropout, generator=g)
         return self.diffusion.training_loss(self.denoiser, x, cond, None, t=t, noise=noise).mean()
 

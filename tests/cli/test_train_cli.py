@@ -26,9 +26,10 @@ def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
     return out
 
 
-# a fine-tuning needs a trained base: tests/cli/test_finetune_cli.py
+# a fine-tuning or a ControlNet needs a trained base: tests/cli/test_finetune_cli.py (and the climate
+# ControlNet's own test below)
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
-                                        and not e.endswith("_finetune")])
+                                        and not e.endswith(("_finetune", "_controlnet"))])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     """Generates the experiment's store (tiny size) and runs one train + one val batch."""
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
@@ -62,6 +63,24 @@ def test_latent_experiment_dev_run(experiment, tmp_path, data_dir):
                       "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
                       *_dev_overrides(experiment, tmp_path, store)], tmp_path, data_dir)
     assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
+
+
+def test_climate_controlnet_dev_run(tmp_path, data_dir):
+    """experiment=climate_controlnet on a one-step climate model: the land-sea mask stays the base's
+    field, the coarse tas is the new one, and the run loads as a ControlNet."""
+    from scidiff.inference.checkpoint import load_pretrained
+
+    store = _dev_overrides("climate", tmp_path, "climate_tiny")
+    one_step = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", *QUIET]
+    run_train(["experiment=climate", "run_name=base", *one_step, *store], tmp_path, data_dir)
+    base = tmp_path / "outputs/climate/base"
+    proc = run_train(["experiment=climate_controlnet", f"finetune.base={base}", "run_name=cn", *one_step, *store],
+                     tmp_path, data_dir)
+    assert "fine-tuned (controlnet)" in proc.stdout
+    model = load_pretrained(tmp_path / "outputs/climate_controlnet/cn")
+    assert model.metadata.field_names == ("land_sea_mask", "tas@coarse4x4") and model.control_scale == 1.0
+    assert model.statistics.fields == load_pretrained(base).statistics.fields
 
 
 def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, data_dir):

@@ -109,3 +109,42 @@ def test_infinite_and_out_of_domain_values_are_named(tmp_path):
     data = FieldDataset(write(ds, tmp_path / "t.zarr"), [{"name": "pr", "transform": "log"}], ["lat", "lon"], "time")
     with pytest.raises(ValueError, match="variable 'pr' has values down to 0.*'log' transform"):
         compute_statistics(data)
+
+
+def _with_embedding(tmp_path, extra_dims=("component",)):
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    n = 24
+    shape = (n, *(3 for _ in extra_dims))
+    values = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
+    if len(extra_dims) == 1:
+        values[:, 2] = 7.0  # a constant component
+    ds = xr.Dataset({"x": (("sample", "y", "x"), rng.normal(size=(n, 4, 4)).astype(np.float32)),
+                     "emb": (("sample", *extra_dims), values)})
+    ds.to_zarr(tmp_path / "emb.zarr")
+    return tmp_path / "emb.zarr", values
+
+
+def test_embedding_components_are_normalised_and_a_constant_one_only_centred(tmp_path):
+    path, values = _with_embedding(tmp_path)
+    ds = FieldDataset(path, ["x"], ["y", "x"], embedding={"name": "emb", "transform": "zscore"})
+    stats = compute_statistics(ds)
+    assert [c.name for c in stats.embedding] == ["emb[component=0]", "emb[component=1]", "emb[component=2]"]
+    assert stats.embedding[0].mean == pytest.approx(float(values[:, 0].astype(np.float64).mean()), rel=1e-6)
+    assert (stats.embedding[2].scaling, stats.embedding[2].fixed_shift, stats.embedding[2].fixed_scale) == \
+        ("fixed", 7.0, 1.0)
+    ds.set_statistics(stats)
+    e = ds.read_batch(np.arange(24))["embedding"].double()
+    assert e[:, :2].mean(0).abs().max() < 1e-5 and (e[:, :2].std(0, unbiased=False) - 1).abs().max() < 1e-4
+    assert e[:, 2].abs().max() == 0
+    again = Statistics.from_state(json.loads(json.dumps(stats.state_dict())))
+    assert again == stats
+    old = {k: v for k, v in stats.state_dict().items() if k != "embedding"}  # a checkpoint from before embeddings
+    assert Statistics.from_state(old).embedding == ()
+
+
+def test_an_embedding_with_two_component_dims_is_refused_by_name(tmp_path):
+    path, _ = _with_embedding(tmp_path, extra_dims=("a", "b"))
+    with pytest.raises(ValueError, match=r"embedding 'emb' has dims \('sample', 'a', 'b'\): an embedding needs"):
+        FieldDataset(path, ["x"], ["y", "x"], embedding="emb")
