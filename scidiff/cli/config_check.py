@@ -46,10 +46,11 @@ class TrainConfig:
     callbacks: dict | None
     local: dict | None = None
     register_model: str | None = None
-    stage: Literal["diffusion", "autoencoder"] = "diffusion"
+    stage: Literal["diffusion", "autoencoder", "contrastive"] = "diffusion"
     denoiser: dict | None = None       # stage=diffusion
     diffusion: dict | None = None      # stage=diffusion
     autoencoder: dict | None = None    # stage=autoencoder
+    contrastive: dict | None = None    # stage=contrastive
     latent: dict | None = None
     finetune: dict | None = None
 
@@ -267,6 +268,18 @@ def check_stage(cfg: DictConfig) -> None:
 
     stage = cfg.get("stage", "diffusion")
     module_target = (cfg.get("module") or {}).get("_target_")
+    if stage == "contrastive":
+        from scidiff.training.contrastive import ContrastiveModule
+
+        if cfg.get("contrastive") is None:
+            raise ConfigError("contrastive: stage=contrastive needs the encoders (contrastive=conv, or an experiment "
+                              "such as experiment=quickstart_contrastive)")
+        if cfg.get("latent") is not None or cfg.get("finetune") is not None:
+            raise ConfigError("stage: a contrastive encoder is trained on the fields themselves (latent=null, "
+                              "finetune=null)")
+        if not _subclass(module_target, ContrastiveModule):
+            raise ConfigError(f"module: stage=contrastive trains with module=contrastive, got {module_target}")
+        return
     if stage == "autoencoder":
         if cfg.get("autoencoder") is None:
             raise ConfigError("autoencoder: stage=autoencoder needs the autoencoder's network (autoencoder=conv, "

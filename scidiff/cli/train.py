@@ -141,7 +141,18 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     optimizer = hu.instantiate(cfg.optimizer)
     lr_scheduler = hu.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") is not None else None
     run_info: dict[str, Any] = {}
-    if cfg.stage == "autoencoder":
+    if cfg.stage == "contrastive":
+        from scidiff.nets.contrastive import ContrastiveEncoder
+
+        try:
+            encoder = ContrastiveEncoder(
+                hu.instantiate(cfg.contrastive.field, in_channels=meta.num_channels, dims=len(meta.spatial_dims)),
+                hu.instantiate(cfg.contrastive.condition, num_params=len(meta.param_names),
+                               embedding_dim=meta.embedding_dim))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        module = hu.instantiate(cfg.module)(encoder=encoder, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    elif cfg.stage == "autoencoder":
         autoencoder = hu.instantiate(cfg.autoencoder, in_channels=meta.num_channels, dims=len(meta.spatial_dims))
         try:
             autoencoder.latent_shape(meta.spatial_shape)
@@ -489,6 +500,10 @@ def start_line(cfg, parts: dict[str, Any]) -> tuple[str, str | None]:
     where = ""
     if hasattr(module, "autoencoder"):
         net, what = AsDenoiser(module.autoencoder), "FieldAutoencoder"
+    elif hasattr(module, "encoder"):
+        from scidiff.training.contrastive import AsStep
+
+        net, what = AsStep(module.encoder), "ContrastiveEncoder"
     else:
         net, what = module.denoiser, type(module.denoiser).__name__
         if latent is not None:

@@ -41,6 +41,11 @@ def check_number(key: str, value: Any, low: float | None = None, strict: bool = 
         raise ValueError(f"{key}: must be a finite number{bound}, got {value!r}")
 
 
+def check_string_or_none(key: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string or null, got {value!r}")
+
+
 def check_bool(key: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{key}: expected true or false, got {value!r}")

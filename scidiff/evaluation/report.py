@@ -79,7 +79,10 @@ UNITS_NOTE = (
     "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
     "with the nearest conditions (the noise floor). Latent models: latent_bpd etc. bound the NLL of the "
     "normalised latent, bits per latent dimension (not comparable with bpd); autoencoder_rmse/<variable>: "
-    "the autoencoder's reconstruction error in the variable's units, autoencoder_spectral_error: its spectral error."
+    "the autoencoder's reconstruction error in the variable's units, autoencoder_spectral_error: its spectral error. "
+    "fidelity/*: with a contrastive encoder, members' cosine similarity with their own condition and how often it is "
+    "retrieved among the evaluation's distinct conditions (top1, top5 of candidates); fidelity/real_*: the same for "
+    "the real fields."
 )
 
 
@@ -95,7 +98,7 @@ def netcdf_engine() -> str:
 
 
 _PER_VARIABLE = ("crps", "ensemble_mean_rmse", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
-_DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation",
+_DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation", "fidelity",
                   "spectral_error", "w1_out_of_range", "atoms", "autoencoder_spectral_error", "autoencoder_atoms")
 
 
@@ -493,6 +496,10 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
                 for k, v in s.items() if k.startswith(key + "/")]
         if vals:
             parts.append(f"{label} " + ", ".join(vals))
+    if "fidelity/top1" in s:
+        parts.append(f"fidelity top-1 {s['fidelity/top1']:.3f} (real fields {s['fidelity/real_top1']:.3f}, chance "
+                     f"{1 / s['fidelity/candidates']:.3f}), similarity {s['fidelity/similarity']:.3f} (real "
+                     f"{s['fidelity/real_similarity']:.3f})")
     if ev.verdict is not None:
         parts.append("verdict " + ev.verdict.summary())
     if file is not None:

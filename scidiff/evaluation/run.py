@@ -137,6 +137,7 @@ def evaluate(
         recon = ReconstructionMetrics(pretrained, s.metrics, dev, [metric_name(n) for n in meta.channel_names],
                                       atoms=atoms_enabled(meta, s.metrics.atoms))
     floor = _floor(dm, reader, pretrained, indices, members, s, sampling, dev)
+    fidelity = _fidelity(pretrained, s, sampling, dev)
     rows: dict[str, list[np.ndarray]] = {}
     panels: list[tuple[Tensor, Tensor]] = []
     t_sample = 0.0
@@ -175,6 +176,11 @@ def evaluate(
                                            sampler=s.sampler, guidance=s.guidance, device=dev).to(torch.float64)
                     ens_phys = xt.inverse(ens.flatten(0, 1)).reshape(ens.shape)
                 metrics.update(ens_phys, ens, x_phys, x.to(torch.float64), mask, weights)
+                if fidelity is not None:
+                    fidelity.update(ens_phys, torch.where(mask > 0, x_phys, torch.nan) if mask is not None else x_phys,
+                                    None if batch.get("params") is None else dm.inverse_params(batch["params"]),
+                                    None if batch.get("embedding") is None else
+                                    pretrained.statistics.embedding_transform().inverse(batch["embedding"].double()))
                 if rank == 0 and sum(len(p[0]) for p in panels) < s.num_panels:
                     panels.append((x_phys.cpu(), ens_phys[:, 0].cpu()))
                 t_sample += time.perf_counter() - tic
@@ -207,6 +213,8 @@ def evaluate(
         more, spectra, rank_hist, maps = metrics.results()
         scalars.update(more)
         scalars["sampling_seconds_per_1000"] = 1000.0 * max(t[1] / max(t[2], 1) for t in timing)
+    if fidelity is not None:
+        scalars.update(fidelity.results(ctx))
     floor_spectra, floor_hist, verdict = None, None, None
     if floor is not None:
         more, (_, _, floor_spectra), floor_hist, _ = floor[1].results()
@@ -246,6 +254,28 @@ def evaluate(
         info=info, power_floor=floor_spectra, rank_histogram_floor=floor_hist,
         floor_indices=None if floor is None else floor[0].indices, verdict=verdict, grid_units=grid_units(meta),
     )
+
+
+def _fidelity(pretrained, s: EvaluationSettings, sampling: bool, dev):
+    """The conditional-fidelity collector (``fidelity.encoder``), or ``None``."""
+    if not s.fidelity.enabled:
+        return None
+    from scidiff.evaluation.fidelity import ConditionFidelity
+    from scidiff.inference.checkpoint import CheckpointError, load_contrastive
+
+    meta = pretrained.metadata
+    if not sampling:
+        raise EvaluationError("fidelity.encoder: the conditional fidelity scores generated members; sampling.enabled "
+                              "is false")
+    if not meta.param_names and not meta.embedding_names:
+        raise EvaluationError(f"fidelity.encoder: the model {pretrained.checkpoint} has no parameters or embedding "
+                              "to be faithful to")
+    try:
+        encoder = load_contrastive(s.fidelity.encoder, tracking_uri=s.fidelity.tracking_uri, device=dev)
+        encoder.check_model(meta)
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
+    return ConditionFidelity(encoder)
 
 
 def _floor(dm, reader, pretrained, indices, members, s: EvaluationSettings, sampling: bool, dev):

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from scidiff.data.splits import SPLIT_NAMES
 from scidiff.diffusion.process import VARIANCES
 from scidiff.evaluation.checks import check_bool, check_choice, check_instance, check_integer
+from scidiff.evaluation.fidelity import FidelitySettings
 from scidiff.evaluation.floor import FloorSettings
 from scidiff.evaluation.suite import FieldMetricSuite, as_suite
 from scidiff.evaluation.verdict import VerdictSettings
@@ -102,7 +103,7 @@ class SamplingSettings:
 
 
 SECTIONS: dict[str, type] = {"bound": BoundSettings, "ode": ODESettings, "sampling": SamplingSettings,
-                             "floor": FloorSettings, "verdict": VerdictSettings}
+                             "floor": FloorSettings, "verdict": VerdictSettings, "fidelity": FidelitySettings}
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class EvaluationSettings:
     batch_size: data samples per step.
     seed: the noise of the bound and of the members, keyed by (seed, store index, member).
     num_panels: data/sample pairs kept for the sample figure.
-    bound, ode, sampling, sampler, guidance, metrics, floor, verdict: the sections.
+    bound, ode, sampling, sampler, guidance, metrics, floor, verdict, fidelity: the sections.
     """
 
     split: Literal["train", "val", "test"] = "test"
@@ -129,6 +130,7 @@ class EvaluationSettings:
     metrics: FieldMetricSuite = field(default_factory=FieldMetricSuite)
     floor: FloorSettings = field(default_factory=FloorSettings)
     verdict: VerdictSettings = field(default_factory=VerdictSettings)
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, SPLITS)

@@ -389,6 +389,83 @@ def load_autoencoder(ref: str | os.PathLike, *, tracking_uri: str | None = None,
     )
 
 
+@dataclass
+class TrainedContrastive:
+    """A contrastive field encoder trained by ``scidiff-train stage=contrastive``, used on
+    physical inputs (it normalises them with its own run's statistics).
+
+    Attributes:
+        encoder: the :class:`~scidiff.nets.contrastive.ContrastiveEncoder`, eval mode, frozen.
+        metadata, statistics, config, checkpoint, sha256, mlflow_run_id: where it comes from.
+    """
+
+    encoder: nn.Module
+    metadata: FieldMetadata
+    statistics: Statistics
+    config: dict[str, Any]
+    checkpoint: Path
+    sha256: str
+    mlflow_run_id: str | None = None
+
+    def check_model(self, metadata: FieldMetadata, what: str = "fidelity.encoder") -> None:
+        """``CheckpointError`` naming ``what`` when a model's variables, grid, parameters or
+        embedding differ from those the encoder was trained on."""
+        mine = self.metadata
+        for label, a, b in (("variables", mine.channel_names, metadata.channel_names),
+                            ("grid", dict(zip(mine.spatial_dims, mine.spatial_shape)),
+                             dict(zip(metadata.spatial_dims, metadata.spatial_shape))),
+                            ("parameters", mine.param_names, metadata.param_names),
+                            ("embedding", mine.embedding_names, metadata.embedding_names)):
+            if (list(a) if not isinstance(a, dict) else a) != (list(b) if not isinstance(b, dict) else b):
+                raise CheckpointError(f"{what}: {self.checkpoint} was trained on the {label} {a if isinstance(a, dict) else list(a)}, "
+                                      f"the model has {b if isinstance(b, dict) else list(b)}")
+
+    @torch.no_grad()
+    def embed_fields(self, x_phys: Tensor) -> Tensor:
+        """Fields ``[N, C, *S]`` in physical units (missing points NaN) -> unit vectors ``[N, D]``."""
+        x = self.statistics.x_transform()(x_phys.to(torch.float64)).float()
+        x = torch.nan_to_num(x, nan=0.0)
+        dev = next(self.encoder.parameters()).device
+        return self.encoder.field(x.to(dev)).cpu()
+
+    @torch.no_grad()
+    def embed_conditions(self, params_phys: Tensor | None, embedding_phys: Tensor | None) -> Tensor:
+        """Physical parameters ``[N, P]`` and/or embedding ``[N, E]`` -> unit vectors ``[N, D]``."""
+        from scidiff.conditioning import Conditioning
+
+        dev = next(self.encoder.parameters()).device
+        params = None if params_phys is None else self.statistics.param_transform()(params_phys.double()).float()
+        emb = None if embedding_phys is None else self.statistics.embedding_transform()(embedding_phys.double()).float()
+        cond = Conditioning(params=None if params is None else params.to(dev),
+                            embedding=None if emb is None else emb.to(dev))
+        return self.encoder.condition(cond).cpu()
+
+
+def load_contrastive(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
+                     key: str = "fidelity.encoder") -> TrainedContrastive:
+    """Load a contrastive encoder trained with ``scidiff-train stage=contrastive`` (``ref`` as for
+    :func:`load_pretrained`); errors name ``key``."""
+    import hydra.utils as hu
+
+    from scidiff.nets.contrastive import ContrastiveEncoder
+
+    path, _, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
+    if config.get("stage") != "contrastive" or config.get("contrastive") is None:
+        raise CheckpointError(f"{key}: {path} is not a contrastive encoder's checkpoint (train one with "
+                              "scidiff-train stage=contrastive, e.g. experiment=quickstart_contrastive)")
+    metadata = FieldMetadata.from_state(dm_state["metadata"])
+    net = dict(config["contrastive"])
+    encoder = ContrastiveEncoder(
+        hu.instantiate(dict(net["field"]), in_channels=metadata.num_channels, dims=len(metadata.spatial_dims)),
+        hu.instantiate(dict(net["condition"]), num_params=len(metadata.param_names),
+                       embedding_dim=metadata.embedding_dim))
+    _load_weights(encoder, ckpt["state_dict"], "encoder.", f"{key}: {path}: weights do not fit the configured encoder")
+    encoder.to(device).eval().requires_grad_(False)
+    return TrainedContrastive(encoder=encoder, metadata=metadata, statistics=Statistics.from_state(dm_state["statistics"]),
+                              config=dict(config), checkpoint=path.resolve(), sha256=file_sha256(path),
+                              mlflow_run_id=info.get("mlflow_run_id"))
+
+
 def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tensor]) -> LatentCodec:
     """The latent codec stored in a latent diffusion model's checkpoint."""
     import hydra.utils as hu
@@ -461,6 +538,9 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     if config.get("stage") == "autoencoder":
         raise CheckpointError(f"{key}: {path} is an autoencoder (stage=autoencoder), not a diffusion model; "
                               "give it as latent.autoencoder of a latent diffusion run (e.g. experiment=grf_latent)")
+    if config.get("stage") == "contrastive":
+        raise CheckpointError(f"{key}: {path} is a contrastive encoder (stage=contrastive), not a diffusion model; "
+                              "give it to scidiff-evaluate as fidelity.encoder")
     metadata = FieldMetadata.from_state(dm_state["metadata"])
     statistics = Statistics.from_state(dm_state["statistics"])
     state = ckpt["state_dict"]
@@ -527,5 +607,6 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     )
 
 
-__all__ = ["CheckpointError", "Pretrained", "TrainedAutoencoder", "autoencoder_net_config", "fetch_checkpoint",
-           "file_sha256", "load_autoencoder", "load_pretrained", "read_adapter", "resolve_checkpoint", "safe_torch_load"]
+__all__ = ["CheckpointError", "Pretrained", "TrainedAutoencoder", "TrainedContrastive", "autoencoder_net_config",
+           "fetch_checkpoint", "file_sha256", "load_autoencoder", "load_contrastive", "load_pretrained", "read_adapter",
+           "resolve_checkpoint", "safe_torch_load"]

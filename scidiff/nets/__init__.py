@@ -18,6 +18,7 @@ from scidiff.nets.embeddings import (
     TimestepEmbedding,
     timestep_embedding,
 )
+from scidiff.nets.contrastive import ConditionEncoder, ContrastiveEncoder, FieldEncoder
 from scidiff.nets.latent import LatentCodec
 from scidiff.nets.unet import UNet
 
@@ -26,7 +27,10 @@ __all__ = [
     "ControlNet",
     "DiT",
     "DiagonalGaussian",
+    "ConditionEncoder",
+    "ContrastiveEncoder",
     "FieldAutoencoder",
+    "FieldEncoder",
     "FieldConditioning",
     "FourierFeatures",
     "LatentCodec",
