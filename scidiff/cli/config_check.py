@@ -377,7 +377,7 @@ def check_resume(cfg: DictConfig) -> None:
         ckpt = read_resumable(cfg.resume)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    net = "autoencoder" if cfg.get("stage") == "autoencoder" else "denoiser"
+    net = {"autoencoder": "autoencoder", "contrastive": "contrastive"}.get(cfg.get("stage"), "denoiser")
     trained_config = (ckpt.get("scidiff") or {}).get("config") or {}
     if trained_config and trained_config.get("stage", "diffusion") != cfg.get("stage", "diffusion"):
         raise ConfigError(f"resume: {cfg.resume} is a stage={trained_config.get('stage', 'diffusion')} run, this is "

@@ -1,0 +1,54 @@
+"""The contrastive encoder as a user trains and uses it: ``scidiff-train
+experiment=quickstart_contrastive`` in a subprocess (its MLflow metrics: the InfoNCE loss falls,
+retrieval accuracy among the validation split's conditions), then ``scidiff-evaluate
+fidelity.encoder=<run>`` on a trained model; an encoder of other conditions is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_evaluate_cli import TINY, run_evaluate
+from tests.training.conftest import QUIET, run_train
+
+
+@pytest.fixture(scope="module")
+def encoder_run(trained_run, data_dir) -> Path:
+    run_train(["experiment=quickstart_contrastive", "run_name=clip", "trainer.max_steps=60",
+               "trainer.val_check_interval=30", "trainer.limit_val_batches=4", "trainer.log_every_n_steps=10",
+               "callbacks.periodic_checkpoint.every_n_train_steps=30", "data.batch_size=64", *QUIET],
+              trained_run, data_dir)
+    return trained_run / "outputs/quickstart_contrastive/clip"
+
+
+def test_the_encoder_learns_and_logs_retrieval(encoder_run, trained_run):
+    from mlflow.tracking import MlflowClient
+
+    from scidiff.inference.checkpoint import load_contrastive
+
+    summary = json.loads((encoder_run / "summary.json").read_text())
+    assert summary["global_step"] == 60
+    client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
+    metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
+    loss = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/loss")}
+    assert loss[max(loss)] < 0.95 * math.log(64)          # below chance, log(batch)
+    assert metrics["val/candidates"] > 100 and 0 <= metrics["val/top1"] <= metrics["val/top5"] <= 1
+    enc = load_contrastive(encoder_run)
+    assert enc.metadata.param_names == ("spectral_index", "amplitude")
+
+
+def test_evaluate_reports_the_conditional_fidelity_beside_the_real_fields(encoder_run, trained_run, data_dir, tmp_path):
+    model = trained_run / "outputs/quickstart/tiny"
+    proc = run_evaluate([f"checkpoint={model}", f"fidelity.encoder={encoder_run}", f"out={tmp_path / 'ev'}",
+                         "logger.enabled=false", *TINY], tmp_path, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "fidelity top-1 " in line and "(real fields " in line and "chance 0.333" in line   # 3 samples
+    # an encoder is refused when the model's conditions differ: here a diffusion checkpoint is no encoder
+    proc = run_evaluate([f"checkpoint={model}", f"fidelity.encoder={model}", f"out={tmp_path / 'bad'}", *TINY],
+                        tmp_path, data_dir)
+    assert proc.returncode == 2 and "fidelity.encoder: " in proc.stderr and "is not a contrastive encoder" in proc.stderr
+    assert not (tmp_path / "bad" / "evaluation.nc").exists()
