@@ -359,6 +359,16 @@ def _load_weights(module: nn.Module, state: Mapping[str, Tensor], prefix: str, e
         raise CheckpointError(f"{error} ({str(exc).strip().splitlines()[0]})") from None
 
 
+def _read_stage(ref: str | os.PathLike, tracking_uri: str | None, key: str, stage: str, otherwise: str):
+    """:func:`_read` for a run of ``stage`` (its network config under the same key):
+    ``(path, checkpoint, scidiff info, config, data-module state, metadata)``;
+    ``CheckpointError`` ``<key>: <path> <otherwise>`` for another stage's checkpoint."""
+    path, _, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
+    if config.get("stage") != stage or config.get(stage) is None:
+        raise CheckpointError(f"{key}: {path} {otherwise}")
+    return path, ckpt, info, config, dm_state, FieldMetadata.from_state(dm_state["metadata"])
+
+
 def autoencoder_net_config(config: Mapping[str, Any], metadata: FieldMetadata) -> dict[str, Any]:
     """The autoencoder's constructor config with the data's shape (channels, rank)."""
     net = dict(config["autoencoder"])
@@ -372,11 +382,9 @@ def load_autoencoder(ref: str | os.PathLike, *, tracking_uri: str | None = None,
     :func:`load_pretrained`); errors name ``key``."""
     import hydra.utils as hu
 
-    path, _, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
-    if config.get("stage") != "autoencoder" or config.get("autoencoder") is None:
-        raise CheckpointError(f"{key}: {path} is a diffusion model's checkpoint, not an autoencoder's "
-                              "(train one with scidiff-train stage=autoencoder, e.g. experiment=grf_autoencoder)")
-    metadata = FieldMetadata.from_state(dm_state["metadata"])
+    path, ckpt, info, config, dm_state, metadata = _read_stage(
+        ref, tracking_uri, key, "autoencoder", "is a diffusion model's checkpoint, not an autoencoder's (train one with "
+        "scidiff-train stage=autoencoder, e.g. experiment=grf_autoencoder)")
     net_config = autoencoder_net_config(config, metadata)
     autoencoder = hu.instantiate(net_config)
     _load_weights(autoencoder, ckpt["state_dict"], "autoencoder.", f"{key}: {path}: weights do not fit the configured "
@@ -449,11 +457,9 @@ def load_contrastive(ref: str | os.PathLike, *, tracking_uri: str | None = None,
 
     from scidiff.nets.contrastive import ContrastiveEncoder
 
-    path, _, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
-    if config.get("stage") != "contrastive" or config.get("contrastive") is None:
-        raise CheckpointError(f"{key}: {path} is not a contrastive encoder's checkpoint (train one with "
-                              "scidiff-train stage=contrastive, e.g. experiment=quickstart_contrastive)")
-    metadata = FieldMetadata.from_state(dm_state["metadata"])
+    path, ckpt, info, config, dm_state, metadata = _read_stage(
+        ref, tracking_uri, key, "contrastive", "is not a contrastive encoder's checkpoint (train one with "
+        "scidiff-train stage=contrastive, e.g. experiment=quickstart_contrastive)")
     net = dict(config["contrastive"])
     encoder = ContrastiveEncoder(
         hu.instantiate(dict(net["field"]), in_channels=metadata.num_channels, dims=len(metadata.spatial_dims)),
