@@ -16,22 +16,24 @@ from tests.training.conftest import QUIET, run_train
 
 
 @pytest.fixture(scope="module")
-def encoder_run(trained_run, data_dir) -> Path:
+def encoder_run(tmp_path_factory, data_dir) -> Path:
+    """An encoder trained 60 steps in its own directory (the shared trained run stays as it is)."""
+    cwd = tmp_path_factory.mktemp("contrastive")
     run_train(["experiment=quickstart_contrastive", "run_name=clip", "trainer.max_steps=60",
                "trainer.val_check_interval=30", "trainer.limit_val_batches=4", "trainer.log_every_n_steps=10",
                "callbacks.periodic_checkpoint.every_n_train_steps=30", "data.batch_size=64", *QUIET],
-              trained_run, data_dir)
-    return trained_run / "outputs/quickstart_contrastive/clip"
+              cwd, data_dir)
+    return cwd / "outputs/quickstart_contrastive/clip"
 
 
-def test_the_encoder_learns_and_logs_retrieval(encoder_run, trained_run):
+def test_the_encoder_learns_and_logs_retrieval(encoder_run):
     from mlflow.tracking import MlflowClient
 
     from scidiff.inference.checkpoint import load_contrastive
 
     summary = json.loads((encoder_run / "summary.json").read_text())
     assert summary["global_step"] == 60
-    client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{encoder_run.parents[2] / 'mlflow.db'}")
     metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
     loss = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/loss")}
     assert loss[max(loss)] < 0.95 * math.log(64)          # below chance, log(batch)
@@ -48,13 +50,14 @@ def test_evaluate_reports_the_conditional_fidelity_beside_the_real_fields(encode
     line = proc.stdout.strip().splitlines()[-1]
     assert "fidelity top-1 " in line and "(real fields " in line and "chance 0.333" in line   # 3 samples
     # an encoder is refused when the model's conditions differ: here a diffusion checkpoint is no encoder
-    proc = run_evaluate([f"checkpoint={model}", f"fidelity.encoder={model}", f"out={tmp_path / 'bad'}", *TINY],
+    proc = run_evaluate([f"checkpoint={model}", f"fidelity.encoder={model}", f"out={tmp_path / 'bad'}",
+                         "logger.enabled=false", *TINY],
                         tmp_path, data_dir)
     assert proc.returncode == 2 and "fidelity.encoder: " in proc.stderr and "is not a contrastive encoder" in proc.stderr
     assert not (tmp_path / "bad" / "evaluation.nc").exists()
 
 
-def test_embeddings_of_the_encoder_condition_a_diffusion_model(encoder_run, trained_run, data_dir, tmp_path):
+def test_embeddings_of_the_encoder_condition_a_diffusion_model(encoder_run, data_dir, tmp_path):
     """scidiff-embed writes the encoder's field embeddings into a copy of the store; a diffusion
     model trains on them (data.embedding) and samples from a condition store holding them."""
     import numpy as np
