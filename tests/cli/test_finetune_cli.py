@@ -134,13 +134,15 @@ def test_evaluating_base_plus_adapter_never_takes_the_place_of_the_base_evaluati
     from tests.cli.test_evaluate_cli import TINY, run_evaluate
 
     adapter = finetuned / "outputs/quickstart_finetune/lora/adapter.safetensors"
+    client = MlflowClient(f"sqlite:///{finetuned / 'mlflow.db'}")
+    base_run = json.loads((finetuned / BASE / "summary.json").read_text())["mlflow_run_id"]
+    own = finetuned / BASE / "eval" / "val"      # the base's own evaluation, if another test made one
+    before = (client.get_run(base_run).data.metrics, sorted(own.rglob("*")) if own.exists() else None)
     proc = run_evaluate([f"checkpoint={finetuned / BASE}", f"adapter={adapter}", *TINY], finetuned, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = finetuned / BASE / "eval" / f"val-adapter-{file_sha256(adapter)[:8]}"
-    assert (out / "evaluation.nc").is_file() and not (finetuned / BASE / "eval" / "val").exists()
-    client = MlflowClient(f"sqlite:///{finetuned / 'mlflow.db'}")
-    base_run = json.loads((finetuned / BASE / "summary.json").read_text())["mlflow_run_id"]
-    assert not any(k.startswith("eval/") for k in client.get_run(base_run).data.metrics)   # the base run untouched
+    assert (out / "evaluation.nc").is_file()
+    assert (client.get_run(base_run).data.metrics, sorted(own.rglob("*")) if own.exists() else None) == before
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.`scidiff.evaluated_run` = '{base_run}'")
     assert len(runs) == 1 and runs[0].data.params["adapter_sha256"] == file_sha256(adapter)
@@ -250,32 +252,27 @@ def test_finetuning_on_another_grid_is_refused(finetuned, data_dir, capsys, monk
                    finetuned / "outputs", finetuned / "mlflow.db")
 
 
-def test_a_dit_is_finetuned_through_lora_and_given_a_controlnet_from_the_cli(tmp_path, data_dir):
-    """The DiT path end to end: a tiny DiT quickstart run, LoRA on its attention and MLP layers and
-    a ControlNet copying its first block; both load like any checkpoint, the LoRA model differs from
-    the base and the ControlNet at scale 0 is the base."""
+def test_a_dit_is_finetuned_through_lora_from_the_cli(tmp_path, data_dir):
+    """The DiT path end to end: a tiny DiT quickstart run and LoRA on its attention and MLP layers;
+    the fine-tuned model loads like any checkpoint, differs from the base and equals base + adapter
+    (the DiT's ControlNet is checked bit for bit in tests/nets/test_controlnet.py; its CLI path is the
+    UNet's, above)."""
     from scidiff.inference.checkpoint import load_pretrained
     from scidiff.inference.generation import DDIM, generate
 
-    steps = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-             "callbacks.periodic_checkpoint.every_n_train_steps=3", *QUIET]
+    steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+             "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none", *QUIET]
     run_train(["experiment=quickstart", "denoiser=dit_tiny", "run_name=dit", "module.cond_dropout=0.2", *steps],
               tmp_path, data_dir)
     base_dir = tmp_path / "outputs/quickstart/dit"
     run_train(["experiment=quickstart_finetune", f"finetune.base={base_dir}", "run_name=dit_lora",
                "finetune.lora.targets=[attention,mlp]", "optimizer.lr=0.05", *steps], tmp_path, data_dir)
-    run_train(["experiment=quickstart_controlnet", f"finetune.base={base_dir}", "run_name=dit_cn",
-               "finetune.controlnet.blocks=1", *steps], tmp_path, data_dir)
     lora_dir = tmp_path / "outputs/quickstart_finetune/dit_lora"
     f = json.loads((lora_dir / "summary.json").read_text())["finetune"]
     assert f["lora"]["targets"] == ["attention", "mlp"] and f["trainable_parameters"] < f["base_parameters"] / 4
-    cn = json.loads((tmp_path / "outputs/quickstart_controlnet/dit_cn/summary.json").read_text())["finetune"]
-    assert cn["controlnet"]["blocks"] == 1
     base, lora = load_pretrained(base_dir), load_pretrained(lora_dir)
     stacked = load_pretrained(base_dir, adapter=lora_dir / "adapter.safetensors")
-    off = load_pretrained(tmp_path / "outputs/quickstart_controlnet/dit_cn", control_scale=0)
-    params, fields = torch.tensor([[2.25, 1.0]]), torch.randn(1, 1, 16, 16)
+    params = torch.tensor([[2.25, 1.0]])
     a, b, c = (generate(m, params, [0], sampler=DDIM(steps=3)) for m in (base, lora, stacked))
     assert (a - b).abs().max() > 1e-5
     torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(generate(off, params, [0], sampler=DDIM(steps=3), fields=fields), a, rtol=0, atol=0)

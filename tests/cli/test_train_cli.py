@@ -28,8 +28,11 @@ def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
 
 # a fine-tuning or a ControlNet needs a trained base: tests/cli/test_finetune_cli.py (and the climate
 # ControlNet's own test below)
+# voxels_descriptors is voxels with the descriptors as an embedding: the embedding path runs end to end in
+# tests/cli/test_embedding_cli.py, its config in tests/training/test_configs.py
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
-                                        and not e.endswith(("_finetune", "_controlnet"))])
+                                        and not e.endswith(("_finetune", "_controlnet"))
+                                        and e != "voxels_descriptors"])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     """Generates the experiment's store (tiny size) and runs one train + one val batch."""
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
@@ -72,7 +75,7 @@ def test_climate_controlnet_dev_run(tmp_path, data_dir):
 
     store = _dev_overrides("climate", tmp_path, "climate_tiny")
     one_step = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", *QUIET]
+                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", "logger=none", *QUIET]
     run_train(["experiment=climate", "run_name=base", *one_step, *store], tmp_path, data_dir)
     base = tmp_path / "outputs/climate/base"
     proc = run_train(["experiment=climate_controlnet", f"finetune.base={base}", "run_name=cn", *one_step, *store],

@@ -28,9 +28,11 @@ def _compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
-# the two stages of latent diffusion: test_autoencoder_and_latent_experiments_compose below; a fine-tuning
-# needs a trained base (tests/cli/test_finetune_cli.py)
-FIELD_EXPERIMENTS = [e for e in _options("experiment") if not e.endswith(("_autoencoder", "_latent", "_finetune"))]
+# the two stages of latent diffusion: test_autoencoder_and_latent_experiments_compose below; the contrastive
+# stage: test_contrastive_experiment_composes; a fine-tuning or a ControlNet needs a trained base
+# (tests/cli/test_finetune_cli.py)
+FIELD_EXPERIMENTS = [e for e in _options("experiment")
+                     if not e.endswith(("_autoencoder", "_latent", "_finetune", "_controlnet", "_contrastive"))]
 CASES = (
     [[f"experiment={e}"] for e in FIELD_EXPERIMENTS]
     + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
@@ -68,6 +70,30 @@ def test_config_composes_checks_and_instantiates(overrides, tmp_path, data_dir, 
         if cfg.trainer.accelerator in ("cpu", "auto") and torch.get_num_threads() > 0:
             trainer = hu.instantiate(cfg.trainer, logger=False, callbacks=[])
             assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_contrastive_experiment_composes(tmp_path, data_dir, monkeypatch):
+    """experiment=quickstart_contrastive checks and instantiates its encoders and module; the
+    ControlNet experiments ask, in one line, for their base."""
+    from scidiff.cli.errors import ConfigError
+    from scidiff.nets.contrastive import ContrastiveEncoder
+    from scidiff.training import ContrastiveModule
+
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(["experiment=quickstart_contrastive"], tmp_path / "c")
+    check_train_config(cfg)
+    assert cfg.stage == "contrastive" and cfg.get("denoiser") is None
+    encoder = ContrastiveEncoder(hu.instantiate(cfg.contrastive.field, in_channels=1, dims=2),
+                                 hu.instantiate(cfg.contrastive.condition, num_params=2, embedding_dim=0))
+    module = hu.instantiate(cfg.module)(encoder=encoder, optimizer=hu.instantiate(cfg.optimizer),
+                                        lr_scheduler=hu.instantiate(cfg.lr_scheduler))
+    assert isinstance(module, ContrastiveModule)
+    for experiment in ("quickstart_controlnet", "climate_controlnet"):
+        with pytest.raises(ConfigError, match="finetune.base: required"):
+            check_train_config(_compose([f"experiment={experiment}"], tmp_path / experiment))
+    descriptors = _compose(["experiment=voxels_descriptors"], tmp_path / "v")   # voxels given an embedding
+    assert descriptors.data.params == [] and descriptors.data.embedding.name == "descriptors"
 
 
 def test_ddp_config_composes_with_dit(tmp_path, data_dir, monkeypatch):
