@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from scidiff.evaluation.checks import check_string_or_none
-from scidiff.nets.contrastive import retrieval_accuracy
+from scidiff.nets.contrastive import distinct_keys, retrieval_accuracy
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,7 @@ class ConditionFidelity:
         local = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in self.rows.items()}
         parts = ctx.gather(local)
         merged = {k: torch.from_numpy(np.concatenate([p[k] for p in parts if p[k].size])) for k in local}
-        keys, index = torch.unique(merged["raw"], dim=0, return_inverse=True)
-        z_keys = torch.nn.functional.normalize(
-            torch.zeros(len(keys), merged["cond"].shape[1], dtype=torch.float64).index_add_(0, index, merged["cond"]),
-            dim=-1)
+        z_keys, index = distinct_keys(merged["raw"], merged["cond"])
         members, real = merged["members"], merged["real"]
         m = members.shape[1]
         gen = retrieval_accuracy(members.reshape(-1, members.shape[-1]), z_keys, index.repeat_interleave(m))
@@ -83,7 +80,7 @@ class ConditionFidelity:
             "fidelity/top1": gen[1], "fidelity/top5": gen[5],
             "fidelity/real_similarity": float((real * own).sum(-1).mean()),
             "fidelity/real_top1": truth[1], "fidelity/real_top5": truth[5],
-            "fidelity/candidates": float(len(keys)),
+            "fidelity/candidates": float(len(z_keys)),
         }
 
 

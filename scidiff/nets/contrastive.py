@@ -117,6 +117,15 @@ def info_nce(z_field: Tensor, z_cond: Tensor, scale: Tensor | float) -> Tensor:
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def distinct_keys(raw: Tensor, z_cond: Tensor) -> tuple[Tensor, Tensor]:
+    """The candidates of a retrieval: ``(z_keys [K, D], index [N])``, one unit vector per distinct
+    row of the raw conditions ``raw [N, W]`` (a condition given to several fields is one key) and
+    each row's key; ``z_cond [N, D]`` the rows' encoded conditions."""
+    keys, index = torch.unique(raw, dim=0, return_inverse=True)
+    summed = torch.zeros(len(keys), z_cond.shape[1], dtype=z_cond.dtype, device=z_cond.device)
+    return F.normalize(summed.index_add_(0, index, z_cond), dim=-1), index
+
+
 def retrieval_accuracy(z_query: Tensor, z_keys: Tensor, truth: Tensor, k: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Top-``k`` accuracy of retrieving each query's key among all keys by cosine similarity.
 
@@ -133,4 +142,4 @@ def retrieval_accuracy(z_query: Tensor, z_keys: Tensor, truth: Tensor, k: Sequen
     return out
 
 
-__all__ = ["ConditionEncoder", "ContrastiveEncoder", "FieldEncoder", "info_nce", "retrieval_accuracy"]
+__all__ = ["ConditionEncoder", "ContrastiveEncoder", "FieldEncoder", "distinct_keys", "info_nce", "retrieval_accuracy"]

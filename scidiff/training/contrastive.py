@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from scidiff.conditioning import Conditioning
-from scidiff.nets.contrastive import ContrastiveEncoder, info_nce, retrieval_accuracy
+from scidiff.nets.contrastive import ContrastiveEncoder, distinct_keys, info_nce, retrieval_accuracy
 from scidiff.training.data import ResumableSampler
 from scidiff.training.lr import configure_optimization
 
@@ -37,12 +37,6 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 def batch_condition(batch: Mapping[str, Tensor]) -> Conditioning:
     """The batch's normalised parameters and embedding (what the condition encoder reads)."""
     return Conditioning(params=batch.get("params"), embedding=batch.get("embedding"))
-
-
-def distinct_conditions(cond: Tensor) -> tuple[Tensor, Tensor]:
-    """``(keys [K, W], index [N])``: the distinct rows of ``cond [N, W]`` and each row's key."""
-    keys, index = torch.unique(cond, dim=0, return_inverse=True)
-    return keys, index
 
 
 class ContrastiveModule(L.LightningModule):
@@ -99,15 +93,13 @@ class ContrastiveModule(L.LightningModule):
         if self.trainer.world_size > 1:  # every rank's samples: [world, N, ...] -> [world * N, ...]
             flat = {k: self.all_gather(v).flatten(0, 1) for k, v in flat.items()}
         n = flat["field"].shape[0]
-        keys, index = distinct_conditions(flat["raw"])
-        z_keys = torch.nn.functional.normalize(
-            torch.zeros(len(keys), flat["cond"].shape[1], device=keys.device).index_add_(0, index, flat["cond"]), dim=-1)
+        z_keys, index = distinct_keys(flat["raw"], flat["cond"])
         acc = retrieval_accuracy(flat["field"], z_keys, index, k=(1, 5))
         similarity = (flat["field"] * flat["cond"]).sum(-1).mean()
         self.log("val/loss", (flat["loss"].sum() / max(n, 1)).float(), prog_bar=True)
         self.log("val/top1", acc[1], prog_bar=True)
         self.log("val/top5", acc[5])
-        self.log("val/candidates", float(len(keys)))
+        self.log("val/candidates", float(len(z_keys)))
         self.log("val/similarity", similarity.float())
 
     # -------------------------------------------------------------- checkpoints
@@ -130,4 +122,4 @@ class AsStep(torch.nn.Module):
         return z_field @ z_cond.T
 
 
-__all__ = ["AsStep", "ContrastiveModule", "batch_condition", "distinct_conditions"]
+__all__ = ["AsStep", "ContrastiveModule", "batch_condition"]
