@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from scidiff.conditioning import Conditioning
-from scidiff.nets.contrastive import ContrastiveEncoder, distinct_keys, info_nce, retrieval_accuracy
+from scidiff.nets.contrastive import (
+    ContrastiveEncoder,
+    distinct_keys,
+    info_nce,
+    retrieval_accuracy,
+)
 from scidiff.training.data import ResumableSampler
 from scidiff.training.lr import configure_optimization
 
