@@ -194,6 +194,17 @@ def check_dataclass(values: Mapping[str, Any], schema: type, path: str) -> None:
             raise ConfigError(f"{path}{name}: expected {_describe(hints[name])}, got {values[name]!r}")
 
 
+def check_execution(plain: dict[str, Any]) -> None:
+    """Check the ``execution`` node of a sampling command (precision, compile, channels_last);
+    a :class:`ConfigError` names the key."""
+    from scidiff.nets.execution import Execution
+
+    try:
+        Execution.from_config(plain.get("execution"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key of a composed training config."""
     missing = sorted(_missing(cfg, ""))
@@ -236,6 +247,36 @@ def check_train_config(cfg: DictConfig) -> None:
                 _walk(cfg.callbacks[name], f"callbacks.{name}")
     check_register_model(cfg)
     check_data_path(cfg)
+    check_fast_paths(cfg)
+
+
+# Lightning precisions that store the weights in half precision: an EMA update (1 - decay) * (w - ema)
+# of ~1e-3 of the weights' scale is below bfloat16's rounding step (2^-8), so the average would not move
+HALF_WEIGHTS = ("bf16-true", "16-true")
+
+
+def check_fast_paths(cfg: DictConfig) -> None:
+    """``trainer.precision`` keeps float32 weights, ``module.compile`` names a mode and
+    ``module.channels_last`` has fields of rank 2 or 3 to work on."""
+    from scidiff.nets.execution import check_compile
+
+    precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
+    if precision in HALF_WEIGHTS:
+        raise ConfigError(f"trainer.precision: {precision} stores the weights and their EMA in half precision, where "
+                          "an EMA update (1e-3 of the weights) is below the rounding step; use "
+                          f"trainer.precision={precision.replace('true', 'mixed')} (half-precision arithmetic, "
+                          "float32 weights)")
+    module = cfg.get("module") or {}
+    try:
+        check_compile(module.get("compile", False), "module.compile")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if module.get("channels_last", False) not in (True, False):
+        raise ConfigError(f"module.channels_last: expected true or false, got {module.get('channels_last')!r}")
+    dims = OmegaConf.select(cfg, "denoiser.dims", default=None, throw_on_resolution_failure=False)
+    if module.get("channels_last", False) and cfg.get("latent") is None and dims == 1:
+        raise ConfigError("module.channels_last: fields of spatial rank 1 have no channels-last layout (2-D and 3-D "
+                          "only); set module.channels_last=false")
 
 
 def _missing(node: Any, path: str) -> list[str]:

@@ -60,6 +60,7 @@ class CommandOptions:
     checkpoint: str
     adapter: str | None = None
     control_scale: float | None = None
+    execution: dict | None = None
     data_path: str | None = None
     ensemble: str | None = None
     out: str | None = None
@@ -75,7 +76,7 @@ def check_config(cfg) -> dict[str, Any]:
     value by constructing the settings (``plain["settings"]``); raises ``ConfigError``."""
     from omegaconf import OmegaConf
 
-    from scidiff.cli.config_check import check_dataclass
+    from scidiff.cli.config_check import check_dataclass, check_execution
     from scidiff.cli.errors import ConfigError, from_hydra
     from scidiff.evaluation.settings import SECTIONS, EvaluationSettings
     from scidiff.evaluation.suite import suite_class
@@ -95,6 +96,7 @@ def check_config(cfg) -> dict[str, Any]:
         if key not in settings_keys and key not in command_keys:
             raise ConfigError(f"{key}: unknown key (accepted: {', '.join(command_keys + settings_keys)})")
     check_dataclass({k: v for k, v in plain.items() if k in command_keys}, CommandOptions, "")
+    check_execution(plain)
     for f in dataclasses.fields(CommandOptions)[1:]:  # a key removed with ~key: its default
         plain.setdefault(f.name, f.default)
     check_dataclass({k: v for k, v in plain.items() if k in settings_keys}, EvaluationSettings, "")
@@ -136,13 +138,15 @@ def output_dir(plain: dict[str, Any], pretrained) -> Path:
 
 
 def variant_suffix(pretrained) -> str:
-    """``""`` for the checkpoint as trained; for it with an adapter merged or another ControlNet
-    scale, a suffix naming that variant (``-adapter-<sha>``, ``-control0.5``), so its evaluation
-    never takes the place of the checkpoint's own."""
+    """``""`` for the checkpoint as trained; for it with an adapter merged, another ControlNet
+    scale or bf16 arithmetic, a suffix naming that variant (``-adapter-<sha>``, ``-control0.5``,
+    ``-bf16``), so its evaluation never takes the place of the checkpoint's own."""
     ident = pretrained.model_identity
     suffix = f"-adapter-{ident['adapter_sha256'][:8]}" if "adapter_sha256" in ident else ""
     if ident.get("control_scale", 1.0) != 1.0:
         suffix += f"-control{ident['control_scale']:g}"
+    if "precision" in ident:
+        suffix += f"-{ident['precision']}"
     return suffix
 
 
@@ -175,7 +179,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
 
     logger = LoggerConfig(**(plain["logger"] or {}))
     pretrained = load_pretrained(plain["checkpoint"], tracking_uri=logger.tracking_uri, adapter=plain["adapter"],
-                                 control_scale=plain["control_scale"])
+                                 control_scale=plain["control_scale"], execution=plain["execution"])
     check_output(output_dir(plain, pretrained), bool(plain["overwrite"]))  # before hours of computing
     device = resolve_device(plain["device"])
     ctx = distributed_context(device)
@@ -184,7 +188,7 @@ def run(plain: dict[str, Any]) -> dict[str, Any]:
                       device=device, progress=plain["progress"] and ctx.rank == 0)
         summary: dict[str, Any] = {"scalars": ev.scalars, "verdict": None if ev.verdict is None else ev.verdict.label}
         if ctx.rank == 0:
-            # a variant of the checkpoint (adapter, ControlNet scale) gets its own run, never the training run's metrics
+            # a variant of the checkpoint (adapter, ControlNet scale, bf16) gets its own run, never the training run's metrics
             done = publish(ev, pretrained, output_dir(plain, pretrained), log=logger.enabled,
                            tracking_uri=logger.tracking_uri, new_run=logger.new_run or bool(variant_suffix(pretrained)),
                            experiment_name=logger.experiment_name, params=_params(plain, pretrained))

@@ -61,6 +61,7 @@ class InvertConfig:
     tracking_uri: str | None
     adapter: str | None
     control_scale: float | None
+    execution: dict | None
     input: str
     sampler: dict            # a _target_ node of configs/sampler/ (DDIM, eta 0)
     refine_steps: int
@@ -80,7 +81,7 @@ def compose_config(argv: list[str]):
 
 def check_config(cfg) -> dict[str, Any]:
     """Plain-python config after checking every key, type and file (``ConfigError`` names it)."""
-    from scidiff.cli.config_check import check_dataclass
+    from scidiff.cli.config_check import check_dataclass, check_execution
     from scidiff.cli.errors import ConfigError
     from scidiff.inference.generation import DDIM, as_guidance, as_sampler
 
@@ -92,6 +93,7 @@ def check_config(cfg) -> dict[str, Any]:
         if plain.get(key) in (None, "???"):
             raise ConfigError(f"{key}: required ({key}={example})")
     check_dataclass(plain, InvertConfig, "")
+    check_execution(plain)
     try:  # the sampler and guidance check their own values
         plain["sampler"] = as_sampler(plain["sampler"])
         plain["guidance"] = as_guidance(plain["guidance"])

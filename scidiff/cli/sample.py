@@ -37,6 +37,7 @@ class SampleConfig:
     tracking_uri: str | None
     adapter: str | None
     control_scale: float | None
+    execution: dict | None
     params: dict | None
     members: int
     batch_size: int
@@ -93,7 +94,7 @@ def compose_config(argv: list[str]):
 
 def check_config(cfg) -> dict[str, Any]:
     """Plain-python config after checking every key and type (``ConfigError`` names the key)."""
-    from scidiff.cli.config_check import check_dataclass
+    from scidiff.cli.config_check import check_dataclass, check_execution
     from scidiff.cli.errors import ConfigError
     from scidiff.inference.generation import as_guidance, as_sampler
 
@@ -104,6 +105,7 @@ def check_config(cfg) -> dict[str, Any]:
         raise ConfigError("checkpoint: required (checkpoint=<.ckpt file | run directory | runs:/<id> | run id | "
                           "models:/<name>/<version>>)")
     check_dataclass(plain, SampleConfig, "")
+    check_execution(plain)
     try:  # the sampler and guidance check their own values
         plain["sampler"] = as_sampler(plain["sampler"])
         plain["guidance"] = as_guidance(plain["guidance"])

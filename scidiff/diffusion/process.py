@@ -413,8 +413,12 @@ class GaussianDiffusion:
             x_t: ``[B, C, *S]``.
             t: ``LongTensor[B]`` in ``[0, T)``, on x_t's device.
             cond: passed through.
+
+        The output comes back in ``x_t``'s dtype: under bf16 autocast (``trainer.precision=bf16-mixed``,
+        ``execution.precision=bf16``) the network computes in bfloat16, and the loss, the samplers'
+        states and the likelihood's terms stay in float32 or float64.
         """
-        return denoiser(self.scale_model_input(x_t, t), t, cond)
+        return denoiser(self.scale_model_input(x_t, t), t, cond).to(x_t.dtype)
 
     def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split a denoiser output into (prediction ``[B, C, *S]``, variance values or None).

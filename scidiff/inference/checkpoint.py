@@ -39,6 +39,7 @@ from scidiff.data.transforms import ChannelTransform
 from scidiff.diffusion import GaussianDiffusion
 from scidiff.nets.adapters import LoraSpec, apply_lora, load_adapter_state, merge_lora
 from scidiff.nets.autoencoder import FieldAutoencoder
+from scidiff.nets.execution import Execution
 from scidiff.nets.latent import LatentCodec
 from scidiff.inference.tracking import (
     MODELS,
@@ -85,6 +86,9 @@ class Pretrained:
             from (checkpoint, sha256, MLflow run).
         adapter: the LoRA adapter file merged on the checkpoint (``path``, ``sha256``), else empty.
         control_scale: a ControlNet's conditioning scale (0: the base model), else ``None``.
+        execution: how ``denoiser`` runs (:class:`~scidiff.nets.execution.Execution`: precision,
+            ``torch.compile``, memory format); ``denoiser`` is then the network wrapped in
+            :class:`~scidiff.nets.execution.Accelerated`.
     """
 
     denoiser: nn.Module
@@ -104,18 +108,20 @@ class Pretrained:
     latent_info: Mapping[str, Any] = field(default_factory=dict)
     adapter: Mapping[str, Any] = field(default_factory=dict)
     control_scale: float | None = None
+    execution: Execution = field(default_factory=Execution)
 
     @property
     def model_identity(self) -> dict[str, Any]:
         """What besides the checkpoint determines the network's output: the adapter file merged
-        on it (``adapter_sha256``) and a ControlNet's conditioning scale; empty for a plain
-        checkpoint (so its ensembles keep their identity)."""
+        on it (``adapter_sha256``), a ControlNet's conditioning scale and an arithmetic other than
+        float32 (``precision``); empty for a plain checkpoint run in float32 (so its ensembles keep
+        their identity)."""
         out: dict[str, Any] = {}
         if self.adapter:
             out["adapter_sha256"] = self.adapter["sha256"]
         if self.control_scale is not None:
             out["control_scale"] = self.control_scale
-        return out
+        return {**out, **self.execution.identity()}
 
     # -- units ---------------------------------------------------------------------------
     @property
@@ -526,13 +532,15 @@ def _add_adapter(denoiser: nn.Module, adapter: str | os.PathLike, base_path: Pat
 
 def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, device: str | torch.device = "cpu",
                     use_ema: bool = True, adapter: str | os.PathLike | None = None,
-                    control_scale: float | None = None, key: str = "checkpoint") -> Pretrained:
+                    control_scale: float | None = None, key: str = "checkpoint",
+                    execution: Execution | Mapping[str, Any] | None = None) -> Pretrained:
     """Load a scidiff checkpoint (see the module docstring for what ``ref`` may be); with
     ``adapter``, a LoRA adapter file (``adapter.safetensors`` of a fine-tuning run) on it,
     checked to have been trained on this very checkpoint (its sha256) and merged. A ControlNet
     (``finetune.method=controlnet``) runs its control branch at ``control_scale`` (``None``: as
     trained, 1; 0: the base model). ``key`` names the setting ``ref`` came from in the errors
-    about finding and reading the file.
+    about finding and reading the file. ``execution`` (an :class:`~scidiff.nets.execution.Execution`
+    or its config node ``{precision, compile, channels_last}``) says how the denoiser runs.
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, or not one written by
@@ -540,6 +548,10 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     """
     import hydra.utils as hu
 
+    try:
+        execution = execution if isinstance(execution, Execution) else Execution.from_config(execution)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     path, source, ckpt, info, config, dm_state = _read(ref, tracking_uri, key)
     if config.get("stage") == "autoencoder":
         raise CheckpointError(f"{key}: {path} is an autoencoder (stage=autoencoder), not a diffusion model; "
@@ -592,8 +604,12 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
     denoiser.to(device).eval().requires_grad_(False)
     if latent is not None:
         latent.to(device).eval().requires_grad_(False)
+    try:
+        fast = execution.apply(denoiser, len(metadata.spatial_dims))
+    except ValueError as exc:
+        raise CheckpointError(f"execution.{exc}") from None
     return Pretrained(
-        denoiser=denoiser,
+        denoiser=fast,
         diffusion=diffusion,
         metadata=metadata,
         statistics=statistics,
@@ -610,6 +626,7 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
         latent_info={k: v for k, v in (info.get("latent") or {}).items() if k != "net_config"},
         adapter=adapter_info,
         control_scale=float(denoiser.scale) if control is not None else None,
+        execution=execution,
     )
 
 

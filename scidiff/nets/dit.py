@@ -189,6 +189,8 @@ class DiT(nn.Module):
         self, grid: Sequence[int], device: torch.device, dtype: torch.dtype
     ) -> Tensor:
         """``[1, N, D]`` sin-cos embedding of the token grid (cached for the last grid seen)."""
+        if torch.compiler.is_compiling():  # traced into the graph: no cache to guard on
+            return sincos_position_embedding(grid, self.hidden_size).to(device=device, dtype=dtype)[None]
         key = (tuple(grid), device, dtype)
         if self._pos_cache is None or self._pos_cache[0] != key:
             pos = sincos_position_embedding(grid, self.hidden_size).to(

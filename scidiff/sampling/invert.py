@@ -218,7 +218,8 @@ def invert(cfg: Mapping[str, Any]) -> dict[str, Any]:
     sampler, guidance = as_sampler(cfg["sampler"]), as_guidance(cfg["guidance"])
     device = resolve_device(str(cfg["device"]))
     pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg["tracking_uri"], device=device,
-                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"))
+                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"),
+                                 execution=cfg.get("execution"))
     inputs = read_inputs(cfg["input"], pretrained)
     y, _, cond = model_inputs(pretrained, inputs)
     if cond is None and guidance.active:

@@ -155,7 +155,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
         raise SampleError(str(exc)) from None
 
     pretrained = load_pretrained(cfg["checkpoint"], tracking_uri=cfg.get("tracking_uri"), device=device,
-                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"))
+                                 adapter=cfg.get("adapter"), control_scale=cfg.get("control_scale"),
+                                 execution=cfg.get("execution"))
     try:
         sampler.check(pretrained.diffusion)
     except ValueError as exc:

@@ -20,6 +20,7 @@ from scidiff.diffusion import GaussianDiffusion
 from scidiff.diffusion.guidance import drop_conditions
 from scidiff.inference.generation import DDIM, sample_model
 from scidiff.inference.seeds import key_seed
+from scidiff.nets.execution import Accelerated, Execution, check_compile
 from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
 from scidiff.training.lr import configure_optimization
@@ -79,6 +80,15 @@ class DiffusionModule(L.LightningModule):
             over its own parameter distribution, ``{"x": [N, C, *S], "params": [N, P], "fields"?}``
             (normalised); each step adds ``prior_weight`` times the loss on a batch of them.
         prior_weight: the prior loss's weight (lambda).
+        compile: ``torch.compile`` the denoiser for the training steps (``True`` or a mode, see
+            :mod:`scidiff.nets.execution`): compiled once, at the first step, with a dynamic
+            batch dimension. Validation and sampling run the EMA copy uncompiled.
+        channels_last: channels-last convolutions (2-D and 3-D fields), for the training
+            steps' denoiser and the EMA copy.
+
+    Precision is the trainer's (``trainer.precision=bf16-mixed``: autocast around the step,
+    weights, optimizer state and EMA in float32); the denoiser's output is cast back to float32
+    before the loss.
     """
 
     def __init__(
@@ -97,6 +107,8 @@ class DiffusionModule(L.LightningModule):
         latent_cache: LatentCache | None = None,
         prior: Mapping[str, Tensor] | None = None,
         prior_weight: float = 1.0,
+        compile: bool | str = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -117,6 +129,11 @@ class DiffusionModule(L.LightningModule):
         self.latent_cache = latent_cache
         self.prior = dict(prior) if prior is not None else None
         self.prior_weight = float(prior_weight)
+        check_compile(compile, "module.compile")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"module.channels_last: expected true or false, got {channels_last!r}")
+        self.execution = Execution(compile=compile, channels_last=channels_last)
+        self._runner: Accelerated | None = None
         # Plain python stored with every checkpoint (run id, resolved config); see on_save_checkpoint.
         self.run_info: dict[str, Any] = {}
         self.loaded_run_info: dict[str, Any] = {}
@@ -154,6 +171,19 @@ class DiffusionModule(L.LightningModule):
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, t, cond)
 
+    def training_net(self, dims: int) -> nn.Module:
+        """The denoiser the training steps call: ``self.denoiser`` itself, or run with the module's
+        :class:`~scidiff.nets.execution.Execution` (built at the first step, for fields of rank ``dims``).
+        Not a registered submodule: the weights and the state dict stay ``self.denoiser``'s."""
+        if self.execution.is_default:
+            return self.denoiser
+        if self._runner is None or self._runner.net is not self.denoiser:
+            runner = Accelerated(self.denoiser, self.execution, dims)
+            if self.execution.channels_last and self.ema is not None:
+                self.ema.model.to(memory_format=runner.format)
+            self.__dict__["_runner"] = runner  # plain attribute (see the docstring)
+        return self._runner
+
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         key = (0, self.global_rank, self.global_step)
@@ -163,7 +193,8 @@ class DiffusionModule(L.LightningModule):
         t = self.diffusion.sample_timesteps(x.shape[0], x.device, generator=g)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = drop_conditions(self.conditioning(batch), self.cond_dropout, generator=g)
-        loss = self.diffusion.training_loss(self.denoiser, x, cond, mask, t=t, noise=noise).mean()
+        net = self.training_net(x.ndim - 2)
+        loss = self.diffusion.training_loss(net, x, cond, mask, t=t, noise=noise).mean()
         if self.prior is not None:  # after the instance draws: runs without a prior draw the same numbers
             prior_loss = self.prior_loss(x.shape[0], g)
             self.log("train/instance_loss", loss, on_step=True, on_epoch=False, batch_size=x.shape[0])
@@ -186,7 +217,7 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
         cond = self.conditioning({k: v[idx] for k, v in self.prior.items() if k in ("params", "fields", "embedding")})
         cond = drop_conditions(cond, self.cond_dropout, generator=g)
-        return self.diffusion.training_loss(self.denoiser, x, cond, None, t=t, noise=noise).mean()
+        return self.diffusion.training_loss(self.training_net(x.ndim - 2), x, cond, None, t=t, noise=noise).mean()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -133,3 +133,30 @@ def test_autoencoder_and_latent_experiments_compose(base, tmp_path, data_dir, mo
                               dims=len(latent.data.spatial_dims), num_params=0, field_channels=0)
     assert isinstance(hu.instantiate(latent.module)(denoiser=denoiser, diffusion=hu.instantiate(latent.diffusion),
                                                     optimizer=hu.instantiate(latent.optimizer)), DiffusionModule)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["trainer.precision=bf16-true"], r"trainer\.precision: bf16-true stores the weights and their EMA in half "
+                                      r"precision.*use trainer\.precision=bf16-mixed"),
+    (["module.compile=fastest"], r"module\.compile: expected true, false or a torch.compile mode"),
+    (["module.channels_last=true", "denoiser.dims=1"], r"module\.channels_last: fields of spatial rank 1"),
+])
+def test_fast_path_settings_are_checked_before_training(overrides, match, tmp_path, data_dir, monkeypatch):
+    from scidiff.cli.errors import ConfigError
+
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    with pytest.raises(ConfigError, match=match):
+        check_train_config(_compose(["experiment=quickstart", *overrides], tmp_path))
+
+
+def test_gpu_fast_paths_compose(tmp_path, data_dir, monkeypatch):
+    """The GPU recipe of the training guide composes, checks and builds its module."""
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    cfg = _compose(["experiment=quickstart", "trainer=gpu", "module.compile=max-autotune", "module.channels_last=true",
+                    "denoiser.checkpoint=true"], tmp_path)
+    check_train_config(cfg)
+    assert cfg.trainer.precision == "bf16-mixed"
+    net = hu.instantiate(cfg.denoiser)
+    module = hu.instantiate(cfg.module)(denoiser=net, diffusion=hu.instantiate(cfg.diffusion),
+                                        optimizer=hu.instantiate(cfg.optimizer))
+    assert module.execution.compile == "max-autotune" and module.execution.channels_last and net.checkpoint
