@@ -266,6 +266,13 @@ def check_fast_paths(cfg: DictConfig) -> None:
                           "an EMA update (1e-3 of the weights) is below the rounding step; use "
                           f"trainer.precision={precision.replace('true', 'mixed')} (half-precision arithmetic, "
                           "float32 weights)")
+    strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default=None, throw_on_resolution_failure=False)
+    if strategy is not None and str(strategy).endswith("FSDPStrategy"):
+        import torch
+
+        if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("trainer: trainer=fsdp shards the model over GPUs and this machine has none (FSDP needs "
+                              "CUDA); use trainer=ddp on CPUs")
     module = cfg.get("module") or {}
     try:
         check_compile(module.get("compile", False), "module.compile")

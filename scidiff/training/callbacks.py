@@ -25,6 +25,13 @@ def _physical(dm: Any, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return inverse(x, mask) if mask is not None else inverse(x)
 
 
+def is_sharded(trainer: L.Trainer) -> bool:
+    """Whether the model's weights are sharded over the ranks (FSDP, ``trainer=fsdp``)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
 class ValidationFigure(Callback):
     """A figure every ``every_n_validations`` validations (rank 0, not during the sanity
     check), saved to ``<run_dir>/figures/<prefix>_step<N>.png`` and logged to MLflow;
@@ -43,7 +50,8 @@ class ValidationFigure(Callback):
         if trainer.sanity_checking:
             return
         self._count += 1
-        if (self._count - 1) % self.every == 0 and trainer.is_global_zero:
+        # a sharded model (trainer=fsdp) runs its forward on every rank together: all ranks draw, rank 0 saves
+        if (self._count - 1) % self.every == 0 and (trainer.is_global_zero or is_sharded(trainer)):
             self.last_path = self.draw(trainer, pl_module)
 
     def first_validation_batch(self, trainer: L.Trainer, pl_module: Any) -> dict[str, torch.Tensor]:
@@ -58,10 +66,11 @@ class ValidationFigure(Callback):
     def draw(self, trainer: L.Trainer, pl_module: Any) -> Path:
         fig = self.figure(trainer, pl_module)
         path = Path(trainer.default_root_dir) / "figures" / f"{self.prefix}_step{trainer.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=80)
+            log_artifact(trainer.logger, path, "figures")
         plt.close(fig)
-        log_artifact(trainer.logger, path, "figures")
         return path
 
 

@@ -264,7 +264,13 @@ class DiffusionModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         # DDP keeps replicas equal; a checksum per rank (float64 sums of the weights and of
-        # index-weighted weights) makes that visible in the run summary.
+        # index-weighted weights) makes that visible in the run summary. Sharded ranks (FSDP)
+        # hold different parts of the weights: nothing to compare.
+        from scidiff.training.callbacks import is_sharded
+
+        if self._trainer is not None and is_sharded(self.trainer):
+            self.rank_checksums = None
+            return
         flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.denoiser.parameters()])
         idx = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
         checksum = torch.stack([flat.sum(), (flat * idx).sum(), (flat * flat).sum()])

@@ -36,7 +36,8 @@ FIELD_EXPERIMENTS = [e for e in _options("experiment")
 CASES = (
     [[f"experiment={e}"] for e in FIELD_EXPERIMENTS]
     + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
-    + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")]
+    + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")
+       if t != "fsdp" or torch.cuda.is_available()]  # on CPU: test_fsdp_preset_builds_its_policy
     + [[f"logger={g}", "experiment=quickstart"] for g in _options("logger")]
     + [[f"callbacks={c}", "experiment=quickstart"] for c in _options("callbacks")]
     + [[f"denoiser={d}", "experiment=quickstart"] for d in ("unet_tiny", "dit_tiny")]
@@ -140,6 +141,8 @@ def test_autoencoder_and_latent_experiments_compose(base, tmp_path, data_dir, mo
                                       r"precision.*use trainer\.precision=bf16-mixed"),
     (["module.compile=fastest"], r"module\.compile: expected true, false or a torch.compile mode"),
     (["module.channels_last=true", "denoiser.dims=1"], r"module\.channels_last: fields of spatial rank 1"),
+    pytest.param(["trainer=fsdp"], r"trainer: trainer=fsdp shards the model over GPUs and this machine has none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")),
 ])
 def test_fast_path_settings_are_checked_before_training(overrides, match, tmp_path, data_dir, monkeypatch):
     from scidiff.cli.errors import ConfigError
@@ -160,3 +163,18 @@ def test_gpu_fast_paths_compose(tmp_path, data_dir, monkeypatch):
     module = hu.instantiate(cfg.module)(denoiser=net, diffusion=hu.instantiate(cfg.diffusion),
                                         optimizer=hu.instantiate(cfg.optimizer))
     assert module.execution.compile == "max-autotune" and module.execution.channels_last and net.checkpoint
+
+
+def test_fsdp_preset_builds_its_policy(tmp_path, data_dir, monkeypatch):
+    """trainer=fsdp (CUDA only: refused on CPU above) composes, and its wrap policy makes every block
+    and every denoiser a unit (the EMA copy then shards like the denoiser)."""
+    from scidiff.nets.dit import DiTBlock
+    from scidiff.nets.layers import ResBlock, SelfAttention
+    from scidiff.nets.unet import UNet
+
+    monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
+    cfg = _compose(["experiment=quickstart", "trainer=fsdp"], tmp_path)
+    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.FSDPStrategy"
+    assert cfg.trainer.strategy.use_orig_params and cfg.trainer.strategy.state_dict_type == "full"
+    policy = hu.instantiate(cfg.trainer.strategy.auto_wrap_policy)
+    assert {ResBlock, SelfAttention, DiTBlock, UNet} <= set(policy._module_classes)
