@@ -191,3 +191,22 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(trained_run, data_dir,
     # the reference and the rerun FINISHED; the killed one (if it got as far as creating its run)
     # cannot end itself: it is the only other, and not counted as a result
     assert statuses.count("FINISHED") == 2 and len(statuses) <= 3
+
+
+def test_a_bf16_evaluation_is_a_variant_of_its_own():
+    """Evaluating with execution.precision=bf16 writes eval/<split>-bf16 and a new MLflow run, never the
+    float32 evaluation's place (the same suffix rule as an adapter or a ControlNet scale)."""
+    from types import SimpleNamespace
+
+    from scidiff.cli.evaluate import variant_suffix
+    from scidiff.inference.checkpoint import Pretrained
+    from scidiff.nets.execution import Execution
+
+    def identity(**kw):
+        fields = {"adapter": {}, "control_scale": None, "execution": Execution(), **kw}
+        return SimpleNamespace(model_identity=Pretrained.model_identity.fget(SimpleNamespace(**fields)))
+
+    assert variant_suffix(identity()) == ""
+    assert variant_suffix(identity(execution=Execution(precision="bf16"))) == "-bf16"
+    assert variant_suffix(identity(execution=Execution(compile=True, channels_last=True))) == ""
+    assert variant_suffix(identity(control_scale=0.5, execution=Execution(precision="bf16"))) == "-control0.5-bf16"

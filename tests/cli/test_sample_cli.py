@@ -181,3 +181,23 @@ def test_far_outside_the_range_warns_and_overwrite_replaces(trained_run, tmp_pat
     assert "warning: params: amplitude = 9 lies far outside the training range [0.5" in err
     code, stdout, _ = run_main([*args, "members=2", "overwrite=true"], capsys, monkeypatch)
     assert code == 0 and "written 2, skipped 0" in stdout and xr.open_zarr(out)["field"].shape[1] == 2
+
+
+def test_bf16_members_stay_close_and_form_another_ensemble(reference, trained_run, tmp_path, capsys, monkeypatch):
+    """``execution.precision=bf16``: the members are bf16 roundings of the float32 ones (same seeds), the
+    store records the precision, and a float32 store is never resumed in bf16."""
+    monkeypatch.chdir(trained_run)
+    out = tmp_path / "bf16.zarr"
+    code, _, err = run_main([*ARGS, f"out={out}", "batch_size=4", "mlflow.run=none", "execution.precision=bf16"],
+                            capsys, monkeypatch)
+    assert code == 0, err
+    ref, fast = field(reference[0]), field(out)
+    assert 0 < np.linalg.norm(fast - ref) / np.linalg.norm(ref) < 0.05
+    assert '"precision": "bf16"' in json.dumps(xr.open_zarr(out).attrs)
+    before = field(reference[0])
+    code, _, err = run_main([*ARGS, f"out={reference[0]}", "mlflow.run=none", "execution.precision=bf16"],
+                            capsys, monkeypatch)
+    assert code == 2 and "holds another run's ensemble (differs in: " in err and "precision" in err, err
+    np.testing.assert_array_equal(field(reference[0]), before)
+    code, _, err = run_main([*ARGS, f"out={tmp_path / 'y.zarr'}", "execution.precision=fp8"], capsys, monkeypatch)
+    assert code == 2 and "execution.precision: expected 32 or bf16, got 'fp8'" in err and err.count("\n") == 1
