@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -111,9 +112,9 @@ def test_every_benchmark_page_has_the_layout(page):
 
 
 # ------------------------------------------------------------------ scripts, cheapest settings
-def run_script(args: list[str], tmp_path: Path) -> str:
+def run_script(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(extra_env or {})}
     proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     out = proc.stdout + proc.stderr
@@ -235,3 +236,35 @@ def test_grf_conditional_page(page, tmp_path):
     check_layout(text, page.MARKER, "grf conditional page")
     assert "| held out (2.25) |" in text and "| in range (1.5, 3) |" in text
     assert "| 2.25 | yes |" in text and "4000 training steps in 592 s" in text
+
+
+def test_gpu_benchmark_script_runs_every_section(page, tmp_path):
+    """workflows/benchmarks/gpu.py, prepared on CPU for the GPU run: every section at the smallest
+    settings (torch.compile with the eager backend), its JSON and its page."""
+    pytest.importorskip("diffusers")
+    dest, data = tmp_path / "gpu.md", tmp_path / "gpu.json"
+    out = run_script([str(ROOT / "workflows/benchmarks/gpu.py"), "--device", "cpu", "--sizes", "tiny",
+                      "--modes", "fp32,bf16+compile", "--grid", "16", "--batch", "2", "--warmup", "1", "--steps", "1",
+                      "--rounds", "1", "--sampling-batch", "2", "--sampling-rounds", "1", "--sampling-preset",
+                      "unet_tiny", "--quickstart-batch", "4", "--voxels", "8", "--voxel-batch", "1",
+                      "--compile-backend", "eager", "--json", str(data), "--page", str(dest)], tmp_path)
+    report = json.loads(data.read_text())
+    assert [r["mode"] for r in report["training"]] == ["fp32", "bf16+compile"] * 2
+    assert all(r["recompiled_after_warmup"] == 0 for r in report["training"])
+    assert all(r["bf16+compile recompiled_after_warmup"] == 0 for r in report["sampling"])
+    assert [r["activation_checkpointing"] for r in report["voxels"]] == [False, True]
+    assert {r["flash"] for r in report["attention"]} == {"used"}
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "gpu page")
+    assert "| UNet unet_tiny | bf16+compile | 2 x 16x16 |" in text and "| DiT dit_tiny | fp32 |" in text
+    assert "1. training step" in out and "5. SDPA kernels" in out
+
+
+def test_mixed_precision_page(page, tmp_path, data_dir):
+    dest = tmp_path / "mixed.md"
+    out = run_script([str(ROOT / "workflows/benchmarks/mixed_precision.py"), "--steps", "4", "--page", str(dest)],
+                     tmp_path, {"SCIDIFF_DATA_DIR": str(data_dir)})
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "mixed precision page")
+    assert "| validation loss at the last step |" in text and "| mean training loss, steps 3-3 |" in text
+    assert "bf16-mixed against float32" in out
