@@ -26,13 +26,26 @@ def _dev_overrides(experiment: str, tmp_path: Path, store: str) -> list[str]:
     return out
 
 
+# Experiments whose training other tests run already (a dev run would only repeat it):
+RUN_ELSEWHERE = {
+    "quickstart": "trained for real by the shared trained_run fixture (tests/training/conftest.py) and others",
+    "quickstart_autoencoder": "trained for real in tests/cli/test_latent_cli.py",
+    "quickstart_contrastive": "trained for real in tests/cli/test_contrastive_cli.py",
+    "grf_autoencoder": "its first step in test_latent_experiment_dev_run[grf_latent] below",
+    "climate_autoencoder": "its first step in test_latent_experiment_dev_run[climate_latent] below",
+    "voxels_autoencoder": "its first step in test_latent_experiment_dev_run[voxels_latent] below",
+    "climate": "the base of test_climate_controlnet_dev_run below",
+    # voxels with the descriptors as an embedding: end to end in tests/cli/test_embedding_cli.py, its config in
+    # tests/training/test_configs.py
+    "voxels_descriptors": "the embedding path in tests/cli/test_embedding_cli.py",
+}
+
+
 # a fine-tuning or a ControlNet needs a trained base: tests/cli/test_finetune_cli.py (and the climate
 # ControlNet's own test below)
-# voxels_descriptors is voxels with the descriptors as an embedding: the embedding path runs end to end in
-# tests/cli/test_embedding_cli.py, its config in tests/training/test_configs.py
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
                                         and not e.endswith(("_finetune", "_controlnet"))
-                                        and e != "voxels_descriptors"])
+                                        and e not in RUN_ELSEWHERE])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
     """Generates the experiment's store (tiny size) and runs one train + one val batch."""
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,

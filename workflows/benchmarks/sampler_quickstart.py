@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-path", type=Path, default=None,
                    help="the quickstart's store when not run from the training's directory")
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-1000 reference row")
+    p.add_argument("--precision", default="32", choices=["32", "bf16"],
+                   help="the denoiser's arithmetic (execution.precision; the samplers' state stays float32)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--page", type=Path, default=None,
                    help="write the documentation's benchmark page here (docs/benchmarks/sampler-quickstart.md)")
     args = p.parse_args(argv)
-    pretrained = load_pretrained(args.run)
+    pretrained = load_pretrained(args.run, execution={"precision": args.precision})
     results: dict[str, dict[str, dict]] = {}
     tic = time.perf_counter()
     for calls in args.calls:
