@@ -41,15 +41,19 @@ RUN_ELSEWHERE = {
 }
 
 
+FAST_PATHS = {"grf": ["trainer.precision=bf16-mixed", "module.channels_last=true"]}
+
+
 # a fine-tuning or a ControlNet needs a trained base: tests/cli/test_finetune_cli.py (and the climate
 # ControlNet's own test below)
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
                                         and not e.endswith(("_finetune", "_controlnet"))
                                         and e not in RUN_ELSEWHERE])
 def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
-    """Generates the experiment's store (tiny size) and runs one train + one val batch."""
+    """Generates the experiment's store (tiny size) and runs one train + one val batch; the 2-D GRF run
+    takes the GPU recipe's CPU-capable fast paths from the command line (bf16-mixed, channels-last)."""
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
-                 *_dev_overrides(experiment, tmp_path, experiment)]
+                 *_dev_overrides(experiment, tmp_path, experiment), *FAST_PATHS.get(experiment, [])]
     if experiment.endswith("_autoencoder"):
         overrides += ["callbacks.reconstructions=null", "autoencoder.model_channels=8"]
     proc = run_train(overrides, tmp_path, data_dir)

@@ -167,14 +167,15 @@ def training_section(args, device, timer, report) -> None:
             x = torch.randn(args.batch, c, s, s, device=device)
             t = torch.randint(0, 1000, (args.batch,), device=device)
             labels = torch.randint(0, 1000, (args.batch,), device=device)
+            modes = [m for m in args.modes if not m.endswith("compile") or size in args.compile_sizes]
             variants = {}
-            for mode in args.modes:
+            for mode in modes:
                 variants[f"ours {mode}"] = training_step(ours, "ours", x, t, labels, mode, args.compile_backend)
                 variants[f"diffusers {mode}"] = training_step(theirs, kind, x, t, labels, mode, args.compile_backend)
             result = race(variants, timer, args)
-            flops = {"ours": step_flops(variants[f"ours {args.modes[0]}"]),
-                     "diffusers": step_flops(variants[f"diffusers {args.modes[0]}"])}
-            for mode in args.modes:
+            flops = {"ours": step_flops(variants[f"ours {modes[0]}"]),
+                     "diffusers": step_flops(variants[f"diffusers {modes[0]}"])}
+            for mode in modes:
                 o, d = result[f"ours {mode}"], result[f"diffusers {mode}"]
                 rows.append({
                     "model": f"{label} {name}", "mode": mode, "grid": f"{s}x{s}", "batch": args.batch,
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="s,b", help="denoiser presets, comma-separated: tiny, s, b")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--compile-sizes", default=None,
+                        help="the sizes measured with bf16+compile (default: the last of --sizes; compiling takes a "
+                             "minute per model)")
     parser.add_argument("--sections", default="training,sampling,voxels,attention")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--grid", type=int, default=64, help="2-D grid side")
@@ -391,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.compile_sizes = args.compile_sizes.split(",") if args.compile_sizes else args.sizes[-1:]
     if bad := [s for s in args.sizes if s not in PRESETS] + [m for m in args.modes if m not in MODES]:
         parser.error(f"unknown size or mode: {bad}")
     device = torch.device(args.device)
