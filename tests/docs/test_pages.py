@@ -268,3 +268,15 @@ def test_mixed_precision_page(page, tmp_path, data_dir):
     check_layout(text, page.MARKER, "mixed precision page")
     assert "| validation loss at the last step |" in text and "| mean training loss, steps 3-3 |" in text
     assert "bf16-mixed against float32" in out
+
+
+def test_execution_speed_page(page, tmp_path, trained_run):
+    """workflows/benchmarks/execution_speed.py on the shared tiny checkpoint (read only; its stores go to
+    temporary directories): one row per execution and micro-batch, float32's members as the reference."""
+    dest = tmp_path / "execution.md"
+    run_script([str(ROOT / "workflows/benchmarks/execution_speed.py"), str(trained_run / "outputs/quickstart/tiny"),
+                "--members", "2", "--micro-batches", "2", "--rounds", "1", "--executions", "float32", "bf16",
+                "--page", str(dest)], tmp_path)
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "execution page")
+    assert "| float32 | 2 |" in text and "| 0.0e+00 |" in text and "| bf16 | 2 |" in text
