@@ -262,7 +262,8 @@ def _sample(cfg, device, ctx: DistContext, log, on_batch) -> dict[str, Any]:
                  f"parameter sets)")
         line = (f"scidiff-sample: {summary['out']} | {what} x {members} members | "
                 f"written {result.written}, skipped {result.skipped} | {rate} "
-                f"({result.world_size} rank{'s' if result.world_size > 1 else ''}, {device})")
+                f"({result.world_size} rank{'s' if result.world_size > 1 else ''}, {device}"
+                f"{'' if pretrained.execution.is_default else ', ' + pretrained.execution.describe()})")
         if note:
             line += f" | {note}"
         log(line)

@@ -188,9 +188,10 @@ def test_bf16_members_stay_close_and_form_another_ensemble(reference, trained_ru
     store records the precision, and a float32 store is never resumed in bf16."""
     monkeypatch.chdir(trained_run)
     out = tmp_path / "bf16.zarr"
-    code, _, err = run_main([*ARGS, f"out={out}", "batch_size=4", "mlflow.run=none", "execution.precision=bf16"],
-                            capsys, monkeypatch)
+    code, stdout, err = run_main([*ARGS, f"out={out}", "batch_size=4", "mlflow.run=none",
+                                  "execution.precision=bf16"], capsys, monkeypatch)
     assert code == 0, err
+    assert stdout.strip().splitlines()[-1].endswith("(1 rank, cpu, bf16 autocast)")
     ref, fast = field(reference[0]), field(out)
     assert 0 < np.linalg.norm(fast - ref) / np.linalg.norm(ref) < 0.05
     assert '"precision": "bf16"' in json.dumps(xr.open_zarr(out).attrs)
