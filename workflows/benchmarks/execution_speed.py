@@ -13,19 +13,16 @@ Loads a quickstart checkpoint once per execution (float32; ``compile``; ``bf16``
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 
-from scidiff.inference import DDIM, GuidanceSpec, load_pretrained, member_seeds
-from scidiff.sampling.ensemble import run_ensemble
+from scidiff.inference import load_pretrained
 from scidiff.sampling.grid import ParameterSets
-from scidiff.sampling.store import create_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampling_throughput import timed_ensemble  # noqa: E402
 
 EXECUTIONS = {
     "float32": {},
@@ -37,20 +34,9 @@ EXECUTIONS = {
 
 
 def generate(pretrained, sets, members: int, steps: int, micro_batch: int) -> tuple[float, np.ndarray]:
-    """Seconds of one ensemble into a fresh store, and its members."""
-    seeds = member_seeds(0, len(sets), members)
-    tmp = Path(tempfile.mkdtemp(prefix="scidiff-execution-"))
-    try:
-        store = create_store(tmp / "ens.zarr", metadata=pretrained.metadata, sets=sets, seeds=seeds,
-                             attrs={"identity": {}})
-        tic = time.perf_counter()
-        run_ensemble(pretrained, store, sets, seeds, sampler=DDIM(steps=steps), guidance=GuidanceSpec(1.0),
-                     progress=False, batch_invariant=True, micro_batch=micro_batch, batch_size=micro_batch)
-        seconds = time.perf_counter() - tic
-        values = xr.open_zarr(tmp / "ens.zarr")[pretrained.metadata.channel_names[0]].values
-        return seconds, values
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Seconds of one ensemble into a fresh store (as ``scidiff-sample`` writes it), and its members."""
+    return timed_ensemble(pretrained, sets, members, steps, 1.0, batch_invariant=True, micro_batch=micro_batch,
+                          batch_size=micro_batch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"(x{best[args.executions[0]] / best[name]:.2f}), first run {first[name]:.1f} s, "
                   f"members' relative difference {diff:.1e}", flush=True)
     if args.page:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from page import command, hardware, markdown_table, software, write_page
 
         summary = (
