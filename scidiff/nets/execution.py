@@ -10,7 +10,9 @@ The fast paths of a GPU run, in one place, for training and for sampling alike:
 * **compile**: ``torch.compile`` of the denoiser once per process. The batch dimension of
   every input is marked dynamic before the first call, so neither a sampler's steps (the
   timestep is a tensor) nor a new batch size (a last micro-batch, guidance's doubled batch)
-  compiles again; the spatial grid stays static (one grid per model).
+  compiles again; the spatial grid stays static (one grid per model). One exception, on CPUs:
+  oneDNN chooses its convolution algorithm by batch size (below or from 16), so a UNet compiled
+  at a batch below 16 compiles once more at a batch of 16 or more.
 * **channels_last**: channels-last memory format for the convolutions of a 2-D or 3-D
   denoiser (``torch.channels_last`` / ``channels_last_3d``), the layout tensor cores'
   convolution kernels read without transposing. A 1-D field has no such layout.
@@ -68,11 +70,6 @@ def memory_format(dims: int) -> torch.memory_format:
         return torch.channels_last_3d
     raise ValueError(f"channels_last: fields of spatial rank {dims} have no channels-last layout "
                      "(2-D and 3-D only); set channels_last=false")
-
-
-def to_channels_last(net: nn.Module, dims: int) -> nn.Module:
-    """Convert ``net``'s convolution weights (in place) to the channels-last format of rank ``dims``."""
-    return net.to(memory_format=memory_format(dims))
 
 
 def mark_batch_dynamic(x: Tensor, t: Tensor, cond: Conditioning | None) -> None:
@@ -187,4 +184,4 @@ class Accelerated(nn.Module):
 
 
 __all__ = ["Accelerated", "COMPILE_MODES", "Execution", "PRECISIONS", "check_compile", "check_precision",
-           "mark_batch_dynamic", "memory_format", "to_channels_last"]
+           "mark_batch_dynamic", "memory_format"]

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from scidiff.inference.figures import samples_figure
+from scidiff.training.sharding import is_sharded
 from scidiff.inference.tracking import flatten, git_commit
 from scidiff.training.tracking import log_artifact, mlflow_logger
 
@@ -23,13 +24,6 @@ def _physical(dm: Any, x: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     if inverse is None:
         return x
     return inverse(x, mask) if mask is not None else inverse(x)
-
-
-def is_sharded(trainer: L.Trainer) -> bool:
-    """Whether the model's weights are sharded over the ranks (FSDP, ``trainer=fsdp``)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class ValidationFigure(Callback):

@@ -23,6 +23,7 @@ from scidiff.inference.seeds import key_seed
 from scidiff.nets.execution import Accelerated, Execution, check_compile
 from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
+from scidiff.training.sharding import is_sharded
 from scidiff.training.lr import configure_optimization
 from scidiff.training.ema import EMA
 
@@ -266,8 +267,6 @@ class DiffusionModule(L.LightningModule):
         # DDP keeps replicas equal; a checksum per rank (float64 sums of the weights and of
         # index-weighted weights) makes that visible in the run summary. Sharded ranks (FSDP)
         # hold different parts of the weights: nothing to compare.
-        from scidiff.training.callbacks import is_sharded
-
         if self._trainer is not None and is_sharded(self.trainer):
             self.rank_checksums = None
             return
