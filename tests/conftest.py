@@ -58,3 +58,14 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     cwd = tmp_path_factory.mktemp("trained")
     run_train([*TINY_CONDITIONAL, "run_name=tiny"], cwd, data_dir)
     return cwd
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after the test (compilations counted by a test start
+    from none; no compiled graph outlives it)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -40,11 +40,7 @@ class CountingBackend:
         return gm.forward
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 # ------------------------------------------------------------------------------ settings

@@ -14,6 +14,7 @@ from scidiff.diffusion.schedules import NoiseSchedule
 from scidiff.nets import UNet
 from scidiff.nets.execution import Execution
 from scidiff.training import DiffusionModule
+from tests.nets.test_execution import CountingBackend
 
 
 class Fields(Dataset):
@@ -56,11 +57,7 @@ def fit(m: DiffusionModule, steps: int, precision: str = "32-true") -> LossLog:
     return log
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_bf16_mixed_keeps_float32_weights_ema_and_loss_and_follows_float32():
@@ -79,17 +76,12 @@ def test_bf16_mixed_keeps_float32_weights_ema_and_loss_and_follows_float32():
 
 
 def test_compiled_training_compiles_once_and_takes_the_eager_steps():
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    backend = CountingBackend()
     ref = fit(module(), 12)
     m = module(compile=True)
-    m.execution = Execution(compile=True, backend=counting)  # the counting backend instead of inductor
+    m.execution = Execution(compile=True, backend=backend)  # the counting backend instead of inductor
     compiled = fit(m, 12)
-    assert len(graphs) == 1  # forward and backward of every step: one graph, compiled at the first
+    assert backend.graphs == 1  # forward and backward of every step: one graph, compiled at the first
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-6)
     assert set(m.state_dict()) == set(module().state_dict())
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from denoiser_throughput import denoiser_config, diffusers_dit, diffusers_unet  # noqa: E402
+from denoiser_throughput import denoiser_config, diffusers_dit, diffusers_unet, step_fn  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
@@ -88,7 +88,8 @@ def autocast(device: torch.device, mode: str):
 
 
 def training_step(model, kind: str, x, t, labels, mode: str, backend: str) -> Callable[[], None]:
-    """One forward + backward of ``model`` (our calling convention or diffusers'), under ``mode``."""
+    """One forward + backward of ``model`` (our calling convention or diffusers', ``step_fn`` of
+    ``denoiser_throughput.py``), under ``mode``."""
     call = model
     if mode.endswith("compile"):
         if kind == "ours":
@@ -97,17 +98,12 @@ def training_step(model, kind: str, x, t, labels, mode: str, backend: str) -> Ca
             call = Accelerated(model, Execution(compile=True, backend=backend), x.ndim - 2)
         else:
             call = torch.compile(model, backend=backend)
+    step = step_fn(call, kind, x, t, labels)
 
     def run():
         model.zero_grad(set_to_none=True)
         with autocast(x.device, mode):
-            if kind == "ours":
-                out = call(x, t, None)
-            elif kind == "diffusers_unet":
-                out = call(x, t).sample
-            else:
-                out = call(x, t, class_labels=labels).sample
-        out.float().square().mean().backward()
+            step()
 
     return run
 
