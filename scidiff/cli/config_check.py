@@ -256,8 +256,9 @@ HALF_WEIGHTS = ("bf16-true", "16-true")
 
 
 def check_fast_paths(cfg: DictConfig) -> None:
-    """``trainer.precision`` keeps float32 weights, ``module.compile`` names a mode and
-    ``module.channels_last`` has fields of rank 2 or 3 to work on."""
+    """``trainer.precision`` keeps float32 weights, ``trainer=fsdp`` shards a diffusion model over a
+    number of devices, ``module.compile`` names a mode and ``module.channels_last`` has fields of
+    rank 2 or 3 to work on."""
     from scidiff.nets.execution import check_compile
 
     precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
@@ -267,13 +268,13 @@ def check_fast_paths(cfg: DictConfig) -> None:
                           f"trainer.precision={precision.replace('true', 'mixed')} (half-precision arithmetic, "
                           "float32 weights)")
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default=None, throw_on_resolution_failure=False)
-    if strategy is not None and str(strategy).endswith("FSDPStrategy"):
-        import torch
-
-        if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("trainer: trainer=fsdp shards the model over GPUs and this machine has none (FSDP needs "
-                              "CUDA); use trainer=ddp on CPUs")
+    if strategy == "scidiff.training.sharding.fsdp_strategy" and cfg.get("stage", "diffusion") != "diffusion":
+        raise ConfigError(f"trainer: trainer=fsdp shards a diffusion model's denoiser; stage={cfg.stage} trains with "
+                          "trainer=ddp")
     module = cfg.get("module") or {}
+    if strategy == "scidiff.training.sharding.fsdp_strategy" and module.get("channels_last", False) is True:
+        raise ConfigError("module.channels_last: FSDP2 cannot change the memory format of sharded weights; with "
+                          "trainer=fsdp set module.channels_last=false")
     try:
         check_compile(module.get("compile", False), "module.compile")
     except ValueError as exc:

@@ -213,7 +213,9 @@ class UNet(nn.Module):
         for block in self.up:
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
         out = self.out_conv(F.silu(self.out_norm(h)))
-        return out[(..., *(slice(0, s) for s in spatial))]
+        if tuple(out.shape[2:]) == spatial:  # not padded: the output itself, not a view of it (FSDP2 hooks it)
+            return out
+        return out[(..., *(slice(0, s) for s in spatial))].contiguous()
 
     def check_grid(self, spatial_shape: Sequence[int]) -> None:
         """Raise ``ValueError`` when fields on ``spatial_shape`` cannot pass through every level:

@@ -23,7 +23,7 @@ from scidiff.inference.seeds import key_seed
 from scidiff.nets.execution import Accelerated, Execution, check_compile
 from scidiff.nets.latent import LatentCodec
 from scidiff.training.data import ResumableSampler
-from scidiff.training.sharding import is_sharded
+from scidiff.training.sharding import is_sharded, shard_denoisers
 from scidiff.training.lr import configure_optimization
 from scidiff.training.ema import EMA
 
@@ -171,6 +171,16 @@ class DiffusionModule(L.LightningModule):
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, t, cond)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``, which sets the device mesh
+        before calling this): shard the denoiser and its EMA copy alike
+        (:func:`scidiff.training.sharding.shard_denoisers`); otherwise nothing."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        shard_denoisers([self.denoiser] + ([self.ema.model] if self.ema is not None else []), mesh["data_parallel"])
+        self._sharded = True
 
     def training_net(self, dims: int) -> nn.Module:
         """The denoiser the training steps call: ``self.denoiser`` itself, or run with the module's

@@ -36,8 +36,7 @@ FIELD_EXPERIMENTS = [e for e in _options("experiment")
 CASES = (
     [[f"experiment={e}"] for e in FIELD_EXPERIMENTS]
     + [[f"diffusion={d}", "experiment=quickstart"] for d in _options("diffusion")]
-    + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")
-       if t != "fsdp" or torch.cuda.is_available()]  # on CPU: test_fsdp_preset_builds_its_policy
+    + [[f"trainer={t}", "experiment=quickstart"] for t in _options("trainer")]
     + [[f"logger={g}", "experiment=quickstart"] for g in _options("logger")]
     + [[f"callbacks={c}", "experiment=quickstart"] for c in _options("callbacks")]
     + [[f"denoiser={d}", "experiment=quickstart"] for d in ("unet_tiny", "dit_tiny")]
@@ -141,8 +140,8 @@ def test_autoencoder_and_latent_experiments_compose(base, tmp_path, data_dir, mo
                                       r"precision.*use trainer\.precision=bf16-mixed"),
     (["module.compile=fastest"], r"module\.compile: expected true, false or a torch.compile mode"),
     (["module.channels_last=true", "denoiser.dims=1"], r"module\.channels_last: fields of spatial rank 1"),
-    pytest.param(["trainer=fsdp"], r"trainer: trainer=fsdp shards the model over GPUs and this machine has none",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")),
+    (["trainer=fsdp", "module.channels_last=true"], r"module\.channels_last: FSDP2 cannot change the memory format"),
+    (["trainer=fsdp", "trainer.devices=auto"], r"trainer\.strategy\.devices: expected int, got str 'auto'"),
 ])
 def test_fast_path_settings_are_checked_before_training(overrides, match, tmp_path, data_dir, monkeypatch):
     from scidiff.cli.errors import ConfigError
@@ -165,16 +164,20 @@ def test_gpu_fast_paths_compose(tmp_path, data_dir, monkeypatch):
     assert module.execution.compile == "max-autotune" and module.execution.channels_last and net.checkpoint
 
 
-def test_fsdp_preset_builds_its_policy(tmp_path, data_dir, monkeypatch):
-    """trainer=fsdp (CUDA only: refused on CPU above) composes, and its wrap policy makes every block
-    and every denoiser a unit (the EMA copy then shards like the denoiser)."""
-    from scidiff.nets.dit import DiTBlock
-    from scidiff.nets.layers import ResBlock, SelfAttention
-    from scidiff.nets.unet import UNet
+def test_fsdp_preset_is_sharding_over_every_rank(tmp_path, data_dir, monkeypatch):
+    """trainer=fsdp builds Lightning's ModelParallelStrategy as FSDP alone: one data-parallel dimension
+    of devices x nodes ranks, no tensor parallelism, one checkpoint file; other stages are refused."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from scidiff.cli.errors import ConfigError
 
     monkeypatch.setenv("SCIDIFF_DATA_DIR", str(data_dir))
-    cfg = _compose(["experiment=quickstart", "trainer=fsdp"], tmp_path)
-    assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.FSDPStrategy"
-    assert cfg.trainer.strategy.use_orig_params and cfg.trainer.strategy.state_dict_type == "full"
-    policy = hu.instantiate(cfg.trainer.strategy.auto_wrap_policy)
-    assert {ResBlock, SelfAttention, DiTBlock, UNet} <= set(policy._module_classes)
+    cfg = _compose(["experiment=quickstart", "trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2"], tmp_path)
+    check_train_config(cfg)
+    strategy = hu.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
+    assert not strategy._save_distributed_checkpoint
+    with pytest.raises(ConfigError, match=r"trainer: trainer=fsdp shards a diffusion model's denoiser; "
+                                          r"stage=autoencoder trains with trainer=ddp"):
+        check_train_config(_compose(["experiment=quickstart_autoencoder", "trainer=fsdp"], tmp_path / "ae"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU fast paths in one call of under 10 minutes on one H200: the benchmark tables
 # (workflows/benchmarks/gpu.py, in two processes so that a cut-short run keeps the training table),
-# then a trainer=fsdp run sampled in bf16 + torch.compile.
+# then a trainer=fsdp run on the GPU (tested on CPU) sampled in bf16 + torch.compile.
 #
 #   bash workflows/benchmarks/gpu.sh [out_dir]       # default: gpu-bench/
 #   PRECISION=1 bash workflows/benchmarks/gpu.sh     # also bf16-mixed + compile against float32 training
