@@ -209,13 +209,14 @@ def test_unsupported_rank(make, dims):
         make(1, dims)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(make):
-    plain = randomize_zeros(make(1, 2, patch_size=4, num_params=2))
+@pytest.mark.parametrize(("dims", "shape", "patch"), GRIDS)
+def test_gradient_checkpointing_gives_the_same_gradients(make, dims, shape, patch):
+    plain = randomize_zeros(make(1, dims, patch_size=patch, num_params=2))
     torch.manual_seed(0)
-    ckpt = make(1, 2, patch_size=4, num_params=2, checkpoint=True)
+    ckpt = make(1, dims, patch_size=patch, num_params=2, checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
     x, t, cond = (
-        torch.randn(2, 1, 16, 16),
+        torch.randn(2, 1, *shape),
         torch.tensor([3, 400]),
         Conditioning(params=torch.randn(2, 2)),
     )
