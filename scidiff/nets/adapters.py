@@ -25,6 +25,7 @@ Torch and peft only.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -156,9 +157,12 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 def _lora_layers(model: nn.Module) -> Sequence[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    """The model's LoRA layers. Only peft makes them, so where peft was never imported there are
+    none: a model without adapters is loaded without peft (an optional dependency, and a 3 s import)."""
+    lora = sys.modules.get("peft.tuners.lora")
+    if lora is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, lora.LoraLayer)]
 
 
 def _delta(layer: nn.Module, name: str) -> Tensor:
