@@ -8,9 +8,7 @@ inputs (one line each, nothing written)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 import torch
 
 from tests.cli.test_bad_inputs import assert_refused
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands
 
 pytest.importorskip("peft")
 
@@ -31,21 +29,21 @@ SHORT = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_v
 def finetuned(trained_run, data_dir) -> Path:
     """LoRA and full fine-tunings of the tiny quickstart run, in its directory (one MLflow store)."""
     base = trained_run / BASE
-    run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=lora", *SHORT,
-               "finetune.lora.train=[param_embedding]"], trained_run, data_dir)
-    run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=full", "finetune.method=full",
-               *SHORT], trained_run, data_dir)
-    run_train(["experiment=quickstart_finetune", f"finetune.base={base}", "run_name=prior", "finetune.prior.count=12",
-               "finetune.prior.steps=3", "finetune.prior.weight=0.5", *SHORT], trained_run, data_dir)
-    run_train(["experiment=quickstart_controlnet", f"finetune.base={base}", "run_name=control", *SHORT],
-              trained_run, data_dir)
+    runs = [
+        ["experiment=quickstart_finetune", "run_name=lora", "finetune.lora.train=[param_embedding]"],
+        ["experiment=quickstart_finetune", "run_name=full", "finetune.method=full"],
+        ["experiment=quickstart_finetune", "run_name=prior", "finetune.prior.count=12", "finetune.prior.steps=3",
+         "finetune.prior.weight=0.5"],
+        ["experiment=quickstart_controlnet", "run_name=control"],
+    ]
+    run_commands([Command("train", [*args, f"finetune.base={base}", *SHORT], trained_run) for args in runs], data_dir)
     return trained_run
 
 
-def sample_cli(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "scidiff.cli.sample", "members=2", "sampler.steps=4", "progress=false",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+def sample_cli(runs: list[list[str]], cwd: Path, data_dir: Path) -> list[subprocess.CompletedProcess]:
+    """``scidiff-sample`` with each argument list (2 members, 4 steps), in one process."""
+    fixed = ["members=2", "sampler.steps=4", "progress=false"]
+    return run_commands([Command("sample", [*fixed, *args], cwd) for args in runs], data_dir, check=False)
 
 
 def test_prior_preservation_generates_cached_base_fields_and_adds_their_loss(finetuned):
@@ -113,12 +111,11 @@ def test_the_finetuned_model_samples_like_base_plus_adapter_and_differs_from_the
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - c).abs().max() > 1e-4
     grid = "params.grid={spectral_index: [2.25], amplitude: [1.0]}"
-    proc = sample_cli(["checkpoint=outputs/quickstart_finetune/lora", "out=ft.zarr", grid], finetuned, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     # the same model as the base checkpoint with the adapter file: the same members, another identity
     adapter = run / "adapter.safetensors"
-    proc = sample_cli([f"checkpoint={BASE}", f"adapter={adapter}", "out=stacked.zarr", grid], finetuned, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    for proc in sample_cli([["checkpoint=outputs/quickstart_finetune/lora", "out=ft.zarr", grid],
+                            [f"checkpoint={BASE}", f"adapter={adapter}", "out=stacked.zarr", grid]], finetuned, data_dir):
+        assert proc.returncode == 0, proc.stderr[-2000:]
     import xarray as xr
 
     with xr.open_zarr(finetuned / "ft.zarr") as a, xr.open_zarr(finetuned / "stacked.zarr") as b:
@@ -182,18 +179,17 @@ def test_controlnet_keeps_the_base_frozen_and_scale_zero_samples_the_base(finetu
 
     store = data_dir / "grf_quickstart.zarr"
     args = [f"checkpoint={run}", f"conditions.path={store}", "conditions.isel={sample: [0, 1]}"]
-    for scale, out in ((None, "cn.zarr"), (0, "cn0.zarr")):
-        proc = sample_cli([*args, f"out={out}", *([f"control_scale={scale}"] if scale is not None else [])],
-                          finetuned, data_dir)
+    *ok, bad = sample_cli([[*args, "out=cn.zarr"], [*args, "out=cn0.zarr", "control_scale=0"],
+                           [f"checkpoint={BASE}", "control_scale=0.5", "out=bad.zarr",
+                            "params.grid={spectral_index: [2.25], amplitude: [1.0]}"]], finetuned, data_dir)
+    for proc in ok:
         assert proc.returncode == 0, proc.stderr[-2000:]
     with xr.open_zarr(finetuned / "cn.zarr") as one, xr.open_zarr(finetuned / "cn0.zarr") as zero:
         assert one["field"].shape == (2, 2, 16, 16) and np.isfinite(one["field"].values).all()
         assert json.loads(one.attrs["identity"])["control_scale"] == 1.0
         assert json.loads(zero.attrs["identity"])["control_scale"] == 0.0
         assert np.abs(one["field"].values - zero["field"].values).max() > 1e-5
-    proc = sample_cli([f"checkpoint={BASE}", "control_scale=0.5", "out=bad.zarr",
-                       "params.grid={spectral_index: [2.25], amplitude: [1.0]}"], finetuned, data_dir)
-    assert proc.returncode == 2 and "control_scale: " in proc.stderr and "is not a ControlNet" in proc.stderr
+    assert bad.returncode == 2 and "control_scale: " in bad.stderr and "is not a ControlNet" in bad.stderr
     assert not (finetuned / "bad.zarr").exists()
 
 
@@ -263,11 +259,12 @@ def test_a_dit_is_finetuned_through_lora_from_the_cli(tmp_path, data_dir):
 
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
              "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none", *QUIET]
-    run_train(["experiment=quickstart", "denoiser=dit_tiny", "run_name=dit", "module.cond_dropout=0.2", *steps],
-              tmp_path, data_dir)
     base_dir = tmp_path / "outputs/quickstart/dit"
-    run_train(["experiment=quickstart_finetune", f"finetune.base={base_dir}", "run_name=dit_lora",
-               "finetune.lora.targets=[attention,mlp]", "optimizer.lr=0.05", *steps], tmp_path, data_dir)
+    run_commands([Command("train", ["experiment=quickstart", "denoiser=dit_tiny", "run_name=dit", "module.cond_dropout=0.2",
+                                    *steps], tmp_path),
+                  Command("train", ["experiment=quickstart_finetune", f"finetune.base={base_dir}", "run_name=dit_lora",
+                                    "finetune.lora.targets=[attention,mlp]", "optimizer.lr=0.05", *steps], tmp_path)],
+                 data_dir)
     lora_dir = tmp_path / "outputs/quickstart_finetune/dit_lora"
     f = json.loads((lora_dir / "summary.json").read_text())["finetune"]
     assert f["lora"]["targets"] == ["attention", "mlp"] and f["trainable_parameters"] < f["base_parameters"] / 4
