@@ -113,8 +113,9 @@ def test_the_finetuned_model_samples_like_base_plus_adapter_and_differs_from_the
     grid = "params.grid={spectral_index: [2.25], amplitude: [1.0]}"
     # the same model as the base checkpoint with the adapter file: the same members, another identity
     adapter = run / "adapter.safetensors"
-    for proc in sample_cli([["checkpoint=outputs/quickstart_finetune/lora", "out=ft.zarr", grid],
-                            [f"checkpoint={BASE}", f"adapter={adapter}", "out=stacked.zarr", grid]], finetuned, data_dir):
+    runs = [["checkpoint=outputs/quickstart_finetune/lora", "out=ft.zarr", grid],
+            [f"checkpoint={BASE}", f"adapter={adapter}", "out=stacked.zarr", grid]]
+    for proc in sample_cli(runs, finetuned, data_dir):
         assert proc.returncode == 0, proc.stderr[-2000:]
     import xarray as xr
 
@@ -260,11 +261,10 @@ def test_a_dit_is_finetuned_through_lora_from_the_cli(tmp_path, data_dir):
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
              "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none", *QUIET]
     base_dir = tmp_path / "outputs/quickstart/dit"
-    run_commands([Command("train", ["experiment=quickstart", "denoiser=dit_tiny", "run_name=dit", "module.cond_dropout=0.2",
-                                    *steps], tmp_path),
-                  Command("train", ["experiment=quickstart_finetune", f"finetune.base={base_dir}", "run_name=dit_lora",
-                                    "finetune.lora.targets=[attention,mlp]", "optimizer.lr=0.05", *steps], tmp_path)],
-                 data_dir)
+    runs = [["experiment=quickstart", "denoiser=dit_tiny", "run_name=dit", "module.cond_dropout=0.2", *steps],
+            ["experiment=quickstart_finetune", f"finetune.base={base_dir}", "run_name=dit_lora",
+             "finetune.lora.targets=[attention,mlp]", "optimizer.lr=0.05", *steps]]
+    run_commands([Command("train", args, tmp_path) for args in runs], data_dir)
     lora_dir = tmp_path / "outputs/quickstart_finetune/dit_lora"
     f = json.loads((lora_dir / "summary.json").read_text())["finetune"]
     assert f["lora"]["targets"] == ["attention", "mlp"] and f["trainable_parameters"] < f["base_parameters"] / 4

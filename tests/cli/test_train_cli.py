@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scidiff.cli.train import CONFIG_DIR
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands, run_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 LATENT_EXPERIMENTS = [e for e in EXPERIMENTS if e.endswith("_latent")]
@@ -42,76 +42,106 @@ RUN_ELSEWHERE = {
 
 
 FAST_PATHS = {"grf": ["trainer.precision=bf16-mixed", "module.channels_last=true"]}
-
-
 # a fine-tuning or a ControlNet needs a trained base: tests/cli/test_finetune_cli.py (and the climate
-# ControlNet's own test below)
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS
-                                        and not e.endswith(("_finetune", "_controlnet"))
-                                        and e not in RUN_ELSEWHERE])
-def test_experiment_fast_dev_run(experiment, tmp_path, data_dir):
-    """Generates the experiment's store (tiny size) and runs one train + one val batch; the 2-D GRF run
-    takes the GPU recipe's CPU-capable fast paths from the command line (bf16-mixed, channels-last)."""
-    overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
-                 *_dev_overrides(experiment, tmp_path, experiment), *FAST_PATHS.get(experiment, [])]
-    if experiment.endswith("_autoencoder"):
-        overrides += ["callbacks.reconstructions=null", "autoencoder.model_channels=8"]
-    proc = run_train(overrides, tmp_path, data_dir)
+# ControlNet's own run below)
+DEV_RUNS = [e for e in EXPERIMENTS if e not in LATENT_EXPERIMENTS and not e.endswith(("_finetune", "_controlnet"))
+            and e not in RUN_ELSEWHERE]
+ONE_STEP = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+            "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", "logger=none",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def dev_runs(tmp_path_factory, data_dir) -> dict[str, tuple[Path, list]]:
+    """Every dev run of this module, in one scidiff-train process (``run_commands``), each in its own
+    directory: {name: (directory, [CompletedProcess of each of its commands])}.
+
+    * each experiment of ``DEV_RUNS``: it generates its store (tiny size) and runs one train + one val
+      batch (``fast_dev_run``); the 2-D GRF run takes the GPU recipe's CPU-capable fast paths from the
+      command line (bf16-mixed, channels-last);
+    * each latent experiment with its own autoencoder experiment: one autoencoder step on the tiny
+      store, then one step of the latent model on it (the latent tests train them for real);
+    * ``climate_controlnet`` on a one-step ``climate`` model;
+    * the quickstart with ``diffusion=edm``, one step.
+    """
+    plan: dict[str, tuple[Path, list[Command]]] = {}
+    for experiment in DEV_RUNS:
+        cwd = tmp_path_factory.mktemp(experiment)
+        overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
+                     *_dev_overrides(experiment, cwd, experiment), *FAST_PATHS.get(experiment, [])]
+        if experiment.endswith("_autoencoder"):
+            overrides += ["callbacks.reconstructions=null", "autoencoder.model_channels=8"]
+        plan[experiment] = (cwd, [Command("train", overrides, cwd)])
+    for experiment in LATENT_DEV_RUNS:
+        cwd = tmp_path_factory.mktemp(experiment)
+        base = experiment[: -len("_latent")]
+        store = f"{base}_tiny"
+        ae = cwd / "outputs" / f"{base}_autoencoder" / "ae"
+        # the tiny stores' latents are smaller than the experiments' (climate: 4 x 8): a shallower UNet
+        plan[experiment] = (cwd, [
+            Command("train", [f"experiment={base}_autoencoder", "run_name=ae", "autoencoder.model_channels=8",
+                              "callbacks.reconstructions=null", *ONE_STEP,
+                              *_dev_overrides(f"{base}_autoencoder", cwd, store)], cwd),
+            Command("train", [f"experiment={experiment}", f"latent.autoencoder={ae}", "latent.statistics_samples=32",
+                              "denoiser.channel_mult=[1,2]", "denoiser.attention_levels=[1]",
+                              "denoiser.model_channels=16", "denoiser.head_channels=16", "trainer.fast_dev_run=true",
+                              "generate_data.size=tiny", *QUIET, *_dev_overrides(experiment, cwd, store)], cwd)])
+    cwd = tmp_path_factory.mktemp("climate_controlnet")
+    store = _dev_overrides("climate", cwd, "climate_tiny")
+    plan["climate_controlnet"] = (cwd, [
+        Command("train", ["experiment=climate", "run_name=base", *ONE_STEP, *store], cwd),
+        Command("train", ["experiment=climate_controlnet", f"finetune.base={cwd / 'outputs/climate/base'}",
+                          "run_name=cn", *ONE_STEP, *store], cwd)])
+    cwd = tmp_path_factory.mktemp("edm")
+    plan["edm"] = (cwd, [Command("train", ["experiment=quickstart", "diffusion=edm", "run_name=edm", *ONE_STEP, *QUIET],
+                                 cwd)])
+    done = iter(run_commands([c for _, commands in plan.values() for c in commands], data_dir, check=False))
+    return {name: (cwd, [next(done) for _ in commands]) for name, (cwd, commands) in plan.items()}
+
+
+def succeeded(procs: list) -> list:
+    for proc in procs:
+        assert proc.returncode == 0, f"scidiff-train {' '.join(proc.args)} failed:\n{proc.stderr[-4000:]}"
+    return procs
+
+
+@pytest.mark.parametrize("experiment", DEV_RUNS)
+def test_experiment_fast_dev_run(experiment, dev_runs):
+    """One train + one val batch of the experiment on its generated tiny store (see ``dev_runs``)."""
+    cwd, procs = dev_runs[experiment]
+    (proc,) = succeeded(procs)
     assert "scidiff-train: 1 steps" in proc.stdout
-    summary = json.loads(next((tmp_path / "outputs").rglob("summary.json")).read_text())
+    summary = json.loads(next((cwd / "outputs").rglob("summary.json")).read_text())
     assert summary["global_step"] == 1
 
 
 @pytest.mark.parametrize("experiment", LATENT_DEV_RUNS)
-def test_latent_experiment_dev_run(experiment, tmp_path, data_dir):
-    """Each latent experiment with its own autoencoder experiment: one autoencoder step on the tiny
-    store, then one step of the latent model on it (the latent tests train them for real)."""
-    base = experiment[: -len("_latent")]
-    store = f"{base}_tiny"
-    one_step = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", "logger=none",
-                "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false"]
-    run_train([f"experiment={base}_autoencoder", "run_name=ae", "autoencoder.model_channels=8",
-               "callbacks.reconstructions=null", *one_step, *_dev_overrides(f"{base}_autoencoder", tmp_path, store)],
-              tmp_path, data_dir)
-    ae = next((tmp_path / "outputs").glob("*_autoencoder/ae"))
-    # the tiny stores' latents are smaller than the experiments' (climate: 4 x 8): a shallower UNet
-    proc = run_train([f"experiment={experiment}", f"latent.autoencoder={ae}", "latent.statistics_samples=32",
-                      "denoiser.channel_mult=[1,2]", "denoiser.attention_levels=[1]", "denoiser.model_channels=16",
-                      "denoiser.head_channels=16",
-                      "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
-                      *_dev_overrides(experiment, tmp_path, store)], tmp_path, data_dir)
+def test_latent_experiment_dev_run(experiment, dev_runs):
+    """One autoencoder step, then one step of the latent model on its latents (see ``dev_runs``)."""
+    _, (_, proc) = dev_runs[experiment][0], succeeded(dev_runs[experiment][1])
     assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
 
 
-def test_climate_controlnet_dev_run(tmp_path, data_dir):
+def test_climate_controlnet_dev_run(dev_runs):
     """experiment=climate_controlnet on a one-step climate model: the land-sea mask stays the base's
     field, the coarse tas is the new one, and the run loads as a ControlNet."""
     from scidiff.inference.checkpoint import load_pretrained
 
-    store = _dev_overrides("climate", tmp_path, "climate_tiny")
-    one_step = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-                "callbacks.periodic_checkpoint.every_n_train_steps=1", "generate_data.size=tiny", "logger=none", *QUIET]
-    run_train(["experiment=climate", "run_name=base", *one_step, *store], tmp_path, data_dir)
-    base = tmp_path / "outputs/climate/base"
-    proc = run_train(["experiment=climate_controlnet", f"finetune.base={base}", "run_name=cn", *one_step, *store],
-                     tmp_path, data_dir)
-    assert "fine-tuned (controlnet)" in proc.stdout
-    model = load_pretrained(tmp_path / "outputs/climate_controlnet/cn")
+    cwd, procs = dev_runs["climate_controlnet"]
+    assert "fine-tuned (controlnet)" in succeeded(procs)[1].stdout
+    model = load_pretrained(cwd / "outputs/climate_controlnet/cn")
     assert model.metadata.field_names == ("land_sea_mask", "tas@coarse4x4") and model.control_scale == 1.0
-    assert model.statistics.fields == load_pretrained(base).statistics.fields
+    assert model.statistics.fields == load_pretrained(cwd / "outputs/climate/base").statistics.fields
 
 
-def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(tmp_path, data_dir):
+def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(dev_runs):
     """diffusion=edm has sigma_data: auto; the run records the number (the RMS of the z-scored
     training fields: 1) in its config, and the checkpoint loads with it."""
     from scidiff.inference.checkpoint import load_pretrained
 
-    run_train(["experiment=quickstart", "diffusion=edm", "run_name=edm", "trainer.max_steps=2",
-               "trainer.val_check_interval=2", "callbacks.periodic_checkpoint.every_n_train_steps=2", "logger=none",
-               *QUIET], tmp_path, data_dir)
-    pre = load_pretrained(tmp_path / "outputs" / "quickstart" / "edm")
+    cwd, procs = dev_runs["edm"]
+    succeeded(procs)
+    pre = load_pretrained(cwd / "outputs" / "quickstart" / "edm")
     assert pre.config["diffusion"]["sigma_data"] == pytest.approx(1.0, abs=1e-5)
     assert pre.diffusion.prediction == "edm" and pre.diffusion.sigma_data == pytest.approx(1.0, abs=1e-5)
     assert pre.diffusion.timestep_sampling == "lognormal"
