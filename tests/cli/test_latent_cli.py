@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import xarray as xr
 
 from tests.cli.test_bad_inputs import assert_refused
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands, run_train
 
 AE = "outputs/quickstart_autoencoder/ae"
 LATENT = "outputs/quickstart_latent/lat"
@@ -29,13 +30,22 @@ SHORT = ["trainer.max_steps=16", "trainer.val_check_interval=8", "trainer.limit_
 @pytest.fixture(scope="module")
 def latent_runs(tmp_path_factory, data_dir) -> Path:
     """A tiny autoencoder of the quickstart fields, registered in MLflow's model registry, and a
-    latent model on it named by the registry (16 steps each)."""
+    latent model on it named by the registry (16 steps each); in ``bad/``, one step of an autoencoder
+    of the 32x32 GRFs (for ``broken``)."""
     cwd = tmp_path_factory.mktemp("latent")
-    run_train(["experiment=quickstart_autoencoder", "run_name=ae", "autoencoder.model_channels=8", *SHORT,
-               "register_model=qs_autoencoder", "trainer.enable_progress_bar=false",
-               "trainer.enable_model_summary=false"], cwd, data_dir)
-    run_train(["experiment=quickstart_latent", "latent.autoencoder=models:/qs_autoencoder/1", "run_name=lat", *SHORT,
-               *QUIET, "module.cond_dropout=0.2"], cwd, data_dir)
+    (cwd / "bad").mkdir()
+    quiet = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    run_commands([
+        Command("train", ["experiment=quickstart_autoencoder", "run_name=ae", "autoencoder.model_channels=8", *SHORT,
+                          "register_model=qs_autoencoder", *quiet], cwd),
+        Command("train", ["experiment=quickstart_latent", "latent.autoencoder=models:/qs_autoencoder/1", "run_name=lat",
+                          *SHORT, *QUIET, "module.cond_dropout=0.2"], cwd),
+        Command("train", ["experiment=grf_autoencoder", "run_name=ae32",
+                          "data.path=${oc.env:SCIDIFF_DATA_DIR}/grf_tiny.zarr", "data.num_workers=0",
+                          "autoencoder.model_channels=8", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                          "trainer.limit_val_batches=1", "callbacks.periodic_checkpoint.every_n_train_steps=1",
+                          "logger=none", "callbacks.reconstructions=null", *quiet], cwd / "bad"),
+    ], data_dir)
     return cwd
 
 
@@ -73,7 +83,8 @@ def test_the_latent_checkpoint_holds_the_autoencoder_and_the_latent_statistics(l
     ae = load_autoencoder(latent_runs / AE)
     assert pre.is_latent and pre.sample_shape == (4, 8, 8) and pre.field_shape == (1, 16, 16)
     assert pre.latent_info["sha256"] == ae.sha256 and pre.latent_info["posterior"] == "mean"  # the registered file
-    assert pre.latent_info["mlflow_run_id"] == json.loads((latent_runs / AE / "summary.json").read_text())["mlflow_run_id"]
+    ae_run = json.loads((latent_runs / AE / "summary.json").read_text())["mlflow_run_id"]
+    assert pre.latent_info["mlflow_run_id"] == ae_run
     for a, b in zip(pre.latent.autoencoder.state_dict().values(), ae.autoencoder.state_dict().values()):
         assert torch.equal(a, b)
     assert pre.statistics.x == ae.statistics.x
@@ -93,11 +104,12 @@ def test_sampling_decodes_to_a_store_like_a_field_model(latent_runs, trained_run
     """The ensemble store of a latent model has the layout of a field model's (dims, coordinates,
     units, attributes); members are reproducible and do not depend on the batch size."""
     grid = ["params.grid={spectral_index: [1.5, 3.0], amplitude: [1.0]}", "members=3", "sampler.steps=4"]
-    cli("sample", [f"checkpoint={LATENT}", "out=a.zarr", "batch_size=2", *grid], latent_runs, data_dir)
-    cli("sample", [f"checkpoint={LATENT}", "out=b.zarr", "batch_size=6", "guidance.scale=2.0", *grid],
-        latent_runs, data_dir)
-    cli("sample", [f"checkpoint={LATENT}", "out=c.zarr", "batch_size=6", *grid], latent_runs, data_dir)
-    cli("sample", ["checkpoint=outputs/quickstart/tiny", f"out={latent_runs}/pixel.zarr", *grid], trained_run, data_dir)
+    run_commands([Command("sample", [f"checkpoint={LATENT}", "out=a.zarr", "batch_size=2", *grid], latent_runs),
+                  Command("sample", [f"checkpoint={LATENT}", "out=b.zarr", "batch_size=6", "guidance.scale=2.0", *grid],
+                          latent_runs),
+                  Command("sample", [f"checkpoint={LATENT}", "out=c.zarr", "batch_size=6", *grid], latent_runs),
+                  Command("sample", ["checkpoint=outputs/quickstart/tiny", f"out={latent_runs}/pixel.zarr", *grid],
+                          trained_run)], data_dir)
     a, c = xr.open_zarr(latent_runs / "a.zarr"), xr.open_zarr(latent_runs / "c.zarr")
     pixel = xr.open_zarr(latent_runs / "pixel.zarr")
     assert a["field"].dims == pixel["field"].dims == ("sample", "member", "y", "x")
@@ -161,11 +173,7 @@ def broken(latent_runs, data_dir, tmp_path_factory) -> Path:
     full = torch.load(latent_runs / LATENT / "checkpoints" / "last.ckpt", weights_only=True)
     full["state_dict"] = {k: v for k, v in full["state_dict"].items() if not k.startswith("latent.autoencoder.")}
     torch.save(full, d / "no_autoencoder.ckpt")
-    run_train(["experiment=grf_autoencoder", "run_name=ae32", "data.path=${oc.env:SCIDIFF_DATA_DIR}/grf_tiny.zarr",
-               "data.num_workers=0", "autoencoder.model_channels=8", "trainer.max_steps=1",
-               "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
-               "callbacks.periodic_checkpoint.every_n_train_steps=1", "logger=none", "callbacks.reconstructions=null",
-               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], d, data_dir)
+    shutil.copytree(latent_runs / "bad" / "outputs", d / "outputs")   # the 32x32 autoencoder
     return d
 
 
