@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_evaluate_cli import TINY, run_evaluate
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands, run_train
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +63,28 @@ def test_embeddings_of_the_encoder_condition_a_diffusion_model(encoder_run, data
     import numpy as np
     import xarray as xr
 
-    from tests.cli.test_embedding_cli import command
-
     out = tmp_path / "grf_clip.zarr"
-    proc = command("embed", [f"encoder={encoder_run}", f"input={data_dir / 'grf_quickstart.zarr'}", f"out={out}"],
-                   tmp_path, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    embed = [f"encoder={encoder_run}", f"input={data_dir / 'grf_quickstart.zarr'}", f"out={out}"]
+    first, again, trained, sampled = run_commands([
+        Command("embed", embed, tmp_path),
+        Command("embed", embed, tmp_path),   # once more: refused, the store is there
+        Command("train", ["experiment=quickstart", f"data.path={out}", "data.params=[]",
+                          "data.embedding={name: clip_embedding, transform: none}", "run_name=unclip",
+                          "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+                          "callbacks.periodic_checkpoint.every_n_train_steps=4", *QUIET], tmp_path),
+        Command("sample", ["checkpoint=outputs/quickstart/unclip", f"conditions.path={out}",
+                           "conditions.isel={sample: [0, 1]}", "members=2", "sampler.steps=3", "out=v.zarr",
+                           "progress=false"], tmp_path),
+    ], data_dir, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
     with xr.open_zarr(out) as ds, xr.open_zarr(data_dir / "grf_quickstart.zarr") as source:
         emb = ds["clip_embedding"]
         assert emb.dims == ("sample", "clip_embedding_component") and emb.shape == (4096, 64)
         np.testing.assert_allclose(np.linalg.norm(emb.values, axis=1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(ds["field"].values, source["field"].values)   # the input, copied
         assert emb.attrs["encoder_sha256"] and emb.attrs["embedded"] == "fields"
-    again = command("embed", [f"encoder={encoder_run}", f"input={data_dir / 'grf_quickstart.zarr'}", f"out={out}"],
-                    tmp_path, data_dir)
     assert again.returncode == 2 and "out: " in again.stderr and "already exists" in again.stderr
-    run_train(["experiment=quickstart", f"data.path={out}", "data.params=[]",
-               "data.embedding={name: clip_embedding, transform: none}", "run_name=unclip", "trainer.max_steps=4",
-               "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-               "callbacks.periodic_checkpoint.every_n_train_steps=4", *QUIET], tmp_path, data_dir)
-    proc = command("sample", ["checkpoint=outputs/quickstart/unclip", f"conditions.path={out}",
-                              "conditions.isel={sample: [0, 1]}", "members=2", "sampler.steps=3", "out=v.zarr",
-                              "progress=false"], tmp_path, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    with xr.open_zarr(tmp_path / "v.zarr") as members:
+        assert members["field"].shape == (2, 2, 16, 16) and np.isfinite(members["field"].values).all()

@@ -6,9 +6,6 @@ the bad inputs (a wrong width, a missing embedding, one given to a model without
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +14,8 @@ import torch
 import xarray as xr
 
 from tests.cli.test_bad_inputs import assert_refused
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands, run_train
 
-ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 EMBEDDING = "data.embedding={name: summary, transform: zscore}"
 
 
@@ -48,12 +44,6 @@ def embedded(tmp_path_factory, data_dir) -> Path:
     return d
 
 
-def command(module: str, args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), **ENV}
-    return subprocess.run([sys.executable, "-m", f"scidiff.cli.{module}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)
-
-
 def test_the_checkpoint_takes_the_normalised_embedding(embedded):
     from scidiff.inference.checkpoint import load_pretrained
 
@@ -79,25 +69,28 @@ def test_the_checkpoint_takes_the_normalised_embedding(embedded):
 
 def test_sample_evaluate_and_invert_read_the_embedding(embedded, data_dir):
     run = "outputs/quickstart/emb"
-    proc = command("sample", [f"checkpoint={run}", "conditions.path=grf_summary.zarr", "conditions.isel={sample: [0, 1, 2]}",
-                              "members=2", "sampler.steps=3", "out=emb.zarr", "progress=false"], embedded, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ds = xr.open_zarr(embedded / "grf_summary.zarr").isel(sample=slice(0, 3))
+    _store(ds[["field", "summary"]], embedded / "invert_in.zarr")
+    _store(ds[["field"]], embedded / "invert_without.zarr")
+    sampled, evaluated, inverted, refused = run_commands([
+        Command("sample", [f"checkpoint={run}", "conditions.path=grf_summary.zarr",
+                           "conditions.isel={sample: [0, 1, 2]}", "members=2", "sampler.steps=3", "out=emb.zarr",
+                           "progress=false"], embedded),
+        Command("evaluate", [f"checkpoint={run}", "split=val", "max_samples=3", "batch_size=3",
+                             "bound.estimator=importance", "bound.num_terms=4", "sampler.steps=3", "sampling.members=3",
+                             "progress=false", "logger.enabled=false"], embedded),
+        Command("invert", [f"checkpoint={run}", "input=invert_in.zarr", "out=inv.zarr", "sampler.steps=3",
+                           "progress=false"], embedded),
+        Command("invert", [f"checkpoint={run}", "input=invert_without.zarr", "out=inv2.zarr"], embedded),
+    ], data_dir, check=False)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
     with xr.open_zarr(embedded / "emb.zarr") as ens:
         assert ens["field"].shape == (3, 2, 16, 16) and np.isfinite(ens["field"].values).all()
         assert "conditions" in json.loads(ens.attrs["identity"])
-    proc = command("evaluate", [f"checkpoint={run}", "split=val", "max_samples=3", "batch_size=3",
-                                "bound.estimator=importance", "bound.num_terms=4", "sampler.steps=3",
-                                "sampling.members=3", "progress=false", "logger.enabled=false"], embedded, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (embedded / run / "eval/val/evaluation.nc").is_file() and "CRPS field" in proc.stdout.splitlines()[-1]
-    ds = xr.open_zarr(embedded / "grf_summary.zarr").isel(sample=slice(0, 3))
-    _store(ds[["field", "summary"]], embedded / "invert_in.zarr")
-    proc = command("invert", [f"checkpoint={run}", "input=invert_in.zarr", "out=inv.zarr", "sampler.steps=3",
-                              "progress=false"], embedded, data_dir)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _store(ds[["field"]], embedded / "invert_without.zarr")
-    proc = command("invert", [f"checkpoint={run}", "input=invert_without.zarr", "out=inv2.zarr"], embedded, data_dir)
-    assert proc.returncode == 2 and "lacks the variable 'summary'" in proc.stderr
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert (embedded / run / "eval/val/evaluation.nc").is_file() and "CRPS field" in evaluated.stdout.splitlines()[-1]
+    assert inverted.returncode == 0, inverted.stderr[-2000:]
+    assert refused.returncode == 2 and "lacks the variable 'summary'" in refused.stderr
 
 
 def test_bad_embeddings_are_refused_in_one_line(embedded, trained_run, data_dir, capsys, monkeypatch):
