@@ -11,15 +11,13 @@ import time
 
 import torch
 
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, Command, run_commands
 
 ARGS = ["experiment=quickstart", "trainer.max_steps=24", "trainer.val_check_interval=10",
         "callbacks.periodic_checkpoint.every_n_train_steps=3", *QUIET]
 
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
-    run_train([*ARGS, "run_name=full"], tmp_path, data_dir)
-
     env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "scidiff.cli.train", *ARGS, "run_name=cut"], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -37,7 +35,9 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path, data_dir):
     killed_at = torch.load(newest_checkpoint(ckpts), weights_only=True)["global_step"]
     assert 3 <= killed_at < 24
 
-    out = run_train([*ARGS, "run_name=cut", "resume=auto"], tmp_path, data_dir)
+    # the resumed session in a new process, then (in the same process) the uninterrupted reference run
+    out, _ = run_commands([Command("train", [*ARGS, "run_name=cut", "resume=auto"], tmp_path),
+                           Command("train", [*ARGS, "run_name=full"], tmp_path)], data_dir)
     assert f"scidiff-train: steps {killed_at} -> 24 ({24 - killed_at} in this session)" in out.stdout
     log = (tmp_path / "outputs/quickstart/cut/train.log").read_text()   # both sessions' output
     assert log.count("scidiff-train: run ") == 2 and log.endswith(out.stdout)
