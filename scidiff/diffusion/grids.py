@@ -14,7 +14,9 @@ Kinds (``spacing``), for ``n`` steps on a schedule of ``T`` steps:
 * ``"logsnr"``   -- uniform in log-SNR lambda = log(ab / (1 - ab)) from t = T - 1 to 0
   (DPM-Solver's "time-uniform" grid, Lu et al. 2022);
 * ``"karras"``   -- sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) -
-  sigma_max^(1/rho)))^rho with sigma = sqrt((1 - ab) / ab) (Karras et al. 2022, eq. 5);
+  sigma_max^(1/rho)))^rho with sigma = sqrt((1 - ab) / ab) (Karras et al. 2022, eq. 5), from
+  ``sigma_max`` = 80 (EDM's) to sigma_min = sigma_0; a schedule whose noisiest level lies above
+  ``sigma_max`` starts at that level and takes the other n - 1 steps from ``sigma_max``;
 * a user's list -- any strictly decreasing timesteps in ``[0, T)``.
 """
 
@@ -32,6 +34,7 @@ Spacing = Literal["leading", "trailing", "linspace"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 GridKind = Literal["leading", "trailing", "linspace", "logsnr", "karras"]
 GRID_KINDS: tuple[str, ...] = get_args(GridKind)
+KARRAS_SIGMA_MAX = 80.0  # EDM's sigma_max (Karras et al. 2022, table 1)
 
 
 def _check_num_steps(num_steps: int, num_timesteps: int) -> None:
@@ -98,7 +101,8 @@ def check_grid(timesteps: Sequence[int] | Tensor, num_timesteps: int, key: str =
 
 
 def timestep_grid(diffusion: GaussianDiffusion, num_steps: int, spacing: GridKind = "trailing", *,
-                  rho: float = 7.0, timesteps: Sequence[int] | Tensor | None = None) -> Tensor:
+                  rho: float = 7.0, sigma_max: float = KARRAS_SIGMA_MAX,
+                  timesteps: Sequence[int] | Tensor | None = None) -> Tensor:
     """The grid of ``num_steps`` timesteps of kind ``spacing`` (module docstring), or the
     user's ``timesteps`` (checked; ``num_steps`` and ``spacing`` are then ignored)."""
     T = diffusion.num_timesteps
@@ -120,15 +124,22 @@ def timestep_grid(diffusion: GaussianDiffusion, num_steps: int, spacing: GridKin
     else:
         if not rho > 0:
             raise ValueError(f"rho: expected a number > 0, got {rho!r}")
+        if not sigma_max > 0:
+            raise ValueError(f"sigma_max: expected a number > 0, got {sigma_max!r}")
         log_sigma = -0.5 * lam  # sigma = sqrt((1 - ab) / ab)
-        s_max, s_min = float(torch.exp(log_sigma[last])), float(torch.exp(log_sigma[0]))
-        ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+        s_top, s_min = float(torch.exp(log_sigma[last])), float(torch.exp(log_sigma[0]))
+        # above sigma_max the ODE is linear (x / sigma): one step from the noisiest level reaches it,
+        # and the other n - 1 are spaced by eq. 5 from there (a clipped cosine schedule reaches
+        # sigma ~ 2e4, where eq. 5 would put 6 of 10 steps above 100)
+        start = [s_top] if s_top > sigma_max else []
+        s_max, n = min(s_top, sigma_max), num_steps - len(start)
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
         sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        grid = _nearest(log_sigma, torch.log(sigmas))
+        grid = _nearest(log_sigma, torch.log(torch.cat([torch.tensor(start, dtype=torch.float64), sigmas])))
     if last < T - 1:  # zero terminal SNR: start from pure noise, as the data's prior says
         grid[0] = T - 1
     return grid
 
 
-__all__ = ["GRID_KINDS", "SPACINGS", "GridKind", "Spacing", "check_grid", "log_snr", "timestep_grid",
-           "timestep_sequence"]
+__all__ = ["GRID_KINDS", "KARRAS_SIGMA_MAX", "SPACINGS", "GridKind", "Spacing", "check_grid", "log_snr",
+           "timestep_grid", "timestep_sequence"]

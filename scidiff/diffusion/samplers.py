@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from scidiff.conditioning import Conditioning
-from scidiff.diffusion.grids import GRID_KINDS, SPACINGS, GridKind, Spacing, timestep_grid, timestep_sequence
+from scidiff.diffusion.grids import (GRID_KINDS, KARRAS_SIGMA_MAX, SPACINGS, GridKind, Spacing, timestep_grid,
+                                    timestep_sequence)
 from scidiff.diffusion.process import GaussianDiffusion
 from scidiff.shapes import check_field
 
@@ -244,6 +245,7 @@ def ddim_sample(
     final_alpha_cumprod: FinalAlphaCumprod = "one",
     timesteps: Sequence[int] | Tensor | None = None,
     rho: float = 7.0,
+    sigma_max: float = KARRAS_SIGMA_MAX,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -253,7 +255,7 @@ def ddim_sample(
         num_steps: number of denoiser evaluations, 1 <= num_steps <= T.
         eta: 0 for deterministic DDIM, 1 for DDPM-like ancestral noise.
         spacing: the grid (:func:`scidiff.diffusion.grids.timestep_grid`: ``"leading"``,
-            ``"trailing"``, ``"linspace"``, ``"logsnr"``, ``"karras"`` with ``rho``); each
+            ``"trailing"``, ``"linspace"``, ``"logsnr"``, ``"karras"`` with ``rho`` and ``sigma_max``); each
             step goes to the next element of the grid, the last to the final level.
         timesteps: the grid given as a list (strictly decreasing, in ``[0, T)``); replaces
             ``num_steps`` and ``spacing``.
@@ -262,7 +264,7 @@ def ddim_sample(
     """
     check_call(diffusion, x_T, cond, "x_T")
     final_alpha_bar(diffusion, final_alpha_cumprod)  # validates the name
-    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, sigma_max=sigma_max, timesteps=timesteps).tolist()
     num_steps = len(seq)
     prevs = seq[1:] + [-1]
     x = x_T
@@ -327,6 +329,7 @@ def dpm_solver_sample(
     stochastic: bool = False,
     timesteps: Sequence[int] | Tensor | None = None,
     rho: float = 7.0,
+    sigma_max: float = KARRAS_SIGMA_MAX,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -349,12 +352,12 @@ def dpm_solver_sample(
     the last x0 prediction (sigma = 0: the higher-order terms vanish with e^-h).
 
     Args:
-        num_steps, spacing, rho, timesteps: the grid (:func:`scidiff.diffusion.grids.timestep_grid`).
+        num_steps, spacing, rho, sigma_max, timesteps: the grid (:func:`scidiff.diffusion.grids.timestep_grid`).
         order: 1, 2 or 3 (``stochastic``: 1 or 2); at least ``order`` grid points.
         generator: the noise of the stochastic variant (one per sample, or one for the batch).
     """
     check_call(diffusion, x_T, cond, "x_T")
-    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, sigma_max=sigma_max, timesteps=timesteps).tolist()
     if stochastic and order == 3:
         raise ValueError("order: the stochastic DPM-Solver++ takes order 1 or 2, got 3")
     _check_grid_order(grid, order, "sampler.steps" if timesteps is None else "timesteps")
@@ -417,6 +420,7 @@ def heun_sample(
     *,
     timesteps: Sequence[int] | Tensor | None = None,
     rho: float = 7.0,
+    sigma_max: float = KARRAS_SIGMA_MAX,
     max_sigma: float = 80.0,
     callback: Callback | None = None,
     progress: bool = False,
@@ -433,7 +437,7 @@ def heun_sample(
     one call. ``generator`` is unused (the method is deterministic).
     """
     check_call(diffusion, x_T, cond, "x_T")
-    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).tolist()
+    grid = timestep_grid(diffusion, num_steps, spacing, rho=rho, sigma_max=sigma_max, timesteps=timesteps).tolist()
     x = x_T
     for i, t in enumerate(progress_steps(grid, progress, "Heun")):
         x0, eps = _denoised(denoiser, diffusion, x, t, cond)
@@ -507,6 +511,7 @@ def ddim_invert(
     final_alpha_cumprod: FinalAlphaCumprod = "one",
     timesteps: Sequence[int] | Tensor | None = None,
     rho: float = 7.0,
+    sigma_max: float = KARRAS_SIGMA_MAX,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -519,7 +524,8 @@ def ddim_invert(
             denoiser; each iteration costs one denoiser evaluation per step).
     """
     check_call(diffusion, x0, cond, "x0")
-    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, timesteps=timesteps).flip(0).tolist()
+    seq = timestep_grid(diffusion, num_steps, spacing, rho=rho, sigma_max=sigma_max, timesteps=timesteps)
+    seq = seq.flip(0).tolist()
     num_steps = len(seq)
     prevs = [-1] + seq[:-1]
     x = x0

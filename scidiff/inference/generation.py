@@ -82,12 +82,13 @@ def _positive_int(key: str, value: Any) -> None:
 class GridSampler(Sampler):
     """A sampler on a timestep grid (:mod:`scidiff.diffusion.grids`): ``steps`` grid points
     placed by ``spacing`` (``leading``, ``trailing``, ``linspace``, ``logsnr``, ``karras``
-    with ``rho``), or the grid itself as ``timesteps`` (a strictly decreasing list in [0, T),
+    with ``rho`` and ``sigma_max``), or the grid itself as ``timesteps`` (a strictly decreasing list in [0, T),
     which then replaces ``steps`` and ``spacing``)."""
 
     steps: int = 50
     spacing: str = "leading"
     rho: float = 7.0
+    sigma_max: float = grids.KARRAS_SIGMA_MAX
     timesteps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +97,9 @@ class GridSampler(Sampler):
             raise ValueError(f"sampler.spacing: unknown value {self.spacing!r}; expected one of {grids.GRID_KINDS}")
         if not (isinstance(self.rho, (int, float)) and not isinstance(self.rho, bool) and self.rho > 0):
             raise ValueError(f"sampler.rho: expected a number > 0, got {self.rho!r}")
+        if not (isinstance(self.sigma_max, (int, float)) and not isinstance(self.sigma_max, bool)
+                and self.sigma_max > 0):
+            raise ValueError(f"sampler.sigma_max: expected a number > 0, got {self.sigma_max!r}")
         if self.timesteps is not None:
             if isinstance(self.timesteps, (str, bytes)) or not isinstance(self.timesteps, Sequence):
                 raise ValueError(f"sampler.timesteps: expected a list of timesteps, got {self.timesteps!r}")
@@ -109,7 +113,7 @@ class GridSampler(Sampler):
             return grids.check_grid(list(self.timesteps), diffusion.num_timesteps, key)
         if self.steps > diffusion.num_timesteps:
             raise ValueError(f"{key}: {self.steps} exceeds the model's T = {diffusion.num_timesteps}")
-        return grids.timestep_grid(diffusion, self.steps, self.spacing, rho=self.rho)
+        return grids.timestep_grid(diffusion, self.steps, self.spacing, rho=self.rho, sigma_max=self.sigma_max)
 
     def check(self, diffusion: GaussianDiffusion) -> None:
         self.grid(diffusion)
@@ -118,6 +122,7 @@ class GridSampler(Sampler):
         out: dict[str, Any] = {"steps": self.steps, "spacing": self.spacing}
         if self.spacing == "karras":
             out["rho"] = float(self.rho)
+            out["sigma_max"] = float(self.sigma_max)
         if self.timesteps is not None:
             out = {"timesteps": list(self.timesteps)}
         return out
@@ -125,10 +130,11 @@ class GridSampler(Sampler):
     def _grid_text(self) -> str:
         if self.timesteps is not None:
             return f"{len(self.timesteps)} given timesteps"
-        return f"{self.steps} steps ({self.spacing}{f', rho {self.rho:g}' if self.spacing == 'karras' else ''})"
+        karras = f", rho {self.rho:g}, sigma_max {self.sigma_max:g}" if self.spacing == "karras" else ""
+        return f"{self.steps} steps ({self.spacing}{karras})"
 
     def _grid_kwargs(self) -> dict[str, Any]:
-        return {"num_steps": self.steps, "spacing": self.spacing, "rho": self.rho,
+        return {"num_steps": self.steps, "spacing": self.spacing, "rho": self.rho, "sigma_max": self.sigma_max,
                 "timesteps": None if self.timesteps is None else list(self.timesteps)}
 
 

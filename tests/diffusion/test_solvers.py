@@ -17,7 +17,7 @@ import torch
 
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule, samplers
 from scidiff.diffusion.analytic import GaussianDataDenoiser
-from scidiff.diffusion.grids import GRID_KINDS, check_grid, log_snr, timestep_grid
+from scidiff.diffusion.grids import GRID_KINDS, KARRAS_SIGMA_MAX, check_grid, log_snr, timestep_grid
 
 SHAPES = {1: (1, 32), 2: (2, 4, 4), 3: (1, 2, 4, 4)}
 
@@ -60,10 +60,32 @@ def test_logsnr_and_karras_grids_place_their_levels_as_defined():
     # last few steps (lambda changes by ~0.5 per timestep near t = 0 on this schedule)
     assert float(steps[:-3].std() / steps[:-3].mean()) < 0.05
     assert float(steps.std() / steps.mean()) < 0.2
+    # the linear schedule's noisiest level, sigma ~ 157, lies above EDM's sigma_max = 80: the grid
+    # starts there, then eq. 5 from 80 to sigma_0 over the other 19 steps
     gk = timestep_grid(diff, 20, "karras", rho=7.0)
-    sigma = torch.exp(-0.5 * lam[gk]) ** (1 / 7.0)
-    ramp = torch.diff(sigma)
+    sigma = torch.exp(-0.5 * lam[gk])
+    assert int(gk[0]) == 999 and int(gk[-1]) == 0 and float(sigma[0]) > 150
+    assert float(sigma[1]) == pytest.approx(KARRAS_SIGMA_MAX, rel=0.02)
+    ramp = torch.diff(sigma[1:] ** (1 / 7.0))
     assert float(ramp.std() / ramp.abs().mean()) < 0.05  # sigma^(1/rho) linear in the index
+    # with sigma_max above the noisiest level, eq. 5 spans all 20 steps from it
+    whole = torch.exp(-0.5 * lam[timestep_grid(diff, 20, "karras", rho=7.0, sigma_max=1e6)])
+    ramp = torch.diff(whole ** (1 / 7.0))
+    assert float(whole[0]) > 150 and float(ramp.std() / ramp.abs().mean()) < 0.05
+
+
+def test_karras_grid_spends_its_steps_below_sigma_max_on_a_clipped_cosine_schedule():
+    """The clipped cosine schedule reaches sigma ~ 2e4 at t = T - 1. Eq. 5 from there put 6 of 10
+    steps above sigma = 100, where the ODE is linear, and left 3 for sigma in (0.006, 40); the grid
+    takes one step down to sigma_max = 80 and spends the other 9 below it."""
+    diff = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000), prediction="v")
+    sigma = torch.exp(-0.5 * log_snr(diff))
+    g = timestep_grid(diff, 10, "karras")
+    assert int(g[0]) == 999 and float(sigma[999]) > 1e4
+    assert float(sigma[g[1]]) == pytest.approx(80.0, rel=0.02) and (sigma[g[1:]] <= 81).all()
+    assert int((sigma[g] < 10).sum()) >= 6
+    with pytest.raises(ValueError, match="sigma_max: expected a number > 0"):
+        timestep_grid(diff, 10, "karras", sigma_max=0.0)
 
 
 def test_zero_terminal_snr_grids_start_from_pure_noise():
