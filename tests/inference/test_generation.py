@@ -122,8 +122,11 @@ def test_sampler_specs_from_configs_and_their_errors():
     assert as_sampler({"_target_": "scidiff.inference.DDIM", "steps": 20}) == DDIM(steps=20)
     assert as_sampler({"_target_": "scidiff.inference.DDPM"}) == DDPM()
     assert as_sampler({"name": "ddim", "spacing": "trailing"}) == DDIM(spacing="trailing")
-    for spec in (DDIM(steps=3, eta=0.5, spacing="linspace"), DDPM()):
+    for spec in (DDIM(steps=3, eta=0.5, spacing="linspace"), DDPM(), DDIM(spacing="karras", sigma_max=20.0)):
         assert sampler_from_identity(spec.identity()) == spec
+    # a karras grid's identity carries sigma_max (the grid moved to EDM's 80 on 2026-12-01: a store of the
+    # older grid, whose identity lacks it, is never continued on the new one)
+    assert DDIM(spacing="karras").identity()["sigma_max"] == 80.0 and "sigma_max" not in DDIM().identity()
     cases = [
         ({"_target_": "scidiff.inference.DDIM", "stepz": 3}, "sampler.stepz: not a setting of DDIM"),
         ({"_target_": "scidiff.inference.DDPM", "steps": 3}, "sampler.steps: not a setting of DDPM"),
@@ -133,6 +136,7 @@ def test_sampler_specs_from_configs_and_their_errors():
         ({"name": "ddim", "steps": True}, "sampler.steps: expected a positive integer"),
         ({"name": "ddim", "eta": -0.1}, "sampler.eta: expected >= 0"),
         ({"name": "ddim", "spacing": "middle"}, "sampler.spacing: unknown value 'middle'"),
+        ({"name": "ddim", "sigma_max": 0}, "sampler.sigma_max: expected a number > 0"),
     ]
     for node, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
