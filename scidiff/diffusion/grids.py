@@ -22,6 +22,7 @@ Kinds (``spacing``), for ``n`` steps on a schedule of ``T`` steps:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -131,8 +132,14 @@ def timestep_grid(diffusion: GaussianDiffusion, num_steps: int, spacing: GridKin
         # above sigma_max the ODE is linear (x / sigma): one step from the noisiest level reaches it,
         # and the other n - 1 are spaced by eq. 5 from there (a clipped cosine schedule reaches
         # sigma ~ 2e4, where eq. 5 would put 6 of 10 steps above 100)
-        start = [s_top] if s_top > sigma_max else []
-        s_max, n = min(s_top, sigma_max), num_steps - len(start)
+        start, s_max = [], s_top
+        if s_top > sigma_max:  # from the trained level nearest sigma_max from below, so that a step
+            below = (log_sigma <= math.log(sigma_max)).nonzero()   # from it is not one above sigma_max
+            if below.numel() == 0:
+                raise ValueError(f"sigma_max: {sigma_max!r} lies below the schedule's smallest noise level "
+                                 f"sigma_0 = {s_min:.3g}")
+            start, s_max = [s_top], float(torch.exp(log_sigma[int(below.max())]))
+        n = num_steps - len(start)
         ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
         sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         grid = _nearest(log_sigma, torch.log(torch.cat([torch.tensor(start, dtype=torch.float64), sigmas])))
