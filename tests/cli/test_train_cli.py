@@ -118,7 +118,7 @@ def test_experiment_fast_dev_run(experiment, dev_runs):
 @pytest.mark.parametrize("experiment", LATENT_DEV_RUNS)
 def test_latent_experiment_dev_run(experiment, dev_runs):
     """One autoencoder step, then one step of the latent model on its latents (see ``dev_runs``)."""
-    _, (_, proc) = dev_runs[experiment][0], succeeded(dev_runs[experiment][1])
+    _, proc = succeeded(dev_runs[experiment][1])   # the autoencoder's step, then the latent model's
     assert "scidiff-train: 1 steps" in proc.stdout and "on the latent" in proc.stdout
 
 
