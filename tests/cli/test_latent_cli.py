@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,13 +166,13 @@ def test_resuming_a_latent_run_keeps_its_latent_statistics(latent_runs, data_dir
 
 # ------------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
-def broken(latent_runs, data_dir, tmp_path_factory) -> Path:
-    """A latent checkpoint without its autoencoder weights; an autoencoder on another grid."""
-    d = tmp_path_factory.mktemp("latent_bad")
+def broken(latent_runs) -> Path:
+    """A latent checkpoint without its autoencoder weights, beside the autoencoder on another grid
+    that ``latent_runs`` trained in ``bad/``."""
+    d = latent_runs / "bad"
     full = torch.load(latent_runs / LATENT / "checkpoints" / "last.ckpt", weights_only=True)
     full["state_dict"] = {k: v for k, v in full["state_dict"].items() if not k.startswith("latent.autoencoder.")}
     torch.save(full, d / "no_autoencoder.ckpt")
-    shutil.copytree(latent_runs / "bad" / "outputs", d / "outputs")   # the 32x32 autoencoder
     return d
 
 
