@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="generator", required=True)
 
     p = sub.add_parser("grf", parents=[common], help="periodic Gaussian random fields, P(k) = A k^-n")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="spatial rank (default 2)")
+    p.add_argument("--dims", type=int, choices=(1, 2, 3), default=2, help="spatial rank (default 2)")
     p.add_argument("--shape", type=int, nargs="+", metavar="N", help="spatial shape, e.g. --shape 32 48")
     p.add_argument("--num-samples", type=int, help="number of samples (default from --size)")
     p.add_argument("--spectral-index", default=(1.0, 3.5), help="range of n (uniform)", **_range())

@@ -31,19 +31,19 @@ from ._store import SAMPLE_DIM, Block, StoreSpec, base_attrs, lazy, sample_chunk
 
 log = logging.getLogger(__name__)
 
-SPATIAL_DIMS = {2: ("y", "x"), 3: ("z", "y", "x")}
+SPATIAL_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 
 
 @dataclass(frozen=True)
 class GRFSettings:
-    shape: tuple[int, ...]  # spatial shape, slowest axis first: (ny, nx) or (nz, ny, nx)
+    shape: tuple[int, ...]  # spatial shape, slowest axis first: (nx,), (ny, nx) or (nz, ny, nx)
     num_samples: int
     spectral_index: tuple[float, float] = (1.0, 3.5)  # n ~ uniform[lo, hi]
     amplitude: tuple[float, float] = (0.5, 2.0)  # A ~ log-uniform[lo, hi]
 
     def __post_init__(self):
         if len(self.shape) not in SPATIAL_DIMS:
-            raise ValueError(f"shape must have 2 or 3 entries, got {self.shape}")
+            raise ValueError(f"shape must have 1, 2 or 3 entries, got {self.shape}")
         if min(self.shape) < 2:
             raise ValueError(f"shape entries must be >= 2, got {self.shape}")
         if self.num_samples < 1:
@@ -58,9 +58,9 @@ class GRFSettings:
 
 SIZES: dict[str, dict[int, tuple[int, tuple[int, ...]]]] = {
     # size -> dims -> (num_samples, shape)
-    "tiny": {2: (64, (32, 32)), 3: (32, (16, 16, 16))},
-    "small": {2: (4096, (64, 64)), 3: (1024, (32, 32, 32))},
-    "full": {2: (16384, (128, 128)), 3: (2048, (64, 64, 64))},
+    "tiny": {1: (64, (64,)), 2: (64, (32, 32)), 3: (32, (16, 16, 16))},
+    "small": {1: (4096, (256,)), 2: (4096, (64, 64)), 3: (1024, (32, 32, 32))},
+    "full": {1: (16384, (1024,)), 2: (16384, (128, 128)), 3: (2048, (64, 64, 64))},
 }
 
 

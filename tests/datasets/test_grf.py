@@ -64,6 +64,20 @@ def test_non_square_3d_log_likelihood_and_shape(tmp_path):
     assert np.linalg.eigvalsh(cov).min() > 0
 
 
+def test_1d_profiles_log_likelihood_and_schema(tmp_path):
+    out = tmp_path / "g1.zarr"
+    assert cli.main(["grf", "--out", str(out), "--size", "tiny", "--dims", "1", "--shape", "24",
+                     "--num-samples", "4", "--seed", "2", "-q"]) == 0
+    ds = xr.open_zarr(out).load()
+    assert ds.field.dims == ("sample", "x") and ds.field.shape == (4, 24)
+    assert ds.attrs["spatial_dims"] == "x" and ds.attrs["dims"] == 1
+    for j in range(4):
+        cov = dense_covariance((24,), float(ds.amplitude[j]), float(ds.spectral_index[j]))
+        expected = multivariate_normal(mean=np.zeros(24), cov=cov).logpdf(ds.field[j].values.astype(np.float64))
+        assert ds.log_likelihood[j].item() == pytest.approx(expected, rel=1e-9)
+    assert grf.SIZES["tiny"][1] == (64, (64,))
+
+
 def radial_power(fields):
     """Periodogram |fftn f|^2 / N averaged over samples and |k| bins -> (k, P)."""
     shape = fields.shape[1:]
@@ -80,7 +94,7 @@ def radial_power(fields):
     return np.array(centres), np.array(values)
 
 
-@pytest.mark.parametrize("dims,shape,n", [(2, ["48", "64"], 2.5), (3, ["16", "20", "24"], 1.5)])
+@pytest.mark.parametrize("dims,shape,n", [(1, ["512"], 2.0), (2, ["48", "64"], 2.5), (3, ["16", "20", "24"], 1.5)])
 def test_measured_spectral_slope_matches_requested(tmp_path, dims, shape, n):
     out = tmp_path / "slope.zarr"
     cli.main(["grf", "--out", str(out), "--size", "tiny", "--dims", str(dims), "--shape", *shape,

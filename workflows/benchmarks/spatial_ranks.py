@@ -1,0 +1,184 @@
+"""The quickstart's conditional model in 1-D, 2-D and 3-D, judged by what every sampler generates.
+
+The experiments ``quickstart_1d`` (periodic profiles of 64 points), ``quickstart`` (16 x 16
+fields) and ``quickstart_3d`` (8 x 8 x 8 voxels) are the same problem at three spatial
+ranks: Gaussian random fields with P(k) = A k^-n conditioned on (n, A), the band n in
+[2.0, 2.5] held out of training, the same denoiser configuration (a UNet built with the
+data's rank), diffusion and steps. For each trained run this script reports, on the first
+``--samples`` fields of the held-out band:
+
+* the main job's evaluation: the variational bound (bits/dim, importance-sampled with 100
+  terms, with its standard error) against the store's exact negative log-likelihood, and the
+  verdict of ``--members`` members a field from DPM-Solver++ 2M at 20 calls;
+* every sampler at ``--calls`` model calls (and DDPM with all 1000 steps unless
+  ``--no-ddpm``), members from the same seeds: the spectral error (mean over wavenumber shells
+  of |ln P_samples(k) / P_data(k)|) and the CRPS beside their noise floors (the same metric for
+  real fields of the nearest parameters), the std ratio and the verdict.
+
+Run from the directory the models were trained in (their stores are found where the runs'
+configs say, ``data/generated/`` by default) or give ``--data-dir``:
+
+    scidiff-train experiment=quickstart_1d run_name=r1
+    scidiff-train experiment=quickstart run_name=r2
+    scidiff-train experiment=quickstart_3d run_name=r3
+    python workflows/benchmarks/spatial_ranks.py outputs/quickstart_1d/r1 outputs/quickstart/r2 \\
+        outputs/quickstart_3d/r3 --page docs/benchmarks/spatial-ranks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the quickstart sampler page's samplers and evaluation settings
+from sampler_quickstart import evaluate_samples, samplers_at, short_verdict  # noqa: E402
+
+from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
+from scidiff.inference import DDPM, DPMSolver, load_pretrained  # noqa: E402
+
+RANK_NAMES = {1: "1-D", 2: "2-D", 3: "3-D"}
+
+
+def data_path(pretrained, data_dir: Path | None) -> Path | None:
+    """The run's store, moved to ``data_dir`` when given (same file name)."""
+    if data_dir is None:
+        return None
+    return data_dir / Path(str(pretrained.config["data"]["path"])).name
+
+
+def main_job_evaluation(pretrained, args, path: Path | None) -> dict[str, float | str]:
+    """The main job's evaluation of the first ``args.samples`` held-out fields: bound against the
+    exact NLL, and the verdict of DPM-Solver++ 2M at 20 calls."""
+    settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=args.batch_size, seed=0,
+                                  bound=BoundSettings(estimator="importance", num_terms=100),
+                                  sampling=SamplingSettings(members=args.members),
+                                  sampler=DPMSolver(steps=20, order=2))
+    tic = time.perf_counter()
+    ev = evaluate(pretrained, settings, data_path=path, device="cpu", progress=False)
+    s = ev.scalars
+    return {"bpd": s["bpd"], "bpd_se": s["bpd_se"], "true_nll_bpd": s["true_nll_bpd"],
+            "verdict": short_verdict(ev), "seconds": time.perf_counter() - tic}
+
+
+def sampler_row(pretrained, sampler, args, path: Path | None) -> dict[str, float | str]:
+    args.data_path = path
+    ev, seconds = evaluate_samples(pretrained, sampler, args)
+    s = ev.scalars
+    return {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
+            "crps": s["crps/field"], "crps_floor": s["floor/crps/field"], "std_ratio": s["std_ratio/field"],
+            "verdict": short_verdict(ev), "seconds": seconds}
+
+
+def describe(run: Path, pretrained) -> dict[str, object]:
+    """Rank, grid, size and training of one run."""
+    meta = pretrained.metadata
+    summary = run / "summary.json"
+    step_seconds = None
+    if summary.is_file():
+        info = json.loads(summary.read_text())
+        steps = info.get("global_step", 0) - (info.get("start_step") or 0)
+        if info.get("fit_time_s") and steps > 0:   # fit time of the last session, validation included
+            step_seconds = info["fit_time_s"] / steps
+    return {"run": str(run), "rank": len(meta.spatial_dims), "grid": " x ".join(map(str, meta.spatial_shape)),
+            "dims": ", ".join(meta.spatial_dims), "parameters": sum(p.numel() for p in pretrained.denoiser.parameters()),
+            "steps": pretrained.global_step, "step_seconds": step_seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path, nargs="+", help="finished runs of quickstart_1d, quickstart, quickstart_3d")
+    p.add_argument("--calls", type=int, default=20, help="model calls of every sampler")
+    p.add_argument("--samples", type=int, default=32, help="held-out fields")
+    p.add_argument("--members", type=int, default=8, help="members per held-out field")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the directory of the runs' stores when not run from the trainings' directory")
+    p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-1000 rows")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--page", type=Path, default=None,
+                   help="write the documentation's benchmark page here (docs/benchmarks/spatial-ranks.md)")
+    args = p.parse_args(argv)
+    tic = time.perf_counter()
+    results = []
+    for run in args.runs:
+        pretrained = load_pretrained(run)
+        path = data_path(pretrained, args.data_dir)
+        info = describe(run, pretrained)
+        rank = RANK_NAMES[info["rank"]]
+        info["main_job"] = m = main_job_evaluation(pretrained, args, path)
+        print(f"{rank} ({info['grid']}): bound {m['bpd']:.4f} ± {m['bpd_se']:.4f} bits/dim, exact NLL "
+              f"{m['true_nll_bpd']:.4f} | {m['verdict']} | {m['seconds']:.0f} s", flush=True)
+        samplers = dict(samplers_at(args.calls))
+        if not args.no_ddpm:
+            samplers["DDPM (all 1000 steps)"] = DDPM()
+        info["samplers"] = {}
+        for name, sampler in samplers.items():
+            info["samplers"][name] = r = sampler_row(pretrained, sampler, args, path)
+            print(f"{rank} {name:28s}: spectral {r['spectral_error']:.4f} (floor {r['spectral_floor']:.4f}) "
+                  f"crps {r['crps']:.4f} (floor {r['crps_floor']:.4f}) std_ratio {r['std_ratio']:.3f} | "
+                  f"{r['verdict']} | {r['seconds']:.0f} s", flush=True)
+        results.append(info)
+    tables = format_tables(results, args.calls)
+    print("\n" + tables + f"\n\n{time.perf_counter() - tic:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.page:
+        write_benchmark_page(args, argv, tables)
+
+
+def _calls(name: str, calls: int) -> str:
+    if name.startswith("DDPM"):
+        return "1000"
+    return str(2 * ((calls + 1) // 2) - 1) if name.startswith("Heun") else str(calls)
+
+
+def format_tables(results: list[dict], calls: int) -> str:
+    from page import markdown_table
+
+    models = markdown_table(
+        ["rank", "grid (dims)", "denoiser parameters", "training steps", "s/step", "bound (bits/dim)",
+         "exact NLL (bits/dim)", "bound - NLL", "verdict (DPM-Solver++ 2M, 20 calls)"],
+        [[RANK_NAMES[r["rank"]], f"{r['grid']} ({r['dims']})", f"{r['parameters'] / 1e6:.3f} M", r["steps"],
+          "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
+          f"{r['main_job']['bpd']:.4f} ± {r['main_job']['bpd_se']:.4f}", f"{r['main_job']['true_nll_bpd']:.4f}",
+          f"{r['main_job']['bpd'] - r['main_job']['true_nll_bpd']:.4f}", r["main_job"]["verdict"]]
+         for r in results])
+    body = []
+    for name in results[0]["samplers"]:
+        for r in results:
+            s = r["samplers"][name]
+            body.append([name, _calls(name, calls), RANK_NAMES[r["rank"]], f"{s['spectral_error']:.4f}",
+                         f"{s['spectral_floor']:.4f}", f"{s['crps']:.4f}", f"{s['crps_floor']:.4f}",
+                         f"{s['std_ratio']:.3f}", s["verdict"]])
+    samplers = markdown_table(["sampler", "model calls", "rank", "spectral error", "floor", "CRPS", "floor",
+                               "std ratio", "verdict"], body)
+    return f"### The models\n\n{models}\n\n### Every sampler\n\n{samplers}"
+
+
+def write_benchmark_page(args, argv, tables: str) -> Path:
+    from page import command, hardware, software, write_page
+
+    summary = (
+        "The quickstart's conditional model (UNet `unet_tiny_conv`, v-prediction, cosine schedule, 1500 steps) "
+        "trained on the same problem at three spatial ranks: periodic Gaussian random fields with P(k) = A k^-n "
+        "conditioned on (n, A), with the band n in [2.0, 2.5] held out of training. On the first "
+        f"{args.samples} held-out fields of each: the main job's evaluation (the variational bound, "
+        "importance-sampled with 100 terms, against the store's exact NLL; the verdict of DPM-Solver++ 2M at "
+        f"20 calls), then every sampler at {args.calls} model calls, {args.members} members a field from the "
+        "same seeds: spectral error and CRPS beside their noise floor (the same metric for real fields of the "
+        "nearest parameters), std ratio and verdict."
+    )
+    return write_page(args.page, "Spatial ranks: the quickstart in 1-D, 2-D and 3-D", summary,
+                      command(__file__, sys.argv[1:] if argv is None else argv), tables,
+                      hardware_line=hardware(), software_line=software())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
