@@ -133,6 +133,7 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
     from scidiff.inference.tracking import store_lock
 
     checkpoint = safe_torch_load(ckpt) if ckpt is not None else {}
+    keep_trained_networks(cfg, checkpoint)
     first_stage = load_first_stage(cfg)
     base = load_base(cfg)
     inner = open_data(cfg, checkpoint.get("ResumableDataModule"), first_stage, base)
@@ -240,6 +241,22 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
                              callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "logger": logger,
             "start_step": int(checkpoint.get("global_step", 0))}
+
+
+def keep_trained_networks(cfg, checkpoint: dict[str, Any]) -> None:
+    """A resumed run's networks keep the GroupNorm groups they were trained with (a checkpoint
+    written before ``norm_group_channels`` existed: 1), whatever today's config files say."""
+    from omegaconf import open_dict
+
+    from scidiff.inference.checkpoint import as_trained
+
+    trained = (checkpoint.get("scidiff") or {}).get("config") or {}
+    for key in ("denoiser", "autoencoder"):
+        net = as_trained(trained.get(key))
+        if cfg.get(key) is not None and isinstance(net, dict) and "norm_group_channels" in net \
+                and cfg[key].get("norm_group_channels") != net["norm_group_channels"]:
+            with open_dict(cfg):
+                cfg[key].norm_group_channels = net["norm_group_channels"]
 
 
 def load_base(cfg):

@@ -330,6 +330,26 @@ def _datamodule_state(ckpt: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+# GroupNorm's group size became a key of these networks (``norm_group_channels``, default 4) on
+# 2026-12-01; a config written before holds none and its network was trained with
+# ``norm_group_channels: 1`` (docs/architecture.md, "Normalisation groups").
+_NORM_GROUP_NETS = ("UNet", "FieldAutoencoder")
+
+
+def as_trained(net_config: Any) -> Any:
+    """A network's config from a checkpoint, completed with what its network was trained with:
+    ``norm_group_channels: 1`` for a UNet or FieldAutoencoder config written before that key."""
+    if isinstance(net_config, Mapping) and "norm_group_channels" not in net_config and \
+            str(net_config.get("_target_", "")).rsplit(".", 1)[-1] in _NORM_GROUP_NETS:
+        return {**net_config, "norm_group_channels": 1}
+    return net_config
+
+
+def _as_trained_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's config with each of its network configs :func:`as_trained`."""
+    return {**config, **{k: as_trained(config[k]) for k in ("denoiser", "autoencoder") if config.get(k) is not None}}
+
+
 def _read(ref: str | os.PathLike, tracking_uri: str | None, key: str = "checkpoint"
           ) -> tuple[Path, str | None, Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
     """``(path, source store, checkpoint, its scidiff info, config, data-module state)`` of a
@@ -352,7 +372,7 @@ def _read(ref: str | os.PathLike, tracking_uri: str | None, key: str = "checkpoi
         raise CheckpointError(
             f"{key}: {path} was not written by scidiff-train (missing its config or normalisation statistics)"
         )
-    return path, source, ckpt, info, config, dm_state
+    return path, source, ckpt, info, _as_trained_config(config), dm_state
 
 
 def _load_weights(module: nn.Module, state: Mapping[str, Tensor], prefix: str, error: str) -> None:
@@ -483,7 +503,7 @@ def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tenso
     import hydra.utils as hu
 
     latent = info["latent"]
-    codec = LatentCodec(hu.instantiate(dict(latent["net_config"])), posterior=latent.get("posterior", "mean"))
+    codec = LatentCodec(hu.instantiate(dict(as_trained(latent["net_config"]))), posterior=latent.get("posterior", "mean"))
     if not any(k.startswith("latent.autoencoder.") for k in state):
         raise CheckpointError(f"checkpoint: {path} is a latent diffusion model but holds no autoencoder weights "
                               "(latent.autoencoder.*): it cannot decode its samples; use the checkpoint "

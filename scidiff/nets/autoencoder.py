@@ -61,11 +61,11 @@ class DiagonalGaussian:
 class _Block(nn.Module):
     """Residual block ``x + conv(SiLU(GN(conv(SiLU(GN(x))))))`` (1x1 skip when widths differ)."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, padding) -> None:
+    def __init__(self, dims: int, in_channels: int, out_channels: int, padding, norm_group_channels: int) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels=norm_group_channels)
         self.conv1 = Conv(dims, in_channels, out_channels, 3, padding=padding)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, min_group_channels=norm_group_channels)
         self.conv2 = zero_module(Conv(dims, out_channels, out_channels, 3, padding=padding))
         self.skip = nn.Identity() if in_channels == out_channels else Conv(dims, in_channels, out_channels, 1)
 
@@ -113,6 +113,8 @@ class FieldAutoencoder(nn.Module):
             ``1, 2, 4, 4, ...``).
         num_res_blocks: residual blocks per level.
         padding: ``zeros``, ``circular`` or ``reflect``, or one per axis (the run's ``boundary``).
+        norm_group_channels: the fewest channels in each GroupNorm group (default 4; 1 rebuilds
+            autoencoders trained before this key existed): see :class:`~scidiff.nets.unet.UNet`.
 
     ``encode(x) -> DiagonalGaussian``; ``decode(z) -> x``; ``forward(x)`` reconstructs
     through a posterior sample (``sample_posterior=False``: through its mean).
@@ -128,11 +130,13 @@ class FieldAutoencoder(nn.Module):
         channel_mult: Sequence[int] | None = None,
         num_res_blocks: int = 1,
         padding="zeros",
+        norm_group_channels: int = 4,
     ) -> None:
         super().__init__()
         self.dims = check_dims(dims)
         for key, value in (("in_channels", in_channels), ("latent_channels", latent_channels),
-                           ("model_channels", model_channels), ("num_res_blocks", num_res_blocks)):
+                           ("model_channels", model_channels), ("num_res_blocks", num_res_blocks),
+                           ("norm_group_channels", norm_group_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}: expected a positive integer, got {value!r}")
         self.in_channels, self.latent_channels = int(in_channels), int(latent_channels)
@@ -146,22 +150,22 @@ class FieldAutoencoder(nn.Module):
         widths = [model_channels * m for m in mult]
         # the stride of each halving, per axis: an axis stops halving once it reached its factor
         strides = [tuple(2 if f > 2**i else 1 for f in self.downsample) for i in range(levels)]
-        pad = self.padding
+        pad, ng = self.padding, int(norm_group_channels)
 
         enc: list[nn.Module] = [Conv(dims, in_channels, widths[0], 3, padding=pad)]
         for i in range(levels):
-            enc += [_Block(dims, widths[i], widths[i], pad) for _ in range(num_res_blocks)]
+            enc += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
             enc.append(_Resample(dims, widths[i], widths[i + 1], strides[i], up=False, padding=pad))
-        enc += [_Block(dims, widths[-1], widths[-1], pad) for _ in range(num_res_blocks + 1)]
-        enc += [group_norm(widths[-1]), nn.SiLU(), Conv(dims, widths[-1], 2 * latent_channels, 3, padding=pad)]
+        enc += [_Block(dims, widths[-1], widths[-1], pad, ng) for _ in range(num_res_blocks + 1)]
+        enc += [group_norm(widths[-1], min_group_channels=ng), nn.SiLU(), Conv(dims, widths[-1], 2 * latent_channels, 3, padding=pad)]
         self.encoder = nn.Sequential(*enc)
 
         dec: list[nn.Module] = [Conv(dims, latent_channels, widths[-1], 3, padding=pad)]
-        dec += [_Block(dims, widths[-1], widths[-1], pad) for _ in range(num_res_blocks + 1)]
+        dec += [_Block(dims, widths[-1], widths[-1], pad, ng) for _ in range(num_res_blocks + 1)]
         for i in reversed(range(levels)):
             dec.append(_Resample(dims, widths[i + 1], widths[i], strides[i], up=True, padding=pad))
-            dec += [_Block(dims, widths[i], widths[i], pad) for _ in range(num_res_blocks)]
-        dec += [group_norm(widths[0]), nn.SiLU(), Conv(dims, widths[0], in_channels, 3, padding=pad)]
+            dec += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
+        dec += [group_norm(widths[0], min_group_channels=ng), nn.SiLU(), Conv(dims, widths[0], in_channels, 3, padding=pad)]
         self.decoder = nn.Sequential(*dec)
 
     # ------------------------------------------------------------------ shapes

@@ -68,9 +68,19 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
-    """GroupNorm with the largest group count ``<= max_groups`` that divides ``channels``."""
+def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 1, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm over ``gcd(channels, max_groups)`` groups, halved until each group has at least
+    ``min_group_channels`` channels (or one group is left).
+
+    With one channel per group GroupNorm is an instance norm: it removes every channel's spatial
+    mean, and a network whose every path to its output goes through one cannot make its output's
+    domain mean follow its input's (``docs/architecture.md``, "Normalisation groups").
+    """
+    if min_group_channels < 1:
+        raise ValueError(f"min_group_channels must be >= 1, got {min_group_channels}")
     groups = math.gcd(channels, max_groups)
+    while groups > 1 and channels // groups < min_group_channels:
+        groups //= 2
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
@@ -185,7 +195,8 @@ class ResBlock(nn.Module):
         dims: spatial rank; in_channels, out_channels: widths;
         emb_dim: width of the (time + condition) embedding ``[B, emb_dim]``;
         dropout: dropout probability before the second convolution;
-        padding: per-axis padding modes of the 3-wide convolutions.
+        padding: per-axis padding modes of the 3-wide convolutions;
+        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`).
     """
 
     def __init__(
@@ -196,12 +207,13 @@ class ResBlock(nn.Module):
         emb_dim: int,
         dropout: float = 0.0,
         padding="zeros",
+        norm_group_channels: int = 1,
     ):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels=norm_group_channels)
         self.conv1 = Conv(dims, in_channels, out_channels, 3, padding=padding)
         self.emb = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, min_group_channels=norm_group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(
             Conv(dims, out_channels, out_channels, 3, padding=padding)
@@ -236,17 +248,18 @@ class SelfAttention(nn.Module):
 
     Args:
         channels: width ``C``;
-        num_heads: number of heads (``C`` must be divisible by it).
+        num_heads: number of heads (``C`` must be divisible by it);
+        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`).
     """
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, norm_group_channels: int = 1):
         super().__init__()
         if channels % num_heads:
             raise ValueError(
                 f"attention width {channels} is not divisible by num_heads={num_heads}"
             )
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, min_group_channels=norm_group_channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_module(nn.Linear(channels, channels))
 

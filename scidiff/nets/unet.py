@@ -69,6 +69,12 @@ class UNet(nn.Module):
         embedding_dim: ``E`` of ``cond.embedding`` (0 = none).
         checkpoint: recompute each block's activations in the backward pass
             (gradient checkpointing): less memory for large 3-D fields, ~30% more compute.
+        norm_group_channels: the fewest channels in each GroupNorm group (default 4, as EDM's
+            UNets): GroupNorm with one channel per group (what the rule of at most 32 groups gives
+            a network narrower than 64 channels) removes every channel's spatial mean, and the
+            network then cannot generate a field's domain mean (the k = 0 mode: 4x too small a
+            spread on the quickstart's 16x16 fields). 1 rebuilds models trained before this key
+            existed (their checkpoints load with it).
         pad_to_multiple: sizes not divisible by ``2**(len(channel_mult) - 1)`` are padded
             (zeros, or edge replication on ``reflect`` axes) and the output cropped back;
             ``False`` refuses them. Circular axes are always refused, since padding would
@@ -97,6 +103,7 @@ class UNet(nn.Module):
         embedding_dim: int = 0,
         pad_to_multiple: bool = True,
         checkpoint: bool = False,
+        norm_group_channels: int = 4,
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -115,6 +122,9 @@ class UNet(nn.Module):
         self.factor = 2 ** (len(channel_mult) - 1)
         self.pad_to_multiple = pad_to_multiple
         self.checkpoint = checkpoint
+        self.norm_group_channels = norm_group_channels = int(norm_group_channels)
+        if norm_group_channels < 1:
+            raise ValueError(f"norm_group_channels must be >= 1, got {norm_group_channels}")
 
         def heads(ch: int) -> int:
             if head_channels:
@@ -137,7 +147,7 @@ class UNet(nn.Module):
         self.fields = FieldConditioning(field_channels, self.dims, field_resample)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(self.dims, cin, cout, emb_dim, dropout, self.padding)
+            return ResBlock(self.dims, cin, cout, emb_dim, dropout, self.padding, norm_group_channels)
 
         ch = model_channels * channel_mult[0]
         self.input_conv = Conv(
@@ -154,7 +164,7 @@ class UNet(nn.Module):
                 layers = [res(ch, model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(SelfAttention(ch, heads(ch)))
+                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels))
                 self.down.append(_EmbedSequential(*layers))
                 skips.append(ch)
             if level < len(channel_mult) - 1:
@@ -165,7 +175,7 @@ class UNet(nn.Module):
 
         mid = [res(ch, ch)]
         if mid_attention:
-            mid.append(SelfAttention(ch, heads(ch)))
+            mid.append(SelfAttention(ch, heads(ch), norm_group_channels))
         mid.append(res(ch, ch))
         self.mid = _EmbedSequential(*mid)
 
@@ -177,13 +187,13 @@ class UNet(nn.Module):
                 layers = [res(ch + skips.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(SelfAttention(ch, heads(ch)))
+                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(self.dims, ch, self.padding))
                 self.up.append(_EmbedSequential(*layers))
         assert not skips
 
-        self.out_norm = group_norm(ch)
+        self.out_norm = group_norm(ch, min_group_channels=norm_group_channels)
         self.out_conv = zero_module(
             Conv(self.dims, ch, self.out_channels, 3, padding=self.padding)
         )

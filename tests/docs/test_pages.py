@@ -288,3 +288,21 @@ def test_execution_speed_page(page, tmp_path, trained_run):
     text = dest.read_text()
     check_layout(text, page.MARKER, "execution page")
     assert "| float32 | 2 |" in text and "| 0.0e+00 |" in text and "| bf16 | 2 |" in text
+
+
+def test_spatial_ranks_page(page, tmp_path, trained_run):
+    """workflows/benchmarks/spatial_ranks.py end to end on the shared tiny checkpoint (read only): the
+    main job's evaluation (bound against the exact NLL) and every sampler, at the cheapest settings."""
+    dest, data = tmp_path / "ranks.md", tmp_path / "ranks.json"
+    run_script([str(ROOT / "workflows/benchmarks/spatial_ranks.py"), str(trained_run / "outputs/quickstart/tiny"),
+                "--samples", "2", "--members", "2", "--calls", "2", "--no-ddpm", "--json", str(data),
+                "--page", str(dest)], tmp_path)
+    (report,) = json.loads(data.read_text())
+    assert report["rank"] == 2 and report["steps"] == 30 and report["step_seconds"] > 0
+    assert report["main_job"]["bpd"] > 0 and report["main_job"]["true_nll_bpd"] > 0
+    assert list(report["samplers"]) == ["DDIM (leading)", "DPM-Solver++ 2M (logsnr)", "DPM-Solver++ 3M (logsnr)",
+                                        "SDE-DPM-Solver++ 2M (logsnr)", "Heun (trailing)", "Heun (karras)"]
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "spatial ranks page")
+    assert "### The models" in text and "| 2-D | 16 x 16 (y, x) |" in text
+    assert "| Heun (karras) | 1 | 2-D |" in text
