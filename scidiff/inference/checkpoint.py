@@ -503,7 +503,8 @@ def _latent_codec(path: Path, info: Mapping[str, Any], state: Mapping[str, Tenso
     import hydra.utils as hu
 
     latent = info["latent"]
-    codec = LatentCodec(hu.instantiate(dict(as_trained(latent["net_config"]))), posterior=latent.get("posterior", "mean"))
+    codec = LatentCodec(hu.instantiate(dict(as_trained(latent["net_config"]))),
+                        posterior=latent.get("posterior", "mean"))
     if not any(k.startswith("latent.autoencoder.") for k in state):
         raise CheckpointError(f"checkpoint: {path} is a latent diffusion model but holds no autoencoder weights "
                               "(latent.autoencoder.*): it cannot decode its samples; use the checkpoint "

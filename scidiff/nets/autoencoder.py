@@ -157,7 +157,8 @@ class FieldAutoencoder(nn.Module):
             enc += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
             enc.append(_Resample(dims, widths[i], widths[i + 1], strides[i], up=False, padding=pad))
         enc += [_Block(dims, widths[-1], widths[-1], pad, ng) for _ in range(num_res_blocks + 1)]
-        enc += [group_norm(widths[-1], min_group_channels=ng), nn.SiLU(), Conv(dims, widths[-1], 2 * latent_channels, 3, padding=pad)]
+        enc += [group_norm(widths[-1], min_group_channels=ng), nn.SiLU(),
+                Conv(dims, widths[-1], 2 * latent_channels, 3, padding=pad)]
         self.encoder = nn.Sequential(*enc)
 
         dec: list[nn.Module] = [Conv(dims, latent_channels, widths[-1], 3, padding=pad)]
@@ -165,7 +166,8 @@ class FieldAutoencoder(nn.Module):
         for i in reversed(range(levels)):
             dec.append(_Resample(dims, widths[i + 1], widths[i], strides[i], up=True, padding=pad))
             dec += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
-        dec += [group_norm(widths[0], min_group_channels=ng), nn.SiLU(), Conv(dims, widths[0], in_channels, 3, padding=pad)]
+        dec += [group_norm(widths[0], min_group_channels=ng), nn.SiLU(),
+                Conv(dims, widths[0], in_channels, 3, padding=pad)]
         self.decoder = nn.Sequential(*dec)
 
     # ------------------------------------------------------------------ shapes

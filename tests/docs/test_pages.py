@@ -295,11 +295,12 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     main job's evaluation (bound against the exact NLL) and every sampler, at the cheapest settings."""
     dest, data = tmp_path / "ranks.md", tmp_path / "ranks.json"
     run_script([str(ROOT / "workflows/benchmarks/spatial_ranks.py"), str(trained_run / "outputs/quickstart/tiny"),
-                "--samples", "2", "--members", "2", "--calls", "2", "--no-ddpm", "--json", str(data),
-                "--page", str(dest)], tmp_path)
+                "--samples", "2", "--members", "2", "--calls", "2", "--mean-members", "4", "--no-ddpm",
+                "--json", str(data), "--page", str(dest)], tmp_path)
     (report,) = json.loads(data.read_text())
     assert report["rank"] == 2 and report["steps"] == 30 and report["step_seconds"] > 0
     assert report["main_job"]["bpd"] > 0 and report["main_job"]["true_nll_bpd"] > 0
+    assert report["norm_group_channels"] == 4 and report["domain_mean_spread"] > 0
     assert list(report["samplers"]) == ["DDIM (leading)", "DPM-Solver++ 2M (logsnr)", "DPM-Solver++ 3M (logsnr)",
                                         "SDE-DPM-Solver++ 2M (logsnr)", "Heun (trailing)", "Heun (karras)"]
     text = dest.read_text()

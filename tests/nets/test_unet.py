@@ -7,6 +7,7 @@ import pytest
 import torch
 from tests.nets.conftest import make_unet, randomize_zeros
 
+from scidiff.conditioning import Conditioning
 from scidiff.nets import UNet
 
 
@@ -101,3 +102,49 @@ def test_constructor_errors():
         make_unet(1, 2, channel_mult=(1, 2), attention_levels=(2,))
     with pytest.raises(ValueError, match="field_resample"):
         make_unet(1, 2, field_channels=1, field_resample="cubic")
+
+
+def _group_sizes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    return [(m.num_channels, m.num_groups) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+
+@pytest.mark.parametrize("dims, shape", [(1, (16,)), (2, (8, 12)), (3, (4, 4, 8))])
+def test_one_channel_a_group_is_blind_to_the_domain_mean(dims, shape):
+    """Why ``norm_group_channels`` exists: with one channel per GroupNorm group (instance norm) and
+    periodic padding, every block's branch and the output head remove each channel's spatial mean,
+    so adding a constant to the input leaves the output unchanged: the network cannot denoise a
+    field's domain mean (the k = 0 mode). With groups of 4 channels (the default) it can."""
+    torch.manual_seed(0)
+    kw = dict(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), mid_attention=True,
+              head_channels=8, padding="circular", num_params=1)
+    x, t = torch.randn(3, 1, *shape), torch.tensor([10, 400, 900])
+    cond = Conditioning(params=torch.randn(3, 1))
+    blind = randomize_zeros(UNet(1, dims=dims, norm_group_channels=1, **kw)).eval()
+    assert all(groups == channels for channels, groups in _group_sizes(blind))   # every norm an instance norm
+    torch.testing.assert_close(blind(x + 1.5, t, cond), blind(x, t, cond), atol=1e-4, rtol=1e-4)
+    seeing = randomize_zeros(UNet(1, dims=dims, **kw)).eval()
+    shift = (seeing(x + 1.5, t, cond) - seeing(x, t, cond)).flatten(1).mean(1)
+    assert shift.abs().min() > 1e-2
+
+
+def test_norm_groups_keep_four_channels_and_one_rebuilds_the_old_rule():
+    """Every GroupNorm of the default UNet and autoencoder has >= 4 channels a group (at most 32
+    groups); ``norm_group_channels=1`` gives each the old rule, gcd(channels, 32) groups, so a
+    checkpoint trained before the key rebuilds exactly."""
+    import math
+
+    from scidiff.nets import FieldAutoencoder
+    from scidiff.nets.layers import group_norm
+
+    assert [group_norm(c, min_group_channels=4).num_groups for c in (8, 16, 24, 48, 64, 128, 512)] == \
+        [2, 4, 4, 8, 16, 32, 32]
+    for new, old in ((make_unet(1, 2), make_unet(1, 2, norm_group_channels=1)),
+                     (FieldAutoencoder(1, dims=2, model_channels=16, downsample=2),
+                      FieldAutoencoder(1, dims=2, model_channels=16, downsample=2, norm_group_channels=1))):
+        assert all(c // g >= 4 and g <= 32 for c, g in _group_sizes(new))
+        assert all(g == math.gcd(c, 32) for c, g in _group_sizes(old))
+        assert new.state_dict().keys() == old.state_dict().keys()   # the same weights fit both
+    with pytest.raises(ValueError, match="norm_group_channels must be >= 1"):
+        make_unet(1, 2, norm_group_channels=0)
+    with pytest.raises(ValueError, match="norm_group_channels: expected a positive integer"):
+        FieldAutoencoder(1, dims=2, norm_group_channels=0)

@@ -49,3 +49,34 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
     with pytest.raises(CheckpointError, match="plain.ckpt was not written by scidiff-train"):
         load_pretrained(plain)
+
+
+def test_a_checkpoint_from_before_norm_group_channels_loads_and_resumes_as_trained(trained_run, tmp_path):
+    """A checkpoint whose config has no ``denoiser.norm_group_channels`` (written before the key
+    existed) was trained with GroupNorm's old rule, gcd(channels, 32) groups: it loads with
+    ``norm_group_channels: 1`` (which rebuilds that rule), and a run resumed from it keeps it
+    whatever today's config says; today's checkpoints keep their 4."""
+    import math
+
+    from omegaconf import OmegaConf
+
+    from scidiff.cli.train import keep_trained_networks
+    from scidiff.training import safe_torch_load
+
+    ckpt = safe_torch_load(trained_run / "outputs/quickstart/tiny/checkpoints/last.ckpt")
+    assert ckpt["scidiff"]["config"]["denoiser"]["norm_group_channels"] == 4
+    old = tmp_path / "old.ckpt"
+    del ckpt["scidiff"]["config"]["denoiser"]["norm_group_channels"]
+    torch.save(ckpt, old)
+    model = load_pretrained(old)
+    assert model.config["denoiser"]["norm_group_channels"] == 1
+    norms = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == math.gcd(m.num_channels, 32) for m in norms)
+    assert load_pretrained(trained_run / "outputs/quickstart/tiny").denoiser.out_norm.num_groups == 4
+
+    cfg = OmegaConf.create({"denoiser": {"_target_": "scidiff.nets.UNet", "norm_group_channels": 4},
+                            "autoencoder": None})
+    keep_trained_networks(cfg, ckpt)
+    assert cfg.denoiser.norm_group_channels == 1
+    keep_trained_networks(cfg, {})   # no checkpoint (a new run): the config is left as it is
+    assert cfg.denoiser.norm_group_channels == 1

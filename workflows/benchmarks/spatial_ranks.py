@@ -10,6 +10,10 @@ data's rank), diffusion and steps. For each trained run this script reports, on 
 * the main job's evaluation: the variational bound (bits/dim, importance-sampled with 100
   terms, with its standard error) against the store's exact negative log-likelihood, and the
   verdict of ``--members`` members a field from DPM-Solver++ 2M at 20 calls;
+* the spread of the domain mean (the k = 0 mode, which the spectral error's shells leave out):
+  the standard deviation of the spatial mean over ``--mean-members`` members at each of n = 2.1,
+  2.25, 2.4 (A = 1; DPM-Solver++ 2M, 20 calls), divided by its exact value sqrt(P(0) / N),
+  P(0) = A k_min^-n;
 * every sampler at ``--calls`` model calls (and DDPM with all 1000 steps unless
   ``--no-ddpm``), members from the same seeds: the spectral error (mean over wavenumber shells
   of |ln P_samples(k) / P_data(k)|) and the CRPS beside their noise floors (the same metric for
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_quickstart import evaluate_samples, samplers_at, short_verdict  # noqa: E402
 
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
-from scidiff.inference import DDPM, DPMSolver, load_pretrained  # noqa: E402
+from scidiff.inference import DDPM, DPMSolver, generate, load_pretrained  # noqa: E402
 
 RANK_NAMES = {1: "1-D", 2: "2-D", 3: "3-D"}
 
@@ -66,6 +71,24 @@ def main_job_evaluation(pretrained, args, path: Path | None) -> dict[str, float 
             "verdict": short_verdict(ev), "seconds": time.perf_counter() - tic}
 
 
+HELD_OUT_INDICES = (2.1, 2.25, 2.4)
+
+
+def domain_mean_spread(pretrained, members: int) -> float:
+    """The std of the members' spatial means over its exact value sqrt(P(0) / N), as a ratio of
+    root-mean-square over the held-out indices ``HELD_OUT_INDICES`` (A = 1)."""
+    shape = pretrained.metadata.spatial_shape
+    k_min = 2 * math.pi / max(shape)
+    variances, exact = [], []
+    for i, n in enumerate(HELD_OUT_INDICES):
+        params = torch.tensor([[n, 1.0]] * members)
+        fields = generate(pretrained, params, seeds=[1000 * i + m for m in range(members)],
+                          sampler=DPMSolver(steps=20, order=2))
+        variances.append(fields.flatten(1).mean(1).double().var().item())
+        exact.append(k_min ** (-n) / math.prod(shape))
+    return math.sqrt(sum(variances) / sum(exact))
+
+
 def sampler_row(pretrained, sampler, args, path: Path | None) -> dict[str, float | str]:
     args.data_path = path
     ev, seconds = evaluate_samples(pretrained, sampler, args)
@@ -86,7 +109,9 @@ def describe(run: Path, pretrained) -> dict[str, object]:
         if info.get("fit_time_s") and steps > 0:   # fit time of the last session, validation included
             step_seconds = info["fit_time_s"] / steps
     return {"run": str(run), "rank": len(meta.spatial_dims), "grid": " x ".join(map(str, meta.spatial_shape)),
-            "dims": ", ".join(meta.spatial_dims), "parameters": sum(p.numel() for p in pretrained.denoiser.parameters()),
+            "dims": ", ".join(meta.spatial_dims),
+            "parameters": sum(p.numel() for p in pretrained.denoiser.parameters()),
+            "norm_group_channels": pretrained.config["denoiser"].get("norm_group_channels"),
             "steps": pretrained.global_step, "step_seconds": step_seconds}
 
 
@@ -97,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=32, help="held-out fields")
     p.add_argument("--members", type=int, default=8, help="members per held-out field")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mean-members", type=int, default=64, help="members per index for the domain mean's spread")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the directory of the runs' stores when not run from the trainings' directory")
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-1000 rows")
@@ -112,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         info = describe(run, pretrained)
         rank = RANK_NAMES[info["rank"]]
         info["main_job"] = m = main_job_evaluation(pretrained, args, path)
+        info["domain_mean_spread"] = spread = domain_mean_spread(pretrained, args.mean_members)
         print(f"{rank} ({info['grid']}): bound {m['bpd']:.4f} ± {m['bpd_se']:.4f} bits/dim, exact NLL "
-              f"{m['true_nll_bpd']:.4f} | {m['verdict']} | {m['seconds']:.0f} s", flush=True)
+              f"{m['true_nll_bpd']:.4f} | {m['verdict']} | domain-mean spread / exact {spread:.3f} | "
+              f"{m['seconds']:.0f} s", flush=True)
         samplers = dict(samplers_at(args.calls))
         if not args.no_ddpm:
             samplers["DDPM (all 1000 steps)"] = DDPM()
@@ -138,22 +166,30 @@ def _calls(name: str, calls: int) -> str:
     return str(2 * ((calls + 1) // 2) - 1) if name.startswith("Heun") else str(calls)
 
 
+def _label(r: dict) -> str:
+    """The run's rank, with its GroupNorm group size when it is not the default's."""
+    groups = r["norm_group_channels"] or 1
+    return RANK_NAMES[r["rank"]] + ("" if groups == 4 else f" ({groups} ch/group)")
+
+
 def format_tables(results: list[dict], calls: int) -> str:
     from page import markdown_table
 
     models = markdown_table(
-        ["rank", "grid (dims)", "denoiser parameters", "training steps", "s/step", "bound (bits/dim)",
-         "exact NLL (bits/dim)", "bound - NLL", "verdict (DPM-Solver++ 2M, 20 calls)"],
-        [[RANK_NAMES[r["rank"]], f"{r['grid']} ({r['dims']})", f"{r['parameters'] / 1e6:.3f} M", r["steps"],
-          "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
+        ["rank", "grid (dims)", "denoiser parameters", "channels per norm group", "training steps", "s/step",
+         "bound (bits/dim)", "exact NLL (bits/dim)", "bound - NLL", "domain-mean spread / exact",
+         "verdict (DPM-Solver++ 2M, 20 calls)"],
+        [[_label(r), f"{r['grid']} ({r['dims']})", f"{r['parameters'] / 1e6:.3f} M",
+          r["norm_group_channels"] or 1, r["steps"], "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
           f"{r['main_job']['bpd']:.4f} ± {r['main_job']['bpd_se']:.4f}", f"{r['main_job']['true_nll_bpd']:.4f}",
-          f"{r['main_job']['bpd'] - r['main_job']['true_nll_bpd']:.4f}", r["main_job"]["verdict"]]
+          f"{r['main_job']['bpd'] - r['main_job']['true_nll_bpd']:.4f}", f"{r['domain_mean_spread']:.3f}",
+          r["main_job"]["verdict"]]
          for r in results])
     body = []
     for name in results[0]["samplers"]:
         for r in results:
             s = r["samplers"][name]
-            body.append([name, _calls(name, calls), RANK_NAMES[r["rank"]], f"{s['spectral_error']:.4f}",
+            body.append([name, _calls(name, calls), _label(r), f"{s['spectral_error']:.4f}",
                          f"{s['spectral_floor']:.4f}", f"{s['crps']:.4f}", f"{s['crps_floor']:.4f}",
                          f"{s['std_ratio']:.3f}", s["verdict"]])
     samplers = markdown_table(["sampler", "model calls", "rank", "spectral error", "floor", "CRPS", "floor",
@@ -172,7 +208,9 @@ def write_benchmark_page(args, argv, tables: str) -> Path:
         "importance-sampled with 100 terms, against the store's exact NLL; the verdict of DPM-Solver++ 2M at "
         f"20 calls), then every sampler at {args.calls} model calls, {args.members} members a field from the "
         "same seeds: spectral error and CRPS beside their noise floor (the same metric for real fields of the "
-        "nearest parameters), std ratio and verdict."
+        "nearest parameters), std ratio and verdict. The domain-mean spread is the standard deviation of the "
+        f"members' spatial means ({args.mean_members} members at each of n = 2.1, 2.25, 2.4, A = 1) over its "
+        "exact value sqrt(P(0) / N): the k = 0 mode, which the spectral error leaves out."
     )
     return write_page(args.page, "Spatial ranks: the quickstart in 1-D, 2-D and 3-D", summary,
                       command(__file__, sys.argv[1:] if argv is None else argv), tables,
