@@ -70,8 +70,8 @@ class UNet(nn.Module):
         checkpoint: recompute each block's activations in the backward pass
             (gradient checkpointing): less memory for large 3-D fields, ~30% more compute.
         norm_group_channels: the fewest channels in each GroupNorm group (default 4, as EDM's
-            UNets): GroupNorm with one channel per group (what the rule of at most 32 groups gives
-            a network narrower than 64 channels) removes every channel's spatial mean, and the
+            UNets): GroupNorm with one channel per group (what the old rule, gcd(channels, 32)
+            groups, gave widths of 32 and fewer) removes every channel's spatial mean, and the
             network then cannot generate a field's domain mean (the k = 0 mode: 4x too small a
             spread on the quickstart's 16x16 fields). 1 rebuilds models trained before this key
             existed (their checkpoints load with it).
