@@ -295,7 +295,7 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     main job's evaluation (bound against the exact NLL) and every sampler, at the cheapest settings."""
     dest, data = tmp_path / "ranks.md", tmp_path / "ranks.json"
     run_script([str(ROOT / "workflows/benchmarks/spatial_ranks.py"), str(trained_run / "outputs/quickstart/tiny"),
-                "--samples", "2", "--members", "2", "--calls", "2", "--mean-members", "4", "--no-ddpm",
+                "--samples", "2", "--members", "2", "--calls", "3", "--mean-members", "4", "--no-ddpm",
                 "--json", str(data), "--page", str(dest)], tmp_path)
     (report,) = json.loads(data.read_text())
     assert report["rank"] == 2 and report["steps"] == 30 and report["step_seconds"] > 0
@@ -306,4 +306,4 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     text = dest.read_text()
     check_layout(text, page.MARKER, "spatial ranks page")
     assert "### The models" in text and "| 2-D | 16 x 16 (y, x) |" in text
-    assert "| Heun (karras) | 1 | 2-D |" in text
+    assert "| Heun (karras) | 3 | 2-D |" in text
