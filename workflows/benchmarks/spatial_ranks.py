@@ -57,7 +57,7 @@ def data_path(pretrained, data_dir: Path | None) -> Path | None:
     return data_dir / Path(str(pretrained.config["data"]["path"])).name
 
 
-def main_job_evaluation(pretrained, args, path: Path | None) -> dict[str, float | str]:
+def main_job_evaluation(pretrained, args) -> dict[str, float | str]:
     """The main job's evaluation of the first ``args.samples`` held-out fields: bound against the
     exact NLL, and the verdict of DPM-Solver++ 2M at 20 calls."""
     settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=args.batch_size, seed=0,
@@ -65,7 +65,7 @@ def main_job_evaluation(pretrained, args, path: Path | None) -> dict[str, float 
                                   sampling=SamplingSettings(members=args.members),
                                   sampler=DPMSolver(steps=20, order=2))
     tic = time.perf_counter()
-    ev = evaluate(pretrained, settings, data_path=path, device="cpu", progress=False)
+    ev = evaluate(pretrained, settings, data_path=args.data_path, device="cpu", progress=False)
     s = ev.scalars
     return {"bpd": s["bpd"], "bpd_se": s["bpd_se"], "true_nll_bpd": s["true_nll_bpd"],
             "verdict": short_verdict(ev), "seconds": time.perf_counter() - tic}
@@ -89,8 +89,7 @@ def domain_mean_spread(pretrained, members: int) -> float:
     return math.sqrt(sum(variances) / sum(exact))
 
 
-def sampler_row(pretrained, sampler, args, path: Path | None) -> dict[str, float | str]:
-    args.data_path = path
+def sampler_row(pretrained, sampler, args) -> dict[str, float | str]:
     ev, seconds = evaluate_samples(pretrained, sampler, args)
     s = ev.scalars
     return {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
@@ -134,10 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for run in args.runs:
         pretrained = load_pretrained(run)
-        path = data_path(pretrained, args.data_dir)
+        args.data_path = data_path(pretrained, args.data_dir)   # the store evaluate_samples reads
         info = describe(run, pretrained)
         rank = RANK_NAMES[info["rank"]]
-        info["main_job"] = m = main_job_evaluation(pretrained, args, path)
+        info["main_job"] = m = main_job_evaluation(pretrained, args)
         info["domain_mean_spread"] = spread = domain_mean_spread(pretrained, args.mean_members)
         print(f"{rank} ({info['grid']}): bound {m['bpd']:.4f} ± {m['bpd_se']:.4f} bits/dim, exact NLL "
               f"{m['true_nll_bpd']:.4f} | {m['verdict']} | domain-mean spread / exact {spread:.3f} | "
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             samplers["DDPM (all 1000 steps)"] = DDPM()
         info["samplers"] = {}
         for name, sampler in samplers.items():
-            info["samplers"][name] = r = sampler_row(pretrained, sampler, args, path)
+            info["samplers"][name] = r = sampler_row(pretrained, sampler, args)
             print(f"{rank} {name:28s}: spectral {r['spectral_error']:.4f} (floor {r['spectral_floor']:.4f}) "
                   f"crps {r['crps']:.4f} (floor {r['crps_floor']:.4f}) std_ratio {r['std_ratio']:.3f} | "
                   f"{r['verdict']} | {r['seconds']:.0f} s", flush=True)
