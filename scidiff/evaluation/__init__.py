@@ -11,7 +11,8 @@ The modules:
 
 * :mod:`~scidiff.evaluation.ensemble` -- CRPS (fair/ensemble), SpreadSkillRatio, EnergyScore, RankHistogram
 * :mod:`~scidiff.evaluation.spectra` -- radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError
-* :mod:`~scidiff.evaluation.fields` -- BiasStdMaps (per-point moments), Wasserstein1 (value distributions)
+* :mod:`~scidiff.evaluation.fields` -- BiasStdMaps (per-point moments), DomainMeanStdRatio
+  (the spread of the domain mean), Wasserstein1 (value distributions)
 * :mod:`~scidiff.evaluation.likelihood` -- BitsPerDim, BoundTerms (per-timestep variational bound terms)
 * :mod:`~scidiff.evaluation.molecules` -- AtomCounts of voxel densities (integrated density and peak finding)
 * :mod:`~scidiff.evaluation.weighting` -- point weights (mask x area weights) and the point-mean base class
@@ -38,7 +39,7 @@ from scidiff.evaluation.ensemble import (
     energy_score,
     gaussian_crps,
 )
-from scidiff.evaluation.fields import BiasStdMaps, MomentMaps, Wasserstein1
+from scidiff.evaluation.fields import BiasStdMaps, DomainMeanStdRatio, MomentMaps, Wasserstein1
 from scidiff.evaluation.floor import FloorEnsemble, FloorSettings
 from scidiff.evaluation.likelihood import BitsPerDim, BoundTerms
 from scidiff.evaluation.molecules import (
@@ -69,6 +70,7 @@ __all__ = [
     "AtomCountSummary",
     "AtomCounts",
     "BiasStdMaps",
+    "DomainMeanStdRatio",
     "BitsPerDim",
     "BoundSettings",
     "BoundTerms",

@@ -1,5 +1,5 @@
-"""Statistics of generated fields against data: per-point moment maps and the
-Wasserstein-1 distance between value distributions.
+"""Statistics of generated fields against data: per-point moment maps, the spread of
+the domain mean, and the Wasserstein-1 distance between value distributions.
 
 Samples and data need not be paired: ``samples`` are ``[N, C, *S]`` (or an
 ensemble ``[B, M, C, *S]``, whose members are pooled) and ``data`` ``[N', C, *S]``.
@@ -157,6 +157,90 @@ class BiasStdMaps(_FieldsMetric):
         return MomentMaps(mean_s, mean_d, mean_s - mean_d, std_s, std_d, std_s / std_d)
 
 
+class DomainMeanStdRatio(_FieldsMetric):
+    """The spread of each field's domain mean, samples against data.
+
+    The domain mean of a field is its weighted mean over its valid points (mask times area
+    weights, as every mean over points in scidiff). Its standard deviation over fields
+    (pooled over samples and members) is the large-scale variability that the per-point
+    moments and the spectra do not see: spectra remove each field's mean, and one mode
+    weighs nothing among the per-point statistics. A denoiser that cannot change a field's
+    mean generates ensembles whose domain means barely vary while every wavenumber
+    ``k != 0`` is right (see the architecture page, "Normalisation groups").
+
+    ``compute`` returns ``std(domain means of samples) / std(domain means of data)`` per
+    channel (1 = right; unbiased stds, ddof 1), NaN for a channel with fewer than 2
+    fields, or whose data domain means are constant (std below ``1e-6`` of the data's
+    root-mean-square value: e.g. anomalies with their mean removed per field), where the
+    ratio means nothing. Fields without a valid point are skipped. Float64 sum states:
+    exact under DDP.
+
+    Args:
+        num_channels: ``C``.
+    """
+
+    higher_is_better = None
+    CONSTANT = 1e-6
+
+    def __init__(self, num_channels: int, **kwargs) -> None:
+        super().__init__(num_channels, **kwargs)
+        for group in ("samples", "data"):
+            for moment in ("count", "sum", "sum_sq", "mean_sq"):
+                self.add_state(f"{group}_{moment}", torch.zeros(self.num_channels, dtype=torch.float64),
+                               dist_reduce_fx="sum")
+
+    def _accumulate(self, group: str, x: Tensor, mask: Tensor | None, weights: Tensor | None) -> None:
+        w = point_weights(x, mask, weights)
+        x = x.to(torch.float64)
+        points = tuple(range(2, x.ndim))
+        total = w.sum(dim=points)  # [N, C]
+        valid = total > 0
+        safe = torch.where(valid, total, 1.0)
+        mean = torch.where(valid, weighted(w, x).sum(dim=points) / safe, 0.0)
+        mean_sq = torch.where(valid, weighted(w, x * x).sum(dim=points) / safe, 0.0)
+        for moment, value in (("count", valid.to(torch.float64)), ("sum", mean), ("sum_sq", mean * mean),
+                              ("mean_sq", mean_sq)):
+            name = f"{group}_{moment}"
+            setattr(self, name, getattr(self, name) + value.sum(dim=0))
+
+    def update(self, samples: Tensor, data: Tensor, mask: Tensor | None = None,
+               weights: Tensor | None = None) -> None:
+        """Args:
+        samples: ``[N, C, *S]`` or ``[B, M, C, *S]``.
+        data: ``[N', C, *S]``.
+        mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
+        weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
+        """
+        samples, samples_mask = fold_members(samples, mask, data.ndim - 2)
+        self._check(samples, "samples")
+        self._check(data, "data")
+        if samples.shape[2:] != data.shape[2:]:
+            raise ValueError(f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid")
+        self._accumulate("samples", samples, samples_mask, weights)
+        self._accumulate("data", data, mask, weights)
+
+    def std(self, group: str) -> Tensor:
+        """``[C]`` standard deviation of the domain means of ``"samples"`` or ``"data"`` (NaN below 2
+        fields), in field units. Synced across ranks: under DDP, call it on every rank (a collective)."""
+        if group not in ("samples", "data"):
+            raise ValueError(f"group must be 'samples' or 'data', got {group!r}")
+        with self.sync_context():
+            return self._std(group)
+
+    def _std(self, group: str) -> Tensor:
+        n = getattr(self, f"{group}_count")
+        mean = getattr(self, f"{group}_sum") / n.clamp_min(1)
+        variance = (getattr(self, f"{group}_sum_sq") - n * mean**2) / (n - 1).clamp_min(1)
+        return torch.where(n > 1, variance.clamp_min(0).sqrt(), torch.nan)
+
+    def compute(self) -> Tensor:
+        """Returns: ``[C]`` std ratio of the domain means, samples / data (NaN where it means nothing)."""
+        std_data = self._std("data")
+        rms = (self.data_mean_sq / self.data_count.clamp_min(1)).sqrt()
+        constant = ~(std_data > self.CONSTANT * rms)
+        return torch.where(constant, torch.nan, self._std("samples") / std_data)
+
+
 class Wasserstein1(_FieldsMetric):
     """Wasserstein-1 distance between the value distributions of samples and data.
 
@@ -282,4 +366,4 @@ class Wasserstein1(_FieldsMetric):
         return distance.mean() if self.average == "channels" else distance
 
 
-__all__ = ["BiasStdMaps", "MomentMaps", "Wasserstein1", "fold_members"]
+__all__ = ["BiasStdMaps", "DomainMeanStdRatio", "MomentMaps", "Wasserstein1", "fold_members"]

@@ -75,6 +75,7 @@ UNITS_NOTE = (
     "bound_terms: per-timestep terms of the normalised data. CRPS, ensemble_mean_rmse (RMSE of the ensemble mean "
     "against the real field), bias, std, W1: units of each variable; "
     "energy_score: normalised units; spread_skill, std_ratio, rank_deviation: dimensionless; "
+    "domain_mean_std_ratio: std over fields of their area-weighted domain means, samples / data, dimensionless; "
     "spectral_error: mean over wavenumber shells of |ln(P_samples(k)/P_data(k))|, dimensionless "
     "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
     "with the nearest conditions (the noise floor). Latent models: latent_bpd etc. bound the NLL of the "
@@ -98,8 +99,9 @@ def netcdf_engine() -> str:
 
 
 _PER_VARIABLE = ("crps", "ensemble_mean_rmse", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
-_DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "rank_deviation", "fidelity",
-                  "spectral_error", "w1_out_of_range", "atoms", "autoencoder_spectral_error", "autoencoder_atoms")
+_DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "domain_mean_std_ratio",
+                  "rank_deviation", "fidelity", "spectral_error", "w1_out_of_range", "atoms",
+                  "autoencoder_spectral_error", "autoencoder_atoms")
 
 
 def metric_units(name: str, channel_units: dict[str, str]) -> str:

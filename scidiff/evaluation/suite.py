@@ -10,9 +10,10 @@ the same, for the noise floor's real fields (:mod:`~scidiff.evaluation.floor`).
 
 Every metric is a torchmetrics ``Metric`` with sum states (the same number on one process
 or under DDP): fair CRPS (and its map), spread-skill ratio, energy score (normalised
-units), rank histogram, bias/std maps, Wasserstein-1, the spectral error (mean over
-wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``) and, for voxel number densities,
-the atom counts. Scalars are named ``<metric>/<channel>`` (``energy_score`` over all
+units), rank histogram, bias/std maps, the spread of the domain mean (std ratio of the
+fields' area-weighted means, samples / data), Wasserstein-1, the spectral error (mean
+over wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``) and, for voxel number
+densities, the atom counts. Scalars are named ``<metric>/<channel>`` (``energy_score`` over all
 channels), the names :mod:`~scidiff.evaluation.verdict` judges.
 """
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from scidiff.evaluation.checks import check_choice, check_instance, check_integer, check_number
 from scidiff.evaluation.data import grid_spacing
 from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkillRatio
-from scidiff.evaluation.fields import BiasStdMaps, Wasserstein1
+from scidiff.evaluation.fields import BiasStdMaps, DomainMeanStdRatio, Wasserstein1
 from scidiff.evaluation.molecules import AtomCounts
 from scidiff.evaluation.result import EvaluationError
 from scidiff.evaluation.spectra import SpectralError
@@ -125,6 +126,7 @@ class SampleMetrics:
         self.m: dict[str, Any] = {
             "crps": CRPS(c), "crps_map": CRPS(c, spatial_shape=shape), "spread_skill": SpreadSkillRatio(c),
             "energy": EnergyScore(), "rank": RankHistogram(c, members), "maps": BiasStdMaps(c, shape),
+            "domain_mean": DomainMeanStdRatio(c),
             "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=settings.wasserstein_bins),
             "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=settings.spectral_max_wavenumber),
         }
@@ -144,6 +146,7 @@ class SampleMetrics:
         m["energy"].update(ens_model, x_model, mask, w)  # normalised: channels of different units
         m["rank"].update(ens_phys, x_phys, mask, w)
         m["maps"].update(ens_phys, x_phys, mask)
+        m["domain_mean"].update(ens_phys, x_phys, mask, w)
         m["w1"].update(ens_phys, x_phys, mask, w)
         if mask is None:
             m["spectral"].update(ens_phys, x_phys)
@@ -171,6 +174,9 @@ class SampleMetrics:
         for key, values in per_channel.items():
             for name, value in zip(names, values.reshape(-1).tolist()):
                 scalars[f"{key}/{name}"] = float(value)
+        for name, value in zip(names, m["domain_mean"].compute().reshape(-1).tolist()):
+            if math.isfinite(value):  # NaN: the data's domain means are constant, the ratio means nothing
+                scalars[f"domain_mean_std_ratio/{name}"] = float(value)
         for name, a, b in zip(names, *(v.tolist() for v in m["w1"].out_of_range())):
             scalars[f"w1_out_of_range/{name}"] = float(max(a, b))
         samples_spec, data_spec = m["spectral"].spectra()

@@ -307,3 +307,21 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     check_layout(text, page.MARKER, "spatial ranks page")
     assert "### The models" in text and "| 2-D | 16 x 16 (y, x) |" in text
     assert "| Heun (karras) | 3 | 2-D |" in text
+
+
+def test_verdict_calibration_page(page, tmp_path):
+    """workflows/benchmarks/verdict_calibration.py at its cheapest (one store, one small design):
+    every model evaluated for both conditionings; the model blind to the domain mean fails on
+    the domain mean's spread, and the layout holds."""
+    dest, data = tmp_path / "calibration.md", tmp_path / "calibration.json"
+    run_script([str(ROOT / "workflows/benchmarks/verdict_calibration.py"), "--stores", "1", "--designs", "16x3",
+                "--json", str(data), "--page", str(dest)], tmp_path)
+    results = json.loads(data.read_text())
+    assert [r["conditioning"] for r in results] == ["conditional (n, A)", "unconditional"]
+    for r in results:
+        assert (r["samples"], r["members"]) == (16, 3)
+        assert all(m["runs"] == 1 for m in r["models"].values())
+        assert r["models"]["domain mean / 4"]["failing"].get("domain_mean_std_ratio") == 1
+    text = dest.read_text()
+    check_layout(text, page.MARKER, "verdict calibration page")
+    assert "| conditional (n, A) | 16 x 3 | domain mean / 4 (broken) | 0/1 |" in text

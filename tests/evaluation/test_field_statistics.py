@@ -1,11 +1,14 @@
-"""Per-point moment maps and the binned Wasserstein-1 distance against numpy/scipy."""
+"""Per-point moment maps, the spread of the domain mean and the binned Wasserstein-1 distance
+against numpy/scipy."""
+
+import math
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-from scidiff.evaluation import BiasStdMaps, Wasserstein1, point_weights
+from scidiff.evaluation import BiasStdMaps, DomainMeanStdRatio, Wasserstein1, point_weights
 
 
 def test_wasserstein1_matches_scipy_per_channel():
@@ -111,3 +114,51 @@ def test_bias_std_maps_recover_planted_maps():
     assert torch.allclose(maps.std_ratio, std, rtol=0.03)
     with pytest.raises(ValueError, match="spatial shape"):
         metric.update(samples[..., :6], data[..., :6])
+
+
+@pytest.mark.parametrize("spatial", [(12,), (6, 5), (3, 4, 5)])
+def test_domain_mean_std_ratio_matches_numpy_with_mask_weights_and_members(spatial):
+    """Each field's weighted mean over its valid points (mask x area weights; members share
+    their sample's mask), std over fields (ddof 1), samples / data; in 1-D, 2-D and 3-D,
+    accumulated over two batches."""
+    g = torch.Generator().manual_seed(len(spatial))
+    samples = 250.0 + 2.0 * torch.randn(10, 3, 2, *spatial, generator=g, dtype=torch.float64)
+    data = 250.0 + torch.randn(10, 2, *spatial, generator=g, dtype=torch.float64)
+    mask = torch.rand(10, 2, *spatial, generator=g) > 0.3
+    weights = torch.rand(*spatial, generator=g, dtype=torch.float64) + 0.5
+    metric = DomainMeanStdRatio(num_channels=2)
+    for part in (slice(0, 4), slice(4, 10)):
+        metric.update(samples[part], torch.where(mask, data, torch.nan)[part], mask=mask[part], weights=weights)
+    axes = tuple(range(-len(spatial), 0))
+
+    def domain_means(x, m):
+        w = np.where(m, weights.numpy(), 0.0)
+        return (np.where(m, x, 0.0) * w).sum(axis=axes) / w.sum(axis=axes)
+
+    mask_np = mask.numpy()
+    want_s = domain_means(samples.numpy(), mask_np[:, None]).reshape(30, 2).std(axis=0, ddof=1)
+    want_d = domain_means(data.numpy(), mask_np).std(axis=0, ddof=1)
+    np.testing.assert_allclose(metric.std("samples").numpy(), want_s, rtol=1e-9)
+    np.testing.assert_allclose(metric.std("data").numpy(), want_d, rtol=1e-9)
+    np.testing.assert_allclose(metric.compute().numpy(), want_s / want_d, rtol=1e-9)
+
+
+def test_domain_mean_std_ratio_sees_only_the_mean_and_is_nan_where_meaningless():
+    """A constant added to each member changes the ratio and nothing per wavenumber; data
+    whose fields all have the same mean (anomalies) give NaN, as does a single field."""
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(400, 1, 8, 8, generator=g, dtype=torch.float64)
+    shifted = data + 3.0 * torch.randn(400, 1, 1, 1, generator=g, dtype=torch.float64)
+    metric = DomainMeanStdRatio(num_channels=1)
+    metric.update(shifted, data)
+    # data domain means: std 1/8 (64 independent points); shifted: sqrt(1/64 + 9)
+    assert float(metric.compute()) == pytest.approx(math.sqrt(1 / 64 + 9) * 8, rel=0.1)
+    anomalies = data - data.mean(dim=(-2, -1), keepdim=True)
+    flat = DomainMeanStdRatio(num_channels=1)
+    flat.update(data, anomalies)
+    assert math.isnan(float(flat.compute()))
+    one = DomainMeanStdRatio(num_channels=1)
+    one.update(data[:1], data[:1])
+    assert math.isnan(float(one.compute()))
+    with pytest.raises(ValueError, match="differ in grid"):
+        one.update(data[..., :4], data)

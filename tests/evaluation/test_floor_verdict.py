@@ -112,13 +112,18 @@ def test_rules_of_the_table():
     tolerances 0.1); a metric that is not finite fails; the table covers every metric."""
     s = VerdictSettings()
     assert (s.factor, s.ratio_factor, s.ratio_tolerance, s.score_tolerance) == (3.0, 1.5, 0.1, 0.1)
-    assert set(RULES) == {"spectral_error", "rank_deviation", "w1", "bias_rms", "std_ratio", "spread_skill", "crps",
-                          "energy_score"}
+    assert set(RULES) == {"spectral_error", "rank_deviation", "w1", "bias_rms", "std_ratio", "spread_skill",
+                          "domain_mean_std_ratio", "crps", "energy_score"}
+    assert s.match_tolerance == 0.5
     assert passes("zero", 0.30, 0.1, s) and not passes("zero", 0.31, 0.1, s)
     # ratios: the absolute allowance ln 1.1 when the floor is near 1, else 1.5 x |ln floor|
     assert passes("ratio", 1.09, 1.02, s) and passes("ratio", 1 / 1.09, 1.02, s)
     assert not passes("ratio", 1.12, 1.02, s) and not passes("ratio", 2.4, 1.02, s)
     assert passes("ratio", 1.45, 1.3, s) and not passes("ratio", 1.5, 1.3, s)  # 1.5 x ln 1.3 = ln 1.48
+    # the domain mean's spread: within a factor 1.5 of the floor's, either way, whatever the floor
+    assert passes("match", 1.8, 1.25, s) and passes("match", 0.84, 1.25, s) and not passes("match", 0.83, 1.25, s)
+    assert passes("match", 0.67, 1.0, s) and not passes("match", 0.66, 1.0, s) and not passes("match", 1.0, 0.0, s)
+    assert not passes("match", 1.51, 1.0, s)
     assert passes("score", 1.1, 1.0, s) and not passes("score", 1.11, 1.0, s)
     assert not passes("zero", math.nan, 1.0, s) and not passes("ratio", 1.0, math.nan, s)
     assert not passes("ratio", 0.0, 1.0, s)
@@ -220,7 +225,8 @@ def test_floor_does_not_depend_on_batch_size(cond):
     assert one.floor_indices.shape == (8, 3)
     floors = {k for k in one.scalars if k.startswith("floor/")}
     assert {"floor/crps/field", "floor/std_ratio/field", "floor/spectral_error/field", "floor/energy_score",
-            "floor/rank_deviation/field", "floor/w1/field", "floor/bias_rms/field", "floor/spread_skill/field"} <= floors
+            "floor/rank_deviation/field", "floor/w1/field", "floor/bias_rms/field", "floor/spread_skill/field",
+            "floor/domain_mean_std_ratio/field"} <= floors
     for k in floors:
         assert one.scalars[k] == pytest.approx(eight.scalars[k], rel=1e-9), k
     np.testing.assert_allclose(one.power_floor, eight.power_floor, rtol=1e-9)
@@ -255,8 +261,11 @@ def verdicts(cond, store, tmp_path_factory):
     exact = grf.sample_fields(rng.standard_normal((test.size * M, *SHAPE)),
                               np.repeat(data["amplitude"].values[test], M),
                               np.repeat(data["spectral_index"].values[test], M)).reshape(test.size, M, *SHAPE)
+    # members whose domain mean follows a quarter of its spread, every k != 0 exact: what a
+    # denoiser blind to the mean makes (the fault that single-channel norm groups made)
+    blind = exact - 0.75 * exact.mean(axis=(-2, -1), keepdims=True)
     sources = {"second_floor": field[twice.indices[:, M:]], "exact": exact, "scaled": 2.0 * exact,
-               "smoothed": smooth(exact)}
+               "smoothed": smooth(exact), "blind_to_mean": blind}
     out = {}
     for name, members in sources.items():
         path = write_ensemble(d / f"{name}.zarr", members, test)
@@ -272,10 +281,10 @@ def test_real_fields_and_exact_draws_are_faithful(verdicts):
     for name in ("second_floor", "exact"):
         ev = verdicts[name]
         np.testing.assert_array_equal(ev.floor_indices, first)  # the floor is the M nearest
-        assert ev.verdict is not None and len(ev.verdict.metrics) == 8, name
+        assert ev.verdict is not None and len(ev.verdict.metrics) == 9, name
         table = "\n".join(ev.verdict.table())
         assert ev.verdict.faithful, f"{name}:\n{table}"
-        assert ev.verdict.summary() == "faithful (8/8 metrics within their floor)"
+        assert ev.verdict.summary() == "faithful (9/9 metrics within their floor)"
         s = ev.scalars
         # what "at the floor" looks like here: ratios near 1, scores within a few percent
         assert abs(math.log(s["std_ratio/field"])) < 0.1 and abs(math.log(s["floor/std_ratio/field"])) < 0.1
@@ -303,7 +312,7 @@ def test_broken_members_fail_with_the_metric_named(verdicts, tmp_path):
         assert ds.attrs["verdict"] == "not faithful"
         keys = [str(k) for k in ds["verdict_metric"].values]
         passed = dict(zip(keys, ds["verdict_passed"].values.tolist()))
-        assert passed["std_ratio/field"] == 0 and len(keys) == 8
+        assert passed["std_ratio/field"] == 0 and len(keys) == 9
         table = json.loads(ds.attrs["verdict_table"])
         assert table["settings"]["factor"] == 3.0 and "std_ratio/field" in table["failing"]
         assert ds["power_floor"].dims == ("channel", "wavenumber")
@@ -311,6 +320,17 @@ def test_broken_members_fail_with_the_metric_named(verdicts, tmp_path):
         np.testing.assert_array_equal(ds["floor_index"].values, scaled.floor_indices)
         metrics = dict(zip([str(m) for m in ds["metric"].values], ds["metric_value"].values.tolist()))
         assert metrics["floor/std_ratio/field"] == pytest.approx(scaled.scalars["floor/std_ratio/field"])
+
+
+def test_a_model_blind_to_the_domain_mean_fails_on_it_alone(verdicts):
+    """Members exact at every k != 0 whose domain means have a quarter of their spread: the
+    per-point metrics and the spectra (each field's mean removed) pass, the domain mean's
+    spread does not; the ratio is the one built in, against the exact draws'."""
+    blind, exact = verdicts["blind_to_mean"], verdicts["exact"]
+    assert blind.verdict.failing == ["domain_mean_std_ratio/field"], "\n".join(blind.verdict.table())
+    assert blind.scalars["domain_mean_std_ratio/field"] == pytest.approx(
+        0.25 * exact.scalars["domain_mean_std_ratio/field"], rel=1e-6)
+    assert blind.scalars["spectral_error/field"] == pytest.approx(exact.scalars["spectral_error/field"], rel=1e-6)
 
 
 def test_figures_show_the_floor(verdicts, tmp_path):

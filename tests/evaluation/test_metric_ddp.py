@@ -20,6 +20,7 @@ from scidiff.evaluation import (
     BiasStdMaps,
     BitsPerDim,
     BoundTerms,
+    DomainMeanStdRatio,
     EnergyScore,
     PowerSpectrum,
     RankHistogram,
@@ -64,6 +65,10 @@ def _inputs(seed: int = 0):
         "bias_std": (
             lambda: BiasStdMaps(num_channels=2, spatial_shape=(12, 10)),
             {"samples": forecasts, "data": obs, "mask": mask},
+        ),
+        "domain_mean": (
+            lambda: DomainMeanStdRatio(num_channels=2),
+            {"samples": forecasts, "data": obs, "mask": mask, "weights": weights},
         ),
         "wasserstein": (
             lambda: Wasserstein1(num_channels=2, value_range=(-5.0, 5.0), num_bins=200),
@@ -140,6 +145,8 @@ def _results(metric) -> dict[str, torch.Tensor]:
         results |= dict(zip(("samples_out", "data_out"), metric.out_of_range()))
     if isinstance(metric, BitsPerDim):
         results["standard_error"] = metric.standard_error()
+    if isinstance(metric, DomainMeanStdRatio):
+        results |= {f"std_{group}": metric.std(group) for group in ("samples", "data")}
     return results
 
 
