@@ -12,7 +12,8 @@ members of every row come from the same seeds.
 
     bash workflows/quickstart.sh                                   # RUN=<name> fixes the run name
     python workflows/benchmarks/sampler_quickstart.py outputs/quickstart/<run>
-    python workflows/benchmarks/sampler_quickstart.py outputs/quickstart/<run> --page docs/benchmarks/sampler-quickstart.md
+    python workflows/benchmarks/sampler_quickstart.py outputs/quickstart/<run> \
+        --page docs/benchmarks/sampler-quickstart.md
 """
 
 from __future__ import annotations
@@ -57,16 +58,18 @@ def row(pretrained, sampler, args) -> dict[str, float | str]:
     s = ev.scalars
     return {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
             "crps": s["crps/field"], "crps_floor": s["floor/crps/field"],
-            "std_ratio": s["std_ratio/field"], "verdict": short_verdict(ev), "seconds": seconds}
+            "std_ratio": s["std_ratio/field"], "domain_mean": s["domain_mean_std_ratio/field"],
+            "domain_mean_floor": s["floor/domain_mean_std_ratio/field"], "verdict": short_verdict(ev),
+            "seconds": seconds}
 
 
 def short_verdict(ev) -> str:
-    """``faithful (8/8)`` or ``NOT faithful (4/8)``, or ``none`` without a verdict."""
+    """``faithful (9/9)`` or ``NOT faithful (4/9)``, or ``none`` without a verdict."""
     return _short(ev.verdict.summary()) if ev.verdict else "none"
 
 
 def _short(summary: str) -> str:
-    """``faithful (8/8)`` or ``NOT faithful (4/8)`` from the verdict's summary line."""
+    """``faithful (9/9)`` or ``NOT faithful (4/9)`` from the verdict's summary line."""
     label = "NOT faithful" if summary.startswith("NOT") else "faithful"
     counts = summary.rsplit("(", 1)[-1].split(" ", 1)[0] if "(" in summary else "?"
     return f"{label} ({counts})"
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, sampler in samplers_at(calls).items():
             results.setdefault(name, {})[str(calls)] = r = row(pretrained, sampler, args)
             print(f"{name:32s} {calls:4d} calls: spectral {r['spectral_error']:.4f} (floor {r['spectral_floor']:.4f}) "
-                  f"crps {r['crps']:.4f} (floor {r['crps_floor']:.4f}) std_ratio {r['std_ratio']:.3f} | "
+                  f"crps {r['crps']:.4f} (floor {r['crps_floor']:.4f}) std_ratio {r['std_ratio']:.3f} "
+                  f"domain mean {r['domain_mean']:.3f} (floor {r['domain_mean_floor']:.3f}) | "
                   f"{r['verdict']} | {r['seconds']:.0f} s", flush=True)
     if not args.no_ddpm:
         results["DDPM (all 1000 steps)"] = {"1000": (r := row(pretrained, DDPM(), args))}
@@ -117,9 +121,10 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         for calls, r in by_calls.items():
             calls_text = f"{2 * ((int(calls) + 1) // 2) - 1}" if name.startswith("Heun") else calls
             body.append([name, calls_text, f"{r['spectral_error']:.4f}", f"{r['spectral_floor']:.4f}",
-                         f"{r['crps']:.4f}", f"{r['crps_floor']:.4f}", f"{r['std_ratio']:.3f}", r["verdict"]])
+                         f"{r['crps']:.4f}", f"{r['crps_floor']:.4f}", f"{r['std_ratio']:.3f}",
+                         f"{r['domain_mean']:.3f}", f"{r['domain_mean_floor']:.3f}", r["verdict"]])
     return markdown_table(["sampler", "model calls", "spectral error", "floor", "CRPS", "floor", "std ratio",
-                           "verdict"], body)
+                           "domain-mean std ratio", "floor", "verdict"], body)
 
 
 def write_benchmark_page(args, argv, table: str, pretrained) -> Path:
@@ -130,7 +135,8 @@ def write_benchmark_page(args, argv, table: str, pretrained) -> Path:
         f"schedule) on the first {args.samples} fields of its held-out band (n in [2.0, 2.5]), {args.members} "
         "members a field from the same seeds for every sampler: the spectral error and the CRPS of the members, "
         "each beside its noise floor (the same metric for real fields of the nearest parameters), the members' "
-        "std ratio, and the evaluation's verdict (every sample metric within its floor's tolerance)."
+        "std ratio, the spread of their domain means (std ratio of the fields' means, members / data) beside its "
+        "floor, and the evaluation's verdict (every sample metric within its floor's tolerance)."
     )
     return write_page(args.page, "Sampler quality against model calls (quickstart model)", summary,
                       command(__file__, sys.argv[1:] if argv is None else argv), table,
