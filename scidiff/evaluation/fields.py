@@ -175,6 +175,11 @@ class DomainMeanStdRatio(_FieldsMetric):
     ratio means nothing. Fields without a valid point are skipped. Float64 sum states:
     exact under DDP.
 
+    The spread is pooled over every field, so for a conditional model it holds the
+    conditions' variation too: where the condition fixes a field's mean (downscaling from
+    a coarse field) it says little about the members' own spread, which the CRPS and the
+    spread-skill ratio judge there.
+
     Args:
         num_channels: ``C``.
     """

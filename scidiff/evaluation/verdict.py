@@ -27,9 +27,9 @@ energy_score            floor  model <= (1 + score_tolerance) x floor
   allowance of ``ln(1 + ratio_tolerance)`` (10%) for floors that happen to sit at 1;
 * proper scores are not 0 at the floor (the data's own spread): a relative margin;
 * the spread of the domain mean is one number per field, so its ratio to the data's
-  rests on as many values as there are evaluated samples (32 in the quickstart: ``ln``
-  of the ratio off by ~0.13 from noise alone), too few for the rule of the per-point
-  ratios. Model and floor share the data's denominator and, for a conditional model,
+  rests on as many values as there are evaluated samples (64 in the quickstart: ``ln``
+  of the ratio off by ~0.09 from noise alone, more for heavy-tailed data), too few for
+  the rule of the per-point ratios. Model and floor share the data's denominator and, for a conditional model,
   the conditions, so their *quotient* is what is judged: it is noise of the ensembles
   only, ``B x M`` domain means on each side.
 
