@@ -3,8 +3,9 @@ same denoiser configuration and steps, sampled with every sampler, beside the fl
 
 Both models are evaluated on the first ``--samples`` fields of the held-out band (the
 quickstart's validation split, spectral indices n in [2.0, 2.5]) with ``--members`` members
-a field from the same seeds: spectral error, CRPS and std ratio, each beside its noise floor
-(the same metric for real fields of the nearest parameters), the verdict, and the members per
+a field from the same seeds: spectral error, CRPS, std ratio and the spread of the domain
+mean, each beside its noise floor (the same metric for real fields of the nearest
+parameters), the verdict, and the members per
 second of the evaluation's sampling. For the latent model the autoencoder's own
 reconstruction error on the same fields is given too: what the diffusion cannot do better than.
 
@@ -36,6 +37,7 @@ def measure(pretrained, sampler, args) -> dict[str, float | str]:
     s = ev.scalars
     out = {"spectral_error": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
            "crps": s["crps/field"], "crps_floor": s["floor/crps/field"], "std_ratio": s["std_ratio/field"],
+           "domain_mean": s["domain_mean_std_ratio/field"], "domain_mean_floor": s["floor/domain_mean_std_ratio/field"],
            "members_per_s": 1000.0 * args.members / s["sampling_seconds_per_1000"],
            "verdict": short_verdict(ev), "seconds": seconds}
     for key in ("autoencoder_rmse/field", "autoencoder_spectral_error/field"):
@@ -74,11 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:30s} spectral field {f['spectral_error']:.4f} latent {lt['spectral_error']:.4f} "
               f"(floor {f['spectral_floor']:.4f}, ratio {ratio:.2f}) | CRPS {f['crps']:.4f} / {lt['crps']:.4f} "
               f"(floor {f['crps_floor']:.4f}) | std ratio {f['std_ratio']:.3f} / {lt['std_ratio']:.3f} | "
+              f"domain mean {f['domain_mean']:.3f} / {lt['domain_mean']:.3f} (floor {f['domain_mean_floor']:.3f}) | "
               f"{f['verdict']} / {lt['verdict']} | members/s {f['members_per_s']:.1f} / {lt['members_per_s']:.1f}",
               flush=True)
         rows.append([name, f"{f['spectral_error']:.4f}", f"{lt['spectral_error']:.4f}", f"{f['spectral_floor']:.4f}",
                      f"{ratio:.2f}", f"{f['crps']:.4f}", f"{lt['crps']:.4f}", f"{f['crps_floor']:.4f}",
-                     f"{f['std_ratio']:.3f}", f"{lt['std_ratio']:.3f}", f["verdict"], lt["verdict"],
+                     f"{f['std_ratio']:.3f}", f"{lt['std_ratio']:.3f}", f"{f['domain_mean']:.3f}",
+                     f"{lt['domain_mean']:.3f}", f"{f['domain_mean_floor']:.3f}", f["verdict"], lt["verdict"],
                      f"{f['members_per_s']:.1f}", f"{lt['members_per_s']:.1f}"])
     first = next(iter(results.values()))["latent"]
     ae = (f"autoencoder reconstruction of the same fields: RMSE {first['autoencoder_rmse/field']:.4f}, spectral "
@@ -96,11 +100,13 @@ def main(argv: list[str] | None = None) -> None:
             f"the {' x '.join(map(str, l_pre.sample_shape))} latent of its autoencoder), each sampled with every "
             f"sampler at {args.calls} model calls, on the first {args.samples} fields of the held-out band "
             f"(n in [2.0, 2.5]), {args.members} members a field from the same seeds. Spectral error and CRPS beside "
-            "their noise floor (real fields of the nearest parameters); ratio = latent / field spectral error."
+            "their noise floor (real fields of the nearest parameters); ratio = latent / field spectral error. "
+            "The domain-mean std ratio is the spread of the members' field means over the data's, beside its floor."
         )
         table = markdown_table(["sampler", "spectral error (field)", "spectral error (latent)", "floor", "ratio",
                                 "CRPS (field)", "CRPS (latent)", "floor", "std ratio (field)", "std ratio (latent)",
-                                "verdict (field)", "verdict (latent)", "members/s (field)", "members/s (latent)"],
+                                "domain-mean std ratio (field)", "(latent)", "floor", "verdict (field)",
+                                "verdict (latent)", "members/s (field)", "members/s (latent)"],
                                rows)
         write_page(args.page, "Latent diffusion: quality against the field-space model (quickstart)", summary,
                    command(__file__, sys.argv[1:] if argv is None else argv),
