@@ -10,8 +10,9 @@ held-out band (the validation split: spectral indices n in [2.0, 2.5], never tra
 1. **sample metrics, every sampler**: ``scidiff-evaluate`` (bound off) with DDPM (all 1000
    steps) and DDIM with 20 and 50 steps and each spacing: std ratio, spectral error
    (mean over wavenumber shells of |ln P_samples(k) / P_data(k)|), rank-histogram deviation,
-   CRPS, spread-skill, W1, energy score, each beside its noise floor (the same metric for
-   real fields with the nearest parameters) and the evaluation's verdict;
+   CRPS, spread-skill, the spread of the domain mean, W1, energy score, each beside its
+   noise floor (the same metric for real fields with the nearest parameters) and the
+   evaluation's verdict;
 2. **held-out slopes, every sampler**: ``scidiff-sample`` at n = 2.1, 2.25, 2.4 (A = 1), and
    the spectral index of every member by log-periodogram regression
    (:func:`scidiff.evaluation.slopes.fit_power_law`), against the same estimator on real
@@ -53,7 +54,8 @@ def _sampler_overrides(spec: tuple[str, int, str]) -> list[str]:
     return [f"sampler={name}", f"sampler.steps={steps}", f"sampler.spacing={spacing}"]
 
 
-METRICS = ("std_ratio", "spectral_error", "rank_deviation", "crps", "spread_skill", "w1", "energy_score")
+METRICS = ("std_ratio", "spectral_error", "rank_deviation", "crps", "spread_skill", "domain_mean_std_ratio", "w1",
+           "energy_score")
 
 
 def _bin(name: str) -> str:
