@@ -65,6 +65,20 @@ class _FieldsMetric(Metric):
                 f"{name} has spatial shape {tuple(x.shape[2:])}, expected {spatial_shape}"
             )
 
+    def _pair(
+        self, samples: Tensor, data: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Samples with their members pooled (and a per-sample mask repeated over them),
+        both checked against the metric's channels and against each other's grid."""
+        samples, samples_mask = fold_members(samples, mask, data.ndim - 2)
+        self._check(samples, "samples")
+        self._check(data, "data")
+        if samples.shape[2:] != data.shape[2:]:
+            raise ValueError(
+                f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid"
+            )
+        return samples, samples_mask
+
 
 @dataclass
 class MomentMaps:
@@ -216,11 +230,7 @@ class DomainMeanStdRatio(_FieldsMetric):
         mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
         weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
         """
-        samples, samples_mask = fold_members(samples, mask, data.ndim - 2)
-        self._check(samples, "samples")
-        self._check(data, "data")
-        if samples.shape[2:] != data.shape[2:]:
-            raise ValueError(f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid")
+        samples, samples_mask = self._pair(samples, data, mask)
         self._accumulate("samples", samples, samples_mask, weights)
         self._accumulate("data", data, mask, weights)
 
@@ -327,13 +337,7 @@ class Wasserstein1(_FieldsMetric):
         mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
         weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
         """
-        samples, samples_mask = fold_members(samples, mask, data.ndim - 2)
-        self._check(samples, "samples")
-        self._check(data, "data")
-        if samples.shape[2:] != data.shape[2:]:
-            raise ValueError(
-                f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid"
-            )
+        samples, samples_mask = self._pair(samples, data, mask)
         self._accumulate("samples", samples, samples_mask, weights)
         self._accumulate("data", data, mask, weights)
 
