@@ -65,11 +65,27 @@ class _FieldsMetric(Metric):
                 f"{name} has spatial shape {tuple(x.shape[2:])}, expected {spatial_shape}"
             )
 
-    def _pair(
-        self, samples: Tensor, data: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Samples with their members pooled (and a per-sample mask repeated over them),
-        both checked against the metric's channels and against each other's grid."""
+
+class _PairedFieldsMetric(_FieldsMetric):
+    """A metric of samples against data whose states are accumulated per group (``"samples"``,
+    ``"data"``) by ``_accumulate(group, fields, mask, weights)``."""
+
+    def _accumulate(self, group: str, x: Tensor, mask: Tensor | None, weights: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def update(
+        self,
+        samples: Tensor,
+        data: Tensor,
+        mask: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> None:
+        """Args:
+        samples: ``[N, C, *S]`` or ``[B, M, C, *S]`` (members pooled).
+        data: ``[N', C, *S]``, the same grid.
+        mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
+        weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
+        """
         samples, samples_mask = fold_members(samples, mask, data.ndim - 2)
         self._check(samples, "samples")
         self._check(data, "data")
@@ -77,7 +93,8 @@ class _FieldsMetric(Metric):
             raise ValueError(
                 f"samples {tuple(samples.shape)} and data {tuple(data.shape)} differ in grid"
             )
-        return samples, samples_mask
+        self._accumulate("samples", samples, samples_mask, weights)
+        self._accumulate("data", data, mask, weights)
 
 
 @dataclass
@@ -171,7 +188,7 @@ class BiasStdMaps(_FieldsMetric):
         return MomentMaps(mean_s, mean_d, mean_s - mean_d, std_s, std_d, std_s / std_d)
 
 
-class DomainMeanStdRatio(_FieldsMetric):
+class DomainMeanStdRatio(_PairedFieldsMetric):
     """The spread of each field's domain mean, samples against data.
 
     The domain mean of a field is its weighted mean over its valid points (mask times area
@@ -222,18 +239,6 @@ class DomainMeanStdRatio(_FieldsMetric):
             name = f"{group}_{moment}"
             setattr(self, name, getattr(self, name) + value.sum(dim=0))
 
-    def update(self, samples: Tensor, data: Tensor, mask: Tensor | None = None,
-               weights: Tensor | None = None) -> None:
-        """Args:
-        samples: ``[N, C, *S]`` or ``[B, M, C, *S]``.
-        data: ``[N', C, *S]``.
-        mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
-        weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
-        """
-        samples, samples_mask = self._pair(samples, data, mask)
-        self._accumulate("samples", samples, samples_mask, weights)
-        self._accumulate("data", data, mask, weights)
-
     def std(self, group: str) -> Tensor:
         """``[C]`` standard deviation of the domain means of ``"samples"`` or ``"data"`` (NaN below 2
         fields), in field units. Synced across ranks: under DDP, call it on every rank (a collective)."""
@@ -256,7 +261,7 @@ class DomainMeanStdRatio(_FieldsMetric):
         return torch.where(constant, torch.nan, self._std("samples") / std_data)
 
 
-class Wasserstein1(_FieldsMetric):
+class Wasserstein1(_PairedFieldsMetric):
     """Wasserstein-1 distance between the value distributions of samples and data.
 
     ``W1 = integral |F_samples(v) - F_data(v)| dv`` over the distribution of point
@@ -323,23 +328,6 @@ class Wasserstein1(_FieldsMetric):
         name = f"{group}_hist"
         hist = torch.zeros(c, self.num_bins + 2, dtype=torch.float64, device=v.device)
         setattr(self, name, getattr(self, name) + hist.scatter_add_(1, index, w))
-
-    def update(
-        self,
-        samples: Tensor,
-        data: Tensor,
-        mask: Tensor | None = None,
-        weights: Tensor | None = None,
-    ) -> None:
-        """Args:
-        samples: ``[N, C, *S]`` or ``[B, M, C, *S]``.
-        data: ``[N', C, *S]``.
-        mask: 0/1 broadcastable to ``data`` (repeated over members for a per-sample mask).
-        weights: area weights broadcastable to both (e.g. cos latitude ``[H, 1]``).
-        """
-        samples, samples_mask = self._pair(samples, data, mask)
-        self._accumulate("samples", samples, samples_mask, weights)
-        self._accumulate("data", data, mask, weights)
 
     def out_of_range(self) -> tuple[Tensor, Tensor]:
         """Fractions ``[C]`` of sample and data values that fell outside ``value_range``.
