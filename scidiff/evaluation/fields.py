@@ -220,10 +220,11 @@ class DomainMeanStdRatio(_PairedFieldsMetric):
 
     def __init__(self, num_channels: int, **kwargs) -> None:
         super().__init__(num_channels, **kwargs)
-        for group in ("samples", "data"):
-            for moment in ("count", "sum", "sum_sq", "mean_sq"):
-                self.add_state(f"{group}_{moment}", torch.zeros(self.num_channels, dtype=torch.float64),
-                               dist_reduce_fx="sum")
+        # per group: fields, sum and sum of squares of their domain means; for the data also the
+        # sum of their mean squares (the scale that tells a constant domain mean from a varying one)
+        for name in ("samples_count", "samples_sum", "samples_sum_sq", "data_count", "data_sum", "data_sum_sq",
+                     "data_mean_sq"):
+            self.add_state(name, torch.zeros(self.num_channels, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _accumulate(self, group: str, x: Tensor, mask: Tensor | None, weights: Tensor | None) -> None:
         w = point_weights(x, mask, weights)
@@ -233,9 +234,10 @@ class DomainMeanStdRatio(_PairedFieldsMetric):
         valid = total > 0
         safe = torch.where(valid, total, 1.0)
         mean = torch.where(valid, weighted(w, x).sum(dim=points) / safe, 0.0)
-        mean_sq = torch.where(valid, weighted(w, x * x).sum(dim=points) / safe, 0.0)
-        for moment, value in (("count", valid.to(torch.float64)), ("sum", mean), ("sum_sq", mean * mean),
-                              ("mean_sq", mean_sq)):
+        moments = {"count": valid.to(torch.float64), "sum": mean, "sum_sq": mean * mean}
+        if group == "data":
+            moments["mean_sq"] = torch.where(valid, weighted(w, x * x).sum(dim=points) / safe, 0.0)
+        for moment, value in moments.items():
             name = f"{group}_{moment}"
             setattr(self, name, getattr(self, name) + value.sum(dim=0))
 
