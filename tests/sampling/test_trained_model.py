@@ -4,7 +4,8 @@ The analytic-denoiser tests prove the samplers' mathematics; this test proves th
 ``scidiff-train`` (a subprocess, the quickstart's diffusion, denoiser and optimiser settings)
 trains a small model on a store of periodic Gaussian random fields with one power spectrum
 ``P(k) = k^-2.5``, and every sampler (DDPM over all T steps; DDIM with 20 and 50 steps and
-each spacing) draws members from it, which are compared with
+each spacing; DPM-Solver++ 2M, 3M and SDE-2M and Heun on the trailing and the Karras grid, at
+20 model calls) draws members from it, which are compared with
 
 * the same sampler, from the same noise, with the *exact* denoiser of this law (the Wiener
   filter, :class:`~scidiff.diffusion.analytic.GaussianFieldDenoiser`): what a perfect model
@@ -21,9 +22,9 @@ over radial shells of ``|ln P_a(k) / P_b(k)|``. An eps-prediction model on the c
 schedule (the default before v-prediction) fails by orders of magnitude: DDPM and trailing DDIM
 start at t = T-1, where that schedule multiplies the model's eps error by ~30 per step.
 
-Trailing DDIM-20 and leading DDIM-50 also run with the network in bf16 (``execution.precision=bf16``):
-the same tolerances against the exact denoiser, and members within 2 % of the float32 model's
-(measured 0.1 %).
+Trailing DDIM-20 and leading DDIM-50 also run with the network in bf16 (``execution.precision=bf16``)
+on the first 16 members' noise: within 2 % of the float32 model's members (measured 0.1 %). bf16
+is ~15x slower than float32 on CPUs without bf16 arithmetic, hence the subset.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tests.training.conftest import QUIET, run_train
 SHAPE = (16, 16)
 INDEX, AMPLITUDE = 2.5, 1.0
 MEMBERS = 48
+BF16_MEMBERS = 16
 FLOOR_REPEATS = 40
 # (name, sampler keyword arguments): DDPM over all T steps, DDIM with 20 and 50 steps, every spacing
 # also run with the network in bf16, two deterministic chains (DDPM-1000 in bf16, 3x slower on CPU than in
@@ -51,7 +53,25 @@ BF16 = ("ddim20-trailing", "ddim50-leading")
 SAMPLERS = [("ddpm", {})] + [
     (f"ddim{steps}-{spacing}", {"num_steps": steps, "spacing": spacing})
     for steps in (20, 50) for spacing in ("leading", "trailing", "linspace")
+] + [  # the faster solvers at 20 model calls (Heun: 10 steps, 19 calls)
+    ("dpm2m-20", {"num_steps": 20, "order": 2}),
+    ("dpm3m-20", {"num_steps": 20, "order": 3}),
+    ("sde-dpm2m-20", {"num_steps": 20, "order": 2, "stochastic": True}),
+    ("heun10-trailing", {"num_steps": 10, "spacing": "trailing"}),
+    ("heun10-karras", {"num_steps": 10, "spacing": "karras"}),
 ]
+
+
+def run_sampler(name: str, net, diffusion, x_T: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The sampler ``name`` of ``SAMPLERS`` from ``x_T`` (stochastic ones from a fixed seed)."""
+    noise = torch.Generator().manual_seed(4)
+    if name == "ddpm":
+        return samplers.ddpm_sample(net, diffusion, x_T, generator=noise)
+    if name.startswith("ddim"):
+        return samplers.ddim_sample(net, diffusion, x_T, **kwargs)
+    if name.startswith("heun"):
+        return samplers.heun_sample(net, diffusion, x_T, **kwargs)
+    return samplers.dpm_solver_sample(net, diffusion, x_T, generator=noise, **kwargs)
 
 
 def real_fields(num: int, seed: int) -> torch.Tensor:
@@ -83,7 +103,8 @@ def trained(tmp_path_factory):
                          "--amplitude", str(AMPLITUDE), str(AMPLITUDE), "--seed", "5", "-q"]) in (0, None)
     steps = 600
     run_train(["experiment=quickstart", f"data.path={store}", "generate_data=null", "data.params=[]",
-               "data/split=fraction", "~data.split.coord", "data.split.train=0.9", "data.split.val=0.1", "data.split.test=0.0",
+               "data/split=fraction", "~data.split.coord", "data.split.train=0.9", "data.split.val=0.1",
+               "data.split.test=0.0",
                "module.cond_dropout=0.0", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                f"callbacks.periodic_checkpoint.every_n_train_steps={steps}", "callbacks.best_checkpoint=null",
                "logger=none", "run_name=quality", *QUIET], root, root, timeout=400)
@@ -113,11 +134,10 @@ def test_every_sampler_generates_the_fields_of_the_data(trained):
         nets = [("model", pre.denoiser), ("exact", exact)] + ([("model in bf16", bf16)] if name in BF16 else [])
         for label, net in nets:
             x_T = torch.randn((MEMBERS, 1, *SHAPE), generator=torch.Generator().manual_seed(3))
+            if label == "model in bf16":
+                x_T = x_T[:BF16_MEMBERS]
             with torch.no_grad():
-                if name == "ddpm":
-                    x = samplers.ddpm_sample(net, pre.diffusion, x_T, generator=torch.Generator().manual_seed(4))
-                else:
-                    x = samplers.ddim_sample(net, pre.diffusion, x_T, **kwargs)
+                x = run_sampler(name, net, pre.diffusion, x_T, kwargs)
             out[label] = pre.to_physical(x.double())
         std = math.log(float(out["model"].std() / out["exact"].std()))
         spec = spectral_error(out["model"], out["exact"])
@@ -129,14 +149,11 @@ def test_every_sampler_generates_the_fields_of_the_data(trained):
         if not spec <= 3 * floor_spec:
             failures.append(f"{name}: spectral error against the exact denoiser's members {spec:.3g}")
         if "model in bf16" in out:  # the same sampler with the network in bf16 (execution.precision=bf16)
-            rel = float((out["model in bf16"] - out["model"]).norm() / out["model"].norm())
-            std16 = math.log(float(out["model in bf16"].std() / out["exact"].std()))
-            spec16 = spectral_error(out["model in bf16"], out["exact"])
-            rows.append(f"{name:16s} bf16:    ln std ratio {std16:+.3f}, spectral error {spec16:.3f} vs exact; "
-                        f"members {rel:.4f} (relative) from the float32 model's")
-            if not (abs(std16) <= 3 * floor_std and spec16 <= 3 * floor_spec and rel < 0.02):
-                failures.append(f"{name} in bf16: std ratio {math.exp(std16):.3g}, spectral error {spec16:.3g}, "
-                                f"members {rel:.3g} from float32's")
+            ref32 = out["model"][:BF16_MEMBERS]
+            rel = float((out["model in bf16"] - ref32).norm() / ref32.norm())
+            rows.append(f"{name:16s} bf16:    members {rel:.4f} (relative) from the float32 model's")
+            if not rel < 0.02:
+                failures.append(f"{name} in bf16: members {rel:.3g} (relative) from float32's")
         if name == "ddpm":
             std_real, spec_real = std_log_ratio(out["model"], real), spectral_error(out["model"], real)
             rows.append(f"{'ddpm':16s} vs real:  |ln std ratio| {std_real:.3f}, spectral error {spec_real:.3f}")
