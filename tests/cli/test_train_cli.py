@@ -60,7 +60,7 @@ def dev_runs(tmp_path_factory, data_dir) -> dict[str, tuple[Path, list]]:
     directory: {name: (directory, [CompletedProcess of each of its commands])}.
 
     * each experiment of ``DEV_RUNS``: it generates its store (tiny size) and runs one train + one val
-      batch (``fast_dev_run``); the 2-D GRF run takes the GPU recipe's CPU-capable fast paths from the
+      batch of 2 (``fast_dev_run``); the 2-D GRF run takes the GPU recipe's CPU-capable fast paths from the
       command line (bf16-mixed, channels-last);
     * each latent experiment with its own autoencoder experiment: one autoencoder step on the tiny
       store, then one step of the latent model on it (the latent tests train them for real);
@@ -71,7 +71,8 @@ def dev_runs(tmp_path_factory, data_dir) -> dict[str, tuple[Path, list]]:
     for experiment in DEV_RUNS:
         cwd = tmp_path_factory.mktemp(experiment)
         overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "generate_data.size=tiny", *QUIET,
-                     *_dev_overrides(experiment, cwd, experiment), *FAST_PATHS.get(experiment, [])]
+                     *_dev_overrides(experiment, cwd, experiment), *FAST_PATHS.get(experiment, []),
+                     "data.batch_size=2"]  # the experiments' batches are GPU-sized (the voxels': 38 s a step here)
         if experiment.endswith("_autoencoder"):
             overrides += ["callbacks.reconstructions=null", "autoencoder.model_channels=8"]
         plan[experiment] = (cwd, [Command("train", overrides, cwd)])
