@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 import xarray as xr
 
 from tests.cli.test_bad_inputs import assert_refused
-from tests.training.conftest import QUIET, Command, run_commands, run_train
+from tests.training.conftest import QUIET, Command, run_cli, run_commands, run_train
 
 AE = "outputs/quickstart_autoencoder/ae"
 LATENT = "outputs/quickstart_latent/lat"
@@ -46,15 +44,6 @@ def latent_runs(tmp_path_factory, data_dir) -> Path:
                           "logger=none", "callbacks.reconstructions=null", *quiet], cwd / "bad"),
     ], data_dir)
     return cwd
-
-
-def cli(module: str, args: list[str], cwd: Path, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", f"scidiff.cli.{module}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"scidiff-{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def test_the_autoencoder_run_logs_reconstruction_metrics_and_figures(latent_runs):
@@ -123,9 +112,9 @@ def test_sampling_decodes_to_a_store_like_a_field_model(latent_runs, trained_run
 
 
 def test_evaluation_reports_fields_physical_metrics_the_autoencoder_and_a_latent_bound(latent_runs, data_dir):
-    proc = cli("evaluate", [f"checkpoint={LATENT}", "split=val", "max_samples=6", "sampling.members=2",
-                            "sampler.steps=4", "bound.estimator=importance", "bound.num_terms=4", "out=ev"],
-               latent_runs, data_dir)
+    proc = run_cli("evaluate", [f"checkpoint={LATENT}", "split=val", "max_samples=6", "sampling.members=2",
+                                "sampler.steps=4", "bound.estimator=importance", "bound.num_terms=4", "out=ev"],
+                   latent_runs, data_dir, timeout=300)
     line = proc.stdout.strip().splitlines()[-1]
     assert "latent bound" in line and "not the data's" in line and "autoencoder reconstruction RMSE field" in line
     ev = xr.open_dataset(latent_runs / "ev" / "evaluation.nc")
@@ -144,8 +133,8 @@ def test_inversion_encodes_inverts_the_latent_and_decodes(latent_runs, data_dir)
     for v in ds.variables.values():
         v.encoding.clear()
     ds.to_zarr(latent_runs / "inp.zarr", zarr_format=2, consolidated=True)
-    proc = cli("invert", [f"checkpoint={LATENT}", "input=inp.zarr", "out=inv.zarr", "sampler.steps=8"],
-               latent_runs, data_dir)
+    proc = run_cli("invert", [f"checkpoint={LATENT}", "input=inp.zarr", "out=inv.zarr", "sampler.steps=8"],
+                   latent_runs, data_dir, timeout=300)
     assert "3 fields inverted" in proc.stdout
     inv = xr.open_zarr(latent_runs / "inv.zarr")
     assert inv["latent"].dims == ("sample", "latent_channel", "latent_y", "latent_x")

@@ -18,6 +18,7 @@ import torch
 import xarray as xr
 
 import scidiff
+from tests.training.conftest import run_cli
 
 SETS = "params.grid={spectral_index: [1.5, 3.0], amplitude: [1.0]}"
 MEMBERS = 6
@@ -32,7 +33,10 @@ def env() -> dict[str, str]:
 
 def sample(args: list[str], cwd: Path, module: list[str] | None = None, timeout: float = 240,
            check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *(module or ["-m", "scidiff.cli.sample"]), *args]
+    """scidiff-sample as a process (forked, ``run_cli``), or ``python <module> args`` (a launcher)."""
+    if module is None:
+        return run_cli("sample", args, cwd, timeout=timeout, check=check)
+    cmd = [sys.executable, *module, *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

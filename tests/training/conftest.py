@@ -16,21 +16,29 @@ from tests.forked import run_forked
 QUIET = ["callbacks.samples=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def run_train(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240, check: bool = True,
-              extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """``scidiff-train args`` in ``cwd`` as a process of its own, forked from the warm zygote
+def run_cli(cli: str, args: list[str], cwd: Path, data_dir: Path | None = None, timeout: float = 240,
+            check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``scidiff-<cli> args`` in ``cwd`` as a process of its own, forked from the warm zygote
     (``tests/forked.py``); with a ``PYTHONWARNINGS`` other than ``ignore`` in ``extra_env`` (what an
     interpreter reads as it starts), a new interpreter, exactly as a user starts one. With ``check``,
     a failure raises with its stderr."""
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore", **(extra_env or {})}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(extra_env or {})}
+    if data_dir is not None:
+        env["SCIDIFF_DATA_DIR"] = str(data_dir)
     if env["PYTHONWARNINGS"] != "ignore":
-        proc = subprocess.run([sys.executable, "-m", "scidiff.cli.train", *args], cwd=cwd, env=env,
+        proc = subprocess.run([sys.executable, "-m", f"scidiff.cli.{cli}", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
     else:
-        proc = run_forked("train", args, cwd, env, timeout)
+        proc = run_forked(cli, args, cwd, env, timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"scidiff-train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"scidiff-{cli} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_train(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240, check: bool = True,
+              extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """:func:`run_cli` of ``scidiff-train``."""
+    return run_cli("train", args, cwd, data_dir, timeout, check, extra_env)
 
 
 @dataclass
