@@ -7,19 +7,20 @@ suite starts dozens of them. :func:`run_forked` hands a command to a *zygote*: a
 started once per test process that has imported every ``scidiff`` module and then only forks. The
 child is a process of its own (its pid, its signals, its exit status, ``kill -9`` kills it alone)
 that runs ``scidiff.cli.<cli>.main(args)`` in its working directory with its environment and its
-stdout and stderr, and exits through the interpreter's normal shutdown (``atexit`` handlers run, as
-in a real process).
+stdout and stderr, and exits as a process does, but for the teardown of every module: the ``atexit``
+handlers run (MLflow's, Lightning's), a ``str`` exit code is printed, the streams are flushed.
 
 ``sys.argv`` is the command's module file and its arguments, so Lightning's DDP launcher starts the
 other ranks as ``python scidiff/cli/train.py <args>``, fresh interpreters. What a fork cannot
-reproduce, the callers run in a fresh interpreter instead (``tests.training.conftest.run_train``
+reproduce, the callers run in a fresh interpreter instead (``tests.training.conftest.run_cli``
 does so by itself for a ``PYTHONWARNINGS`` other than ``ignore``): anything read at interpreter
 start, such as the warnings raised while importing.
 
 The zygote runs nothing before it forks (no thread pool, no zarr I/O loop exists yet), checks that it
 holds no thread, and ends when its test process closes its stdin. ``gc.freeze()`` keeps the
-collector off its objects in a child: a walk would copy every page of the heap (a command took 5.5 s
-forked without it, 2.4 s with it, 3.4 s as the second run of one interpreter).
+collector off its objects in a child, where a walk would copy every page of the heap. A one-step
+quickstart took 5.5 s forked with the collector on and a full shutdown, 2.4 s forked as here, and
+3.4 s as the second run of one interpreter.
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ for line in requests:
             code = exc.code
         except BaseException:
             traceback.print_exc(); code = 1
-        # A process's exit without the teardown of every module (seconds for this heap): the atexit
-        # handlers run (MLflow's, Lightning's), a str is printed, the streams are flushed.
+        # a process's exit without the teardown of every module (seconds for this heap)
         if isinstance(code, str):
             print(code, file=sys.stderr); code = 1
         import atexit; atexit._run_exitfuncs()
