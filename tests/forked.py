@@ -6,7 +6,7 @@ torchmetrics, transformers and scipy), MLflow, Hydra, xarray and zarr before it 
 suite starts dozens of them. :func:`run_forked` hands a command to a *zygote*: an interpreter
 started once per test process that has imported every ``scidiff`` module and then only forks. The
 child is a process of its own (its pid, its signals, its exit status, ``kill -9`` kills it alone)
-that runs ``scidiff.cli.<cli>.main(args)`` in its working directory with its environment and its
+that runs ``scidiff.cli.<cli>.main(args)`` (or a workflow script) in its working directory with its environment and its
 stdout and stderr, and exits as a process does, but for the teardown of every module: the ``atexit``
 handlers run (MLflow's, Lightning's), a ``str`` exit code is printed, the streams are flushed.
 
@@ -39,15 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The zygote: imports everything once, then forks a child per request line
-# {"cli", "args", "cwd", "env", "stdout", "stderr"} and answers "<pid>\n" then "<exit status>\n"
+# {"command", "script", "args", "cwd", "env", "stdout", "stderr"} and answers "<pid>\n" then "<exit status>\n"
 # (negative: killed by that signal, as subprocess reports it).
 _ZYGOTE = r"""
-import gc, importlib, json, os, pkgutil, sys, threading, traceback
+import gc, importlib, json, os, pkgutil, runpy, sys, threading, traceback
 
 import lightning.pytorch, mlflow, mlflow.tracking, hydra, xarray, zarr  # noqa: F401
-import scidiff
-for info in pkgutil.walk_packages(scidiff.__path__, "scidiff."):
-    importlib.import_module(info.name)
+import scidiff, scidiff_datasets
+for package in (scidiff, scidiff_datasets):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
 
 # No thread but the main one (a thread's locks would stay taken in a child), except jemalloc's
 # background thread (pyarrow's, imported by MLflow), which jemalloc's own fork handlers take care of.
@@ -77,9 +78,14 @@ for line in requests:
             if entry not in sys.path:
                 sys.path.insert(0, entry)
         try:
-            command = importlib.import_module("scidiff.cli." + step["cli"])
-            sys.argv = [command.__file__, *step["args"]]  # what Lightning's DDP launcher re-runs for the other ranks
-            code = command.main(step["args"])
+            if step["script"]:  # python <script> args
+                sys.argv = [step["command"], *step["args"]]
+                runpy.run_path(step["command"], run_name="__main__")
+                code = 0
+            else:  # the module's main(args), as its console script calls it
+                command = importlib.import_module(step["command"])
+                sys.argv = [command.__file__, *step["args"]]  # what Lightning's DDP launcher re-runs for other ranks
+                code = command.main(step["args"])
         except SystemExit as exc:
             code = exc.code
         except BaseException:
@@ -122,11 +128,13 @@ class _Zygote:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.decode().strip()
 
-    def run(self, cli: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float,
+    def run(self, command: str | Path, args: list[str], cwd: Path, env: dict[str, str], timeout: float,
             ) -> subprocess.CompletedProcess:
+        shown = [str(command), *args]
         with tempfile.TemporaryDirectory(prefix="scidiff-forked-") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            self.proc.stdin.write(json.dumps({"cli": cli, "args": list(args), "cwd": str(cwd), "env": env,
+            self.proc.stdin.write(json.dumps({"command": str(command), "script": isinstance(command, Path),
+                                              "args": list(args), "cwd": str(cwd), "env": env,
                                               "stdout": str(out), "stderr": str(err)}) + "\n")
             self.proc.stdin.flush()
             pid = self._line(60)
@@ -136,9 +144,8 @@ class _Zygote:
             if status is None:  # as subprocess.run: kill the command, then raise
                 os.killpg(int(pid), signal.SIGKILL)
                 self._line(60)
-                raise subprocess.TimeoutExpired([f"scidiff-{cli}", *args], timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess([f"scidiff-{cli}", *args], int(status), out.read_text(),
-                                               err.read_text())
+                raise subprocess.TimeoutExpired(shown, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(shown, int(status), out.read_text(), err.read_text())
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -152,14 +159,16 @@ class _Zygote:
 _zygote: _Zygote | None = None
 
 
-def run_forked(cli: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600,
+def run_forked(command: str | Path, args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600,
                ) -> subprocess.CompletedProcess:
-    """``scidiff-<cli> args`` in ``cwd`` with exactly the environment ``env``, as a process forked
-    from this test process's zygote (started at the first call): its exit status (negative when a
-    signal killed it), stdout and stderr. A command still running after ``timeout`` s is killed
-    with its children and raises ``subprocess.TimeoutExpired``."""
+    """``command args`` in ``cwd`` with exactly the environment ``env``, as a process forked from this
+    test process's zygote (started at the first call). ``command`` is a module whose ``main(args)`` is
+    called, as its console script does (``"scidiff.cli.train"``), or a script run as ``python <script>
+    args`` (a ``Path``). Its exit status (negative when a signal killed it), stdout and stderr; a
+    command still running after ``timeout`` s is killed with its children and raises
+    ``subprocess.TimeoutExpired``."""
     global _zygote
     if _zygote is None or _zygote.proc.poll() is not None:
         _zygote = _Zygote()
         atexit.register(_zygote.close)
-    return _zygote.run(cli, args, cwd, env, timeout)
+    return _zygote.run(command, args, cwd, env, timeout)

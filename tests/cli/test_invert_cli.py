@@ -5,10 +5,8 @@ in tests/diffusion/test_samplers.py::test_inversion_round_trip.)"""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +14,13 @@ import pytest
 import torch
 import xarray as xr
 
+from tests.training.conftest import run_cli
+
 RUN = "outputs/quickstart/tiny"
 
 
 def run_invert(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "scidiff.cli.invert", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli("invert", args, cwd, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")

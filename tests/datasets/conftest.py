@@ -1,13 +1,15 @@
-"""Tiny stores made once per test session: through the console entry point in a subprocess
-(what a user runs), plus a second copy of each made in-process for the determinism test."""
+"""Tiny stores made once per test session: through the command's entry point in a process of its
+own (what a user runs), plus a second copy of each made in-process for the determinism test."""
 
 from __future__ import annotations
 
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.forked import run_forked
 
 GENERATOR_ARGS = {
     "grf": ["--dims", "2"],
@@ -17,9 +19,9 @@ GENERATOR_ARGS = {
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``scidiff-make-dataset *args`` in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-m", "scidiff_datasets.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+    """``scidiff-make-dataset *args`` as a process (forked from the tests' zygote, ``tests/forked.py``)."""
+    proc = run_forked("scidiff_datasets.cli", list(args), Path.cwd(), {**os.environ, "PYTHONWARNINGS": "ignore"},
+                      timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"scidiff-make-dataset {' '.join(args)} failed:\n{proc.stderr}")
     return proc

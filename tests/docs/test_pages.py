@@ -18,12 +18,13 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.forked import run_forked
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "docs" / "benchmarks"
@@ -113,10 +114,11 @@ def test_every_benchmark_page_has_the_layout(page):
 
 # ------------------------------------------------------------------ scripts, cheapest settings
 def run_script(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> str:
+    """``python <script> <args>`` in ``tmp_path``, a process forked from the tests' zygote
+    (``tests/forked.py``): stdout and stderr, after checking it succeeded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(extra_env or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_forked(Path(args[0]), args[1:], tmp_path, env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     return out

@@ -29,7 +29,7 @@ def run_cli(cli: str, args: list[str], cwd: Path, data_dir: Path | None = None, 
         proc = subprocess.run([sys.executable, "-m", f"scidiff.cli.{cli}", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
     else:
-        proc = run_forked(cli, args, cwd, env, timeout)
+        proc = run_forked(f"scidiff.cli.{cli}", args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"scidiff-{cli} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -61,7 +61,7 @@ def run_commands(commands: list[Command], data_dir: Path, timeout: float = 600,
     results = []
     for command in commands:
         env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore", **command.env}
-        done = run_forked(command.cli, command.args, command.cwd, env, timeout)
+        done = run_forked(f"scidiff.cli.{command.cli}", command.args, command.cwd, env, timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"scidiff-{command.cli} {' '.join(command.args)} failed ({done.returncode}):\n"
                                  f"{done.stderr[-4000:]}")
