@@ -48,7 +48,10 @@ import lightning.pytorch, mlflow, mlflow.tracking, hydra, xarray, zarr  # noqa: 
 import scidiff, scidiff_datasets
 for package in (scidiff, scidiff_datasets):
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # needs an extra not installed here: a child imports it, and fails, where used
+            pass
 
 # No thread but the main one (a thread's locks would stay taken in a child), except jemalloc's
 # background thread (pyarrow's, imported by MLflow), which jemalloc's own fork handlers take care of.
