@@ -148,6 +148,9 @@ class _Zygote:
                 os.killpg(int(pid), signal.SIGKILL)
                 self._line(60)
                 raise subprocess.TimeoutExpired(shown, timeout, out.read_text(), err.read_text())
+            if not status:
+                raise RuntimeError(f"the zygote died while {' '.join(shown)} ran:\n"
+                                   f"{Path(self.log.name).read_text()[-4000:]}")
             return subprocess.CompletedProcess(shown, int(status), out.read_text(), err.read_text())
 
     def close(self) -> None:
