@@ -8,7 +8,10 @@ scales: 0 is the model's unconditional prediction (its null condition, trained w
 dropout 0.1: the unconditional model), 1 the conditional one, above 1 guided. For each: the
 members' fidelity (top-1/top-5 retrieval of their own condition, mean similarity) beside the real
 fields', and the sample quality (spectral error, CRPS, std ratio against their floor, verdict).
-DPM-Solver++ 2M at 20 calls.
+DPM-Solver++ 2M at 20 calls. Every fidelity score comes with its standard error over the
+conditions. The real held-out fields give one field per condition, a noisy floor; the generator's
+exact draws (``--members`` fresh fields at each evaluated condition, what a perfect model
+generates) give the precise one.
 
     bash workflows/quickstart.sh                                    # the quickstart model
     python workflows/fidelity_guidance.py outputs/quickstart/<run> --data-path data/generated/grf_quickstart.zarr \
@@ -27,8 +30,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-from sampler_quickstart import short_verdict  # noqa: E402
-
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
 from scidiff.evaluation.fidelity import FidelitySettings  # noqa: E402
 from scidiff.inference import DPMSolver, GuidanceSpec, load_pretrained  # noqa: E402
@@ -72,6 +73,34 @@ def encoder_retrieval(encoder, model, args) -> list[list[str]]:
     return rows
 
 
+def exact_draws(encoder, model, args) -> dict[str, float]:
+    """The fidelity scores of a perfect model: ``args.members`` fresh draws of the GRF generator at
+    each of the evaluated conditions (the first ``args.samples`` of ``args.split``), scored
+    as the evaluation scores members."""
+    import hydra.utils as hu
+    from scidiff_datasets.grf import sample_fields
+
+    from scidiff.evaluation.fidelity import ConditionFidelity
+    from scidiff.inference.runtime import DistContext
+
+    dm = hu.instantiate(dict(model.config["data"]), path=str(args.data_path), num_workers=0, statistics_path=None)
+    dm.load_state_dict({"statistics": model.statistics.state_dict(), "split_indices": model.split_indices})
+    batch = dm.datasets[args.split].read_batch(np.asarray(dm.split_indices[args.split])[: args.samples])
+    x = model.to_physical(batch["x"].double())
+    params = dm.inverse_params(batch["params"]).double()
+    names = list(model.metadata.param_names)
+    n, a = params[:, names.index("spectral_index")].numpy(), params[:, names.index("amplitude")].numpy()
+    noise = np.random.default_rng(7).standard_normal((len(x), args.members, *x.shape[2:]))
+    draws = np.stack([sample_fields(noise[:, j], a, n) for j in range(args.members)], axis=1)
+    fid = ConditionFidelity(encoder)
+    fid.update(torch.from_numpy(draws)[:, :, None], x, params, None)
+    return fid.results(DistContext())
+
+
+def pm(s: dict[str, float], key: str) -> str:
+    return f"{s[key]:.3f} ± {s[key + '_se']:.3f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="the trained quickstart run")
@@ -81,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
     p.add_argument("--candidates", type=int, nargs="+", default=[8, 32, 128, 814])
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--split", choices=["val", "train"], default="val",
+                   help="whose conditions the model is scored on: the held-out band (val) or the training's (train)")
     p.add_argument("--members", type=int, default=8)
     p.add_argument("--page", type=Path, default=None)
     args = p.parse_args(argv)
@@ -91,23 +122,28 @@ def main(argv: list[str] | None = None) -> None:
     encoder = load_contrastive(encoder_run)
     retrieval = encoder_retrieval(encoder, model, args)
     info = json.loads((encoder_run / "summary.json").read_text())
+    perfect = exact_draws(encoder, model, args)
     rows = []
     for scale in args.scales:
-        settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=32, seed=0,
-                                      bound=BoundSettings(enabled=False), sampling=SamplingSettings(members=args.members),
+        settings = EvaluationSettings(split=args.split, max_samples=args.samples, batch_size=32, seed=0,
+                                      bound=BoundSettings(enabled=False),
+                                      sampling=SamplingSettings(members=args.members),
                                       sampler=DPMSolver(steps=20, order=2), guidance=GuidanceSpec(scale=scale),
                                       fidelity=FidelitySettings(encoder=str(encoder_run)))
         s = evaluate(model, settings, data_path=args.data_path, device="cpu", progress=False).scalars
-        ev_line = (f"guidance {scale:g}: fidelity top-1 {s['fidelity/top1']:.3f} top-5 {s['fidelity/top5']:.3f} "
-                   f"similarity {s['fidelity/similarity']:.3f} (real fields: {s['fidelity/real_top1']:.3f}, "
-                   f"{s['fidelity/real_top5']:.3f}, {s['fidelity/real_similarity']:.3f}; {s['fidelity/candidates']:.0f} "
-                   f"candidates) | spectral {s['spectral_error/field']:.4f} (floor {s['floor/spectral_error/field']:.4f})"
-                   f" | CRPS {s['crps/field']:.4f} (floor {s['floor/crps/field']:.4f}) | std ratio "
-                   f"{s['std_ratio/field']:.3f}")
+        if not rows:
+            which = "held-out" if args.split == "val" else "training"
+            rows.append([f"real {which} fields (1 per condition, {s['fidelity/candidates']:.0f} conditions)",
+                         *(pm(s, f"fidelity/real_{k}") for k in ("top1", "top5", "similarity")), "", "", "", "", ""])
+            rows.append([f"exact draws of the generator ({args.members} per condition)",
+                         *(pm(perfect, f"fidelity/{k}") for k in ("top1", "top5", "similarity")), "", "", "", "", ""])
+            print("real fields: " + ", ".join(rows[0][1:4]) + " | exact draws: " + ", ".join(rows[1][1:4]), flush=True)
+        ev_line = (f"guidance {scale:g}: fidelity top-1 {pm(s, 'fidelity/top1')} top-5 {pm(s, 'fidelity/top5')} "
+                   f"similarity {pm(s, 'fidelity/similarity')} | spectral {s['spectral_error/field']:.4f} (floor "
+                   f"{s['floor/spectral_error/field']:.4f}) | CRPS {s['crps/field']:.4f} (floor "
+                   f"{s['floor/crps/field']:.4f}) | std ratio {s['std_ratio/field']:.3f}")
         print(ev_line, flush=True)
-        rows.append([f"{scale:g}", f"{s['fidelity/top1']:.3f}", f"{s['fidelity/top5']:.3f}",
-                     f"{s['fidelity/similarity']:.3f}", f"{s['fidelity/real_top1']:.3f}",
-                     f"{s['fidelity/real_top5']:.3f}", f"{s['fidelity/real_similarity']:.3f}",
+        rows.append([f"model, guidance {scale:g}", *(pm(s, f"fidelity/{k}") for k in ("top1", "top5", "similarity")),
                      f"{s['spectral_error/field']:.4f}", f"{s['floor/spectral_error/field']:.4f}",
                      f"{s['crps/field']:.4f}", f"{s['floor/crps/field']:.4f}", f"{s['std_ratio/field']:.3f}"])
     if args.page:
@@ -119,15 +155,18 @@ def main(argv: list[str] | None = None) -> None:
             "conditions. First table: how often a real held-out field (the band n in [2.0, 2.5] the quickstart "
             "model never saw) retrieves its own parameters among K candidates of that band (mean over 20 random "
             "candidate sets). Second table: the quickstart model on the first "
-            f"{args.samples} fields of that band, {args.members} members each, DPM-Solver++ 2M at 20 calls, at "
+            f"{args.samples} fields of {'that band' if args.split == 'val' else 'its training split'}, "
+            f"{args.members} members each, DPM-Solver++ 2M at 20 calls, at "
             "several guidance scales: 0 is the model's unconditional prediction (its null condition), 1 the "
             "conditional model, above 1 guided. Fidelity: a member retrieving its own condition among the "
-            "evaluation's distinct conditions, and its mean cosine similarity with it, beside the real fields' "
-            "(the floor an imperfect encoder allows); quality: spectral error and CRPS beside their noise floor."
+            "evaluation's distinct conditions, and its mean cosine similarity with it (each ± its standard error "
+            "over the conditions), beside the real fields' (one per condition) and beside "
+            f"{args.members} exact draws of the generator at each condition (what a perfect model scores with this "
+            "imperfect encoder); quality: spectral error and CRPS beside their noise floor."
         )
         t1 = markdown_table(["candidates K", "top-1", "chance", "top-5", "chance"], retrieval)
-        t2 = markdown_table(["guidance", "top-1", "top-5", "similarity", "real top-1", "real top-5", "real similarity",
-                             "spectral error", "floor", "CRPS", "floor", "std ratio"], rows)
+        t2 = markdown_table(["fields", "top-1", "top-5", "similarity", "spectral error", "floor", "CRPS", "floor",
+                             "std ratio"], rows)
         write_page(args.page, "Conditional fidelity (a CLIP score for fields) and guidance", summary,
                    command(__file__, sys.argv[1:] if argv is None else argv), t1 + "\n\n" + t2,
                    hardware_line=hardware(), software_line=software())

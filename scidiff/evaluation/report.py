@@ -54,6 +54,7 @@ artifact ``eval/<split>/verdict.json`` (the per-metric table).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -83,7 +84,7 @@ UNITS_NOTE = (
     "the autoencoder's reconstruction error in the variable's units, autoencoder_spectral_error: its spectral error. "
     "fidelity/*: with a contrastive encoder, members' cosine similarity with their own condition and how often it is "
     "retrieved among the evaluation's distinct conditions (top1, top5 of candidates); fidelity/real_*: the same for "
-    "the real fields."
+    "the real fields; fidelity/*_se: standard errors over the evaluated samples (conditions)."
 )
 
 
@@ -499,9 +500,12 @@ def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking
         if vals:
             parts.append(f"{label} " + ", ".join(vals))
     if "fidelity/top1" in s:
-        parts.append(f"fidelity top-1 {s['fidelity/top1']:.3f} (real fields {s['fidelity/real_top1']:.3f}, chance "
-                     f"{1 / s['fidelity/candidates']:.3f}), similarity {s['fidelity/similarity']:.3f} (real "
-                     f"{s['fidelity/real_similarity']:.3f})")
+        def pm(key: str) -> str:  # value +- its standard error over the samples
+            return f"{s[key]:.3f}" + (f" ± {s[key + '_se']:.3f}" if math.isfinite(s.get(key + "_se", math.nan)) else "")
+
+        parts.append(f"fidelity top-1 {pm('fidelity/top1')} (real fields {pm('fidelity/real_top1')}, chance "
+                     f"{1 / s['fidelity/candidates']:.3f}), similarity {pm('fidelity/similarity')} (real "
+                     f"{pm('fidelity/real_similarity')})")
     if ev.verdict is not None:
         parts.append("verdict " + ev.verdict.summary())
     if file is not None:

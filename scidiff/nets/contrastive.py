@@ -126,6 +126,17 @@ def distinct_keys(raw: Tensor, z_cond: Tensor) -> tuple[Tensor, Tensor]:
     return F.normalize(summed.index_add_(0, index, z_cond), dim=-1), index
 
 
+def retrieval_hits(z_query: Tensor, z_keys: Tensor, truth: Tensor, k: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
+    """Whether each query retrieves its own key among its ``k`` most similar keys (cosine similarity):
+    ``{k: [Q] bool}``; arguments as :func:`retrieval_accuracy`, which averages them."""
+    sims = z_query @ z_keys.T
+    out = {}
+    for kk in k:
+        top = sims.topk(min(kk, sims.shape[1]), dim=1).indices
+        out[int(kk)] = (top == truth.to(top.device)[:, None]).any(dim=1)
+    return out
+
+
 def retrieval_accuracy(z_query: Tensor, z_keys: Tensor, truth: Tensor, k: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Top-``k`` accuracy of retrieving each query's key among all keys by cosine similarity.
 
@@ -134,12 +145,8 @@ def retrieval_accuracy(z_query: Tensor, z_keys: Tensor, truth: Tensor, k: Sequen
             the distinct conditions of an evaluation: a condition given to several fields is one key).
         truth: ``[Q]`` the index of each query's own key. Chance is ``k / K``.
     """
-    sims = z_query @ z_keys.T
-    out = {}
-    for kk in k:
-        top = sims.topk(min(kk, sims.shape[1]), dim=1).indices
-        out[int(kk)] = float((top == truth.to(top.device)[:, None]).any(dim=1).double().mean())
-    return out
+    return {kk: float(hit.double().mean()) for kk, hit in retrieval_hits(z_query, z_keys, truth, k).items()}
 
 
-__all__ = ["ConditionEncoder", "ContrastiveEncoder", "FieldEncoder", "distinct_keys", "info_nce", "retrieval_accuracy"]
+__all__ = ["ConditionEncoder", "ContrastiveEncoder", "FieldEncoder", "distinct_keys", "info_nce", "retrieval_accuracy",
+           "retrieval_hits"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,40 @@ def test_evaluate_reports_the_conditional_fidelity_beside_the_real_fields(encode
                          "logger.enabled=false", *TINY], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
-    assert "fidelity top-1 " in line and "(real fields " in line and "chance 0.333" in line   # 3 samples
+    # 3 samples: chance 1/3, and each score with its standard error over them
+    assert re.search(r"fidelity top-1 [\d.]+ ± [\d.]+ \(real fields [\d.]+ ± [\d.]+, chance 0.333\)", line), line
     # an encoder is refused when the model's conditions differ: here a diffusion checkpoint is no encoder
     proc = run_evaluate([f"checkpoint={model}", f"fidelity.encoder={model}", f"out={tmp_path / 'bad'}",
                          "logger.enabled=false", *TINY],
                         tmp_path, data_dir)
     assert proc.returncode == 2 and "fidelity.encoder: " in proc.stderr and "is not a contrastive encoder" in proc.stderr
     assert not (tmp_path / "bad" / "evaluation.nc").exists()
+
+
+def test_fidelity_guidance_script_scores_the_model_beside_real_fields_and_exact_draws(encoder_run, trained_run,
+                                                                                     data_dir, tmp_path):
+    """``workflows/fidelity_guidance.py`` (the conditional-fidelity benchmark page) with the encoder
+    already trained (it is not retrained) at its cheapest settings: every score with its standard
+    error, the generator's exact draws as the precise floor."""
+    import os
+
+    from tests.forked import run_forked
+
+    root = Path(__file__).resolve().parents[2]
+    page = tmp_path / "fidelity.md"
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
+    proc = run_forked(root / "workflows/fidelity_guidance.py", [
+        str(trained_run / "outputs/quickstart/tiny"), "--data-path", str(data_dir / "grf_quickstart.zarr"),
+        "--out", str(encoder_run.parents[2]), "--samples", "4", "--members", "2", "--scales", "0", "1",
+        "--candidates", "4", "--page", str(page)], tmp_path, env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((encoder_run / "summary.json").read_text())["global_step"] == 60   # not retrained
+    text = page.read_text()
+    assert re.search(r"\| real held-out fields \(1 per condition, 4 conditions\) \| [\d.]+ ± [\d.]+ \|", text), text
+    assert re.search(r"\| exact draws of the generator \(2 per condition\) \| [\d.]+ ± [\d.]+ \|", text), text
+    for scale in (0, 1):
+        assert re.search(rf"\| model, guidance {scale} \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| -?[\d.]+ ± [\d.]+ \| "
+                         r"[\d.]+ \| [\d.]+ \|", text), text
 
 
 def test_embeddings_of_the_encoder_condition_a_diffusion_model(encoder_run, data_dir, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import xarray as xr
 
 from scidiff.cli.evaluate import main
+from tests.training.conftest import run_cli
 
 ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["split=val", "max_samples=3", "batch_size=3", "bound.estimator=importance", "bound.num_terms=4",
@@ -23,9 +24,8 @@ TINY = ["split=val", "max_samples=3", "batch_size=3", "bound.estimator=importanc
 
 
 def run_evaluate(args: list[str], cwd: Path, data_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), **ENV}
-    return subprocess.run([sys.executable, "-m", "scidiff.cli.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """``scidiff-evaluate args`` as a process of its own (forked from the tests' zygote: ``run_cli``)."""
+    return run_cli("evaluate", args, cwd, data_dir, timeout, check=False, extra_env=ENV)
 
 
 def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):

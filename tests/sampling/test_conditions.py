@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import torch
 import xarray as xr
 
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, run_cli, run_train
 
 TRAIN = [
     "experiment=climate_landsea", "denoiser=unet_tiny", "generate_data.size=tiny",
@@ -72,8 +70,8 @@ def test_fields_are_normalised_as_in_training(climate):
     """The fields the sampler feeds the model are bit-for-bit the data module's batch fields
     (mask as is, sst z-scored with NaN -> 0, tas z-scored then 4x4 block means)."""
     from scidiff.data.dataset import FieldDataset
-    from scidiff.sampling.conditions import load_conditions
     from scidiff.inference.checkpoint import load_pretrained
+    from scidiff.sampling.conditions import load_conditions
 
     pre = load_pretrained(climate["ckpt"])
     assert pre.metadata.field_names == ("land_sea_mask", "sst", "tas@coarse4x4")
@@ -101,9 +99,9 @@ def test_store_has_one_sample_per_input(climate, tmp_path):
     assert ds["tas"].attrs["units"] == "K"
 
     # physical units: a stored member is the denormalised sample of its seed given those fields
-    from scidiff.sampling.conditions import load_conditions
     from scidiff.inference import DDIM, GuidanceSpec, generate
     from scidiff.inference.checkpoint import load_pretrained
+    from scidiff.sampling.conditions import load_conditions
 
     pre = load_pretrained(climate["ckpt"])
     fields = load_conditions(climate["input"], pre).fields
@@ -181,8 +179,8 @@ def test_resume_identity_holds_the_condition_content(climate, tmp_path):
 
 def test_coarse_grid_input_downscales_like_the_fine_field(climate):
     """tas given on the 4x coarser grid gives the same coarse condition as the fine tas."""
-    from scidiff.sampling.conditions import StoreReader, condition_fields
     from scidiff.inference.checkpoint import load_pretrained
+    from scidiff.sampling.conditions import StoreReader, condition_fields
 
     pre = load_pretrained(climate["ckpt"])
     fine = xr.open_zarr(climate["input"]).load()
@@ -197,9 +195,9 @@ def test_coarse_grid_input_downscales_like_the_fine_field(climate):
 
 
 def test_bad_inputs_are_one_line_errors(climate, tmp_path):
+    from scidiff.inference.checkpoint import load_pretrained
     from scidiff.sampling import ParameterError, SampleError
     from scidiff.sampling.conditions import ConditionError, load_conditions
-    from scidiff.inference.checkpoint import load_pretrained
 
     inp = xr.open_zarr(climate["input"]).load()
     no_sst = write(inp.drop_vars("sst"), tmp_path / "no_sst.zarr")
@@ -219,10 +217,8 @@ def test_bad_inputs_are_one_line_errors(climate, tmp_path):
     assert not (tmp_path / "o.zarr").exists()
 
     # through the command line: one line, exit status 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "scidiff.cli.sample", f"checkpoint={climate['ckpt']}",
-                           f"conditions.path={no_sst}", f"out={tmp_path / 'o.zarr'}", "mlflow.run=none"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = run_cli("sample", [f"checkpoint={climate['ckpt']}", f"conditions.path={no_sst}",
+                              f"out={tmp_path / 'o.zarr'}", "mlflow.run=none"], tmp_path, timeout=120, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: conditions.path:") and "'sst'" in lines[0] and str(no_sst) in lines[0]
