@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         if not rows:
             which = "held-out" if args.split == "val" else "training"
             rows.append([f"real {which} fields (1 per condition, {s['fidelity/candidates']:.0f} conditions)",
-                         *(pm(s, f"fidelity/real_{k}") for k in ("top1", "top5", "similarity")), "", "", "", "", ""])
+                         *(pm(s, f"fidelity/real_{k}") for k in ("top1", "top5", "similarity")), "-", "-", "-", "-", "-"])
             rows.append([f"exact draws of the generator ({args.members} per condition)",
-                         *(pm(perfect, f"fidelity/{k}") for k in ("top1", "top5", "similarity")), "", "", "", "", ""])
+                         *(pm(perfect, f"fidelity/{k}") for k in ("top1", "top5", "similarity")), "-", "-", "-", "-", "-"])
             print("real fields: " + ", ".join(rows[0][1:4]) + " | exact draws: " + ", ".join(rows[1][1:4]), flush=True)
         ev_line = (f"guidance {scale:g}: fidelity top-1 {pm(s, 'fidelity/top1')} top-5 {pm(s, 'fidelity/top5')} "
                    f"similarity {pm(s, 'fidelity/similarity')} | spectral {s['spectral_error/field']:.4f} (floor "
