@@ -245,7 +245,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
 def keep_trained_networks(cfg, checkpoint: dict[str, Any]) -> None:
     """A resumed run's networks keep the GroupNorm groups they were trained with (a checkpoint
-    written before ``norm_group_channels`` existed: 1), whatever today's config files say."""
+    written before ``norm_group_channels`` existed: 1) and the UNet its ``norm`` (before that key:
+    ``group``), whatever today's config files say."""
     from omegaconf import open_dict
 
     from scidiff.inference.checkpoint import as_trained
@@ -257,6 +258,10 @@ def keep_trained_networks(cfg, checkpoint: dict[str, Any]) -> None:
                 and cfg[key].get("norm_group_channels") != net["norm_group_channels"]:
             with open_dict(cfg):
                 cfg[key].norm_group_channels = net["norm_group_channels"]
+        if cfg.get(key) is not None and isinstance(net, dict) and cfg[key].get("norm") is not None \
+                and cfg[key].get("norm") != net.get("norm", "group"):
+            with open_dict(cfg):
+                cfg[key].norm = net.get("norm", "group")
 
 
 def load_base(cfg):

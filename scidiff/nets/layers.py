@@ -84,6 +84,24 @@ def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 1,
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
+NORMS = ("group", "none")
+
+
+def norm_layer(channels: int, norm: str = "group", min_group_channels: int = 1) -> nn.Module:
+    """The normalisation of a UNet block: ``group`` (:func:`group_norm`) or ``none`` (the identity).
+
+    GroupNorm divides every feature by statistics of the whole sample, so that all locations and
+    scales of a generated field are scaled together: on the quickstart's GRFs its members' radial
+    shells co-vary (a Gaussian field's are independent), which ``none`` removes
+    (``docs/architecture.md``, "Normalisation groups").
+    """
+    if norm == "group":
+        return group_norm(channels, min_group_channels=min_group_channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
 def pad_axes(
     x: Tensor, pads: Sequence[tuple[int, int]], modes: Sequence[str]
 ) -> Tensor:
@@ -196,7 +214,8 @@ class ResBlock(nn.Module):
         emb_dim: width of the (time + condition) embedding ``[B, emb_dim]``;
         dropout: dropout probability before the second convolution;
         padding: per-axis padding modes of the 3-wide convolutions;
-        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`).
+        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`);
+        norm: ``group`` or ``none`` (:func:`norm_layer`).
     """
 
     def __init__(
@@ -208,12 +227,13 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         padding="zeros",
         norm_group_channels: int = 1,
+        norm: str = "group",
     ):
         super().__init__()
-        self.norm1 = group_norm(in_channels, min_group_channels=norm_group_channels)
+        self.norm1 = norm_layer(in_channels, norm, norm_group_channels)
         self.conv1 = Conv(dims, in_channels, out_channels, 3, padding=padding)
         self.emb = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = group_norm(out_channels, min_group_channels=norm_group_channels)
+        self.norm2 = norm_layer(out_channels, norm, norm_group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(
             Conv(dims, out_channels, out_channels, 3, padding=padding)
@@ -249,17 +269,18 @@ class SelfAttention(nn.Module):
     Args:
         channels: width ``C``;
         num_heads: number of heads (``C`` must be divisible by it);
-        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`).
+        norm_group_channels: the fewest channels in a GroupNorm group (:func:`group_norm`);
+        norm: ``group`` or ``none`` (:func:`norm_layer`).
     """
 
-    def __init__(self, channels: int, num_heads: int, norm_group_channels: int = 1):
+    def __init__(self, channels: int, num_heads: int, norm_group_channels: int = 1, norm: str = "group"):
         super().__init__()
         if channels % num_heads:
             raise ValueError(
                 f"attention width {channels} is not divisible by num_heads={num_heads}"
             )
         self.num_heads = num_heads
-        self.norm = group_norm(channels, min_group_channels=norm_group_channels)
+        self.norm = norm_layer(channels, norm, norm_group_channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_module(nn.Linear(channels, channels))
 

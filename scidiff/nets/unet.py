@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from scidiff.conditioning import Conditioning
 from scidiff.nets.embeddings import ConditionEmbedding, FieldConditioning, FieldResample
 from scidiff.nets.layers import (
+    NORMS,
     Conv,
     Downsample,
     PaddingMode,
@@ -29,7 +30,7 @@ from scidiff.nets.layers import (
     Upsample,
     check_dims,
     check_input,
-    group_norm,
+    norm_layer,
     pad_axes,
     padding_modes,
     zero_module,
@@ -75,6 +76,10 @@ class UNet(nn.Module):
             network then cannot generate a field's domain mean (the k = 0 mode: 4x too small a
             spread on the quickstart's 16x16 fields). 1 rebuilds models trained before this key
             existed (their checkpoints load with it).
+        norm: ``group`` (GroupNorm, as ADM and EDM) or ``none`` (no normalisation layer).
+            GroupNorm's statistics are the whole sample's, so they scale every location and scale
+            of a generated field together; ``none`` keeps a field's scales independent where the
+            data's are (measured on the quickstart: docs/benchmarks/conditional-fidelity.md).
         pad_to_multiple: sizes not divisible by ``2**(len(channel_mult) - 1)`` are padded
             (zeros, or edge replication on ``reflect`` axes) and the output cropped back;
             ``False`` refuses them. Circular axes are always refused, since padding would
@@ -104,6 +109,7 @@ class UNet(nn.Module):
         pad_to_multiple: bool = True,
         checkpoint: bool = False,
         norm_group_channels: int = 4,
+        norm: str = "group",
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -125,6 +131,9 @@ class UNet(nn.Module):
         self.norm_group_channels = norm_group_channels = int(norm_group_channels)
         if norm_group_channels < 1:
             raise ValueError(f"norm_group_channels must be >= 1, got {norm_group_channels}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        self.norm = norm
 
         def heads(ch: int) -> int:
             if head_channels:
@@ -147,7 +156,7 @@ class UNet(nn.Module):
         self.fields = FieldConditioning(field_channels, self.dims, field_resample)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(self.dims, cin, cout, emb_dim, dropout, self.padding, norm_group_channels)
+            return ResBlock(self.dims, cin, cout, emb_dim, dropout, self.padding, norm_group_channels, norm)
 
         ch = model_channels * channel_mult[0]
         self.input_conv = Conv(
@@ -164,7 +173,7 @@ class UNet(nn.Module):
                 layers = [res(ch, model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels))
+                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels, norm))
                 self.down.append(_EmbedSequential(*layers))
                 skips.append(ch)
             if level < len(channel_mult) - 1:
@@ -175,7 +184,7 @@ class UNet(nn.Module):
 
         mid = [res(ch, ch)]
         if mid_attention:
-            mid.append(SelfAttention(ch, heads(ch), norm_group_channels))
+            mid.append(SelfAttention(ch, heads(ch), norm_group_channels, norm))
         mid.append(res(ch, ch))
         self.mid = _EmbedSequential(*mid)
 
@@ -187,13 +196,13 @@ class UNet(nn.Module):
                 layers = [res(ch + skips.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels))
+                    layers.append(SelfAttention(ch, heads(ch), norm_group_channels, norm))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(self.dims, ch, self.padding))
                 self.up.append(_EmbedSequential(*layers))
         assert not skips
 
-        self.out_norm = group_norm(ch, min_group_channels=norm_group_channels)
+        self.out_norm = norm_layer(ch, norm, norm_group_channels)
         self.out_conv = zero_module(
             Conv(self.dims, ch, self.out_channels, 3, padding=self.padding)
         )

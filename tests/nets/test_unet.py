@@ -102,6 +102,8 @@ def test_constructor_errors():
         make_unet(1, 2, channel_mult=(1, 2), attention_levels=(2,))
     with pytest.raises(ValueError, match="field_resample"):
         make_unet(1, 2, field_channels=1, field_resample="cubic")
+    with pytest.raises(ValueError, match="norm must be one of group, none, got 'layer'"):
+        make_unet(1, 2, norm="layer")
 
 
 def _group_sizes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -125,6 +127,28 @@ def test_one_channel_a_group_is_blind_to_the_domain_mean(dims, shape):
     seeing = randomize_zeros(UNet(1, dims=dims, **kw)).eval()
     shift = (seeing(x + 1.5, t, cond) - seeing(x, t, cond)).flatten(1).mean(1)
     assert shift.abs().min() > 1e-2
+
+
+@pytest.mark.parametrize("dims, shape, far", [(1, (128,), (100,)), (2, (64, 64), (50, 50))])
+def test_without_normalisation_the_output_is_local_and_with_groupnorm_it_is_not(dims, shape, far):
+    """Why ``norm: none`` exists: GroupNorm divides every feature by statistics of the whole
+    sample, so a change at one point of the input changes the output everywhere (a generated
+    field's distant points and scales are scaled together). Without normalisation the output at a
+    point depends only on the input within the receptive field (here a few points: one level,
+    two residual blocks of 3-wide convolutions, no attention)."""
+    torch.manual_seed(0)
+    kw = dict(model_channels=8, channel_mult=(1,), num_res_blocks=1, attention_levels=(), mid_attention=False,
+              head_channels=8, num_params=1)
+    x, t = torch.randn(2, 1, *shape), torch.tensor([10, 600])
+    cond = Conditioning(params=torch.randn(2, 1))
+    bumped = x.clone()
+    bumped[(slice(None), 0) + (0,) * dims] += 5.0   # one point at the corner
+    for norm, moves in (("none", False), ("group", True)):
+        net = randomize_zeros(UNet(1, dims=dims, norm=norm, **kw)).eval()
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules()) == (norm == "group")
+        with torch.no_grad():
+            change = (net(bumped, t, cond) - net(x, t, cond))[(slice(None), 0) + far].abs().max()
+        assert (change > 1e-4) == moves, (norm, float(change))
 
 
 def test_norm_groups_keep_four_channels_and_one_rebuilds_the_old_rule():

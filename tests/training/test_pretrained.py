@@ -80,3 +80,12 @@ def test_a_checkpoint_from_before_norm_group_channels_loads_and_resumes_as_train
     assert cfg.denoiser.norm_group_channels == 1
     keep_trained_networks(cfg, {})   # no checkpoint (a new run): the config is left as it is
     assert cfg.denoiser.norm_group_channels == 1
+    # the UNet's norm (a checkpoint without the key was trained with GroupNorm): kept on resume
+    cfg = OmegaConf.create({"denoiser": {"_target_": "scidiff.nets.UNet", "norm_group_channels": 4, "norm": "none"},
+                            "autoencoder": None})
+    keep_trained_networks(cfg, ckpt)
+    assert cfg.denoiser.norm == "group"
+    ckpt["scidiff"]["config"]["denoiser"]["norm"] = "none"
+    cfg.denoiser.norm = "group"
+    keep_trained_networks(cfg, ckpt)
+    assert cfg.denoiser.norm == "none"
