@@ -95,11 +95,16 @@ def norm_layer(channels: int, norm: str = "group", min_group_channels: int = 1) 
     shells co-vary (a Gaussian field's are independent), which ``none`` removes
     (``docs/architecture.md``, "Normalisation groups").
     """
-    if norm == "group":
+    if check_norm(norm) == "group":
         return group_norm(channels, min_group_channels=min_group_channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return nn.Identity()
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` if it is one of :data:`NORMS`, else a ``ValueError`` naming it."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
 
 
 def pad_axes(

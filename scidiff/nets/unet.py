@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from scidiff.conditioning import Conditioning
 from scidiff.nets.embeddings import ConditionEmbedding, FieldConditioning, FieldResample
 from scidiff.nets.layers import (
-    NORMS,
     Conv,
     Downsample,
     PaddingMode,
@@ -30,6 +29,7 @@ from scidiff.nets.layers import (
     Upsample,
     check_dims,
     check_input,
+    check_norm,
     norm_layer,
     pad_axes,
     padding_modes,
@@ -131,9 +131,7 @@ class UNet(nn.Module):
         self.norm_group_channels = norm_group_channels = int(norm_group_channels)
         if norm_group_channels < 1:
             raise ValueError(f"norm_group_channels must be >= 1, got {norm_group_channels}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        self.norm = norm
+        self.norm = check_norm(norm)
 
         def heads(ch: int) -> int:
             if head_channels:
