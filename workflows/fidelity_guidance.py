@@ -46,12 +46,19 @@ def train_encoder(args) -> Path:
     return run
 
 
-def encoder_retrieval(encoder, model, args) -> list[list[str]]:
-    """Top-1 / top-5 retrieval of real held-out fields' own parameters among K candidates."""
+def datamodule(model, args):
+    """The model's data module on ``args.data_path``, with its training statistics and splits."""
     import hydra.utils as hu
 
     dm = hu.instantiate(dict(model.config["data"]), path=str(args.data_path), num_workers=0, statistics_path=None)
     dm.load_state_dict({"statistics": model.statistics.state_dict(), "split_indices": model.split_indices})
+    return dm
+
+
+def encoder_retrieval(encoder, model, args) -> list[list[str]]:
+    """Top-1 / top-5 retrieval of real held-out fields' own parameters among K candidates."""
+
+    dm = datamodule(model, args)
     val = dm.datasets["val"]
     idx = np.asarray(val.indices)
     batch = val.read_batch(idx)
@@ -77,14 +84,12 @@ def exact_draws(encoder, model, args) -> dict[str, float]:
     """The fidelity scores of a perfect model: ``args.members`` fresh draws of the GRF generator at
     each of the evaluated conditions (the first ``args.samples`` of ``args.split``), scored
     as the evaluation scores members."""
-    import hydra.utils as hu
     from scidiff_datasets.grf import sample_fields
 
     from scidiff.evaluation.fidelity import ConditionFidelity
     from scidiff.inference.runtime import DistContext
 
-    dm = hu.instantiate(dict(model.config["data"]), path=str(args.data_path), num_workers=0, statistics_path=None)
-    dm.load_state_dict({"statistics": model.statistics.state_dict(), "split_indices": model.split_indices})
+    dm = datamodule(model, args)
     batch = dm.datasets[args.split].read_batch(np.asarray(dm.split_indices[args.split])[: args.samples])
     x = model.to_physical(batch["x"].double())
     params = dm.inverse_params(batch["params"]).double()
@@ -134,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         if not rows:
             which = "held-out" if args.split == "val" else "training"
             rows.append([f"real {which} fields (1 per condition, {s['fidelity/candidates']:.0f} conditions)",
-                         *(pm(s, f"fidelity/real_{k}") for k in ("top1", "top5", "similarity")), "-", "-", "-", "-", "-"])
+                         *(pm(s, f"fidelity/real_{k}") for k in ("top1", "top5", "similarity")), *["-"] * 5])
             rows.append([f"exact draws of the generator ({args.members} per condition)",
-                         *(pm(perfect, f"fidelity/{k}") for k in ("top1", "top5", "similarity")), "-", "-", "-", "-", "-"])
+                         *(pm(perfect, f"fidelity/{k}") for k in ("top1", "top5", "similarity")), *["-"] * 5])
             print("real fields: " + ", ".join(rows[0][1:4]) + " | exact draws: " + ", ".join(rows[1][1:4]), flush=True)
         ev_line = (f"guidance {scale:g}: fidelity top-1 {pm(s, 'fidelity/top1')} top-5 {pm(s, 'fidelity/top5')} "
                    f"similarity {pm(s, 'fidelity/similarity')} | spectral {s['spectral_error/field']:.4f} (floor "
