@@ -55,7 +55,7 @@ def _sampler_overrides(spec: tuple[str, int, str]) -> list[str]:
 
 
 METRICS = ("std_ratio", "spectral_error", "rank_deviation", "crps", "spread_skill", "domain_mean_std_ratio", "w1",
-           "energy_score")
+           "energy_score", "shell_correlation")
 
 
 def _bin(name: str) -> str:

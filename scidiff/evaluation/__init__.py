@@ -10,7 +10,8 @@ the units of the field unless stated otherwise, per channel by default.
 The modules:
 
 * :mod:`~scidiff.evaluation.ensemble` -- CRPS (fair/ensemble), SpreadSkillRatio, EnergyScore, RankHistogram
-* :mod:`~scidiff.evaluation.spectra` -- radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError
+* :mod:`~scidiff.evaluation.spectra` -- radial power spectra of 1-D/2-D/3-D fields; PowerSpectrum, SpectralError,
+  ShellCorrelation (how much a member's scales co-vary)
 * :mod:`~scidiff.evaluation.fields` -- BiasStdMaps (per-point moments), DomainMeanStdRatio
   (the spread of the domain mean), Wasserstein1 (value distributions)
 * :mod:`~scidiff.evaluation.likelihood` -- BitsPerDim, BoundTerms (per-timestep variational bound terms)
@@ -52,6 +53,7 @@ from scidiff.evaluation.molecules import (
 from scidiff.evaluation.spectra import (
     PowerSpectrum,
     RadialSpectrum,
+    ShellCorrelation,
     SpectralError,
     radial_bins,
     radial_power_spectrum,
@@ -89,6 +91,7 @@ __all__ = [
     "RadialSpectrum",
     "RankHistogram",
     "SamplingSettings",
+    "ShellCorrelation",
     "SpectralError",
     "SpreadSkillRatio",
     "Verdict",

@@ -78,7 +78,9 @@ UNITS_NOTE = (
     "energy_score: normalised units; spread_skill, std_ratio, rank_deviation: dimensionless; "
     "domain_mean_std_ratio: std over fields of their area-weighted domain means, samples / data, dimensionless; "
     "spectral_error: mean over wavenumber shells of |ln(P_samples(k)/P_data(k))|, dimensionless "
-    "(0.1 = about 10% off on a typical scale). floor/<metric>: the same metric for ensembles of real fields "
+    "(0.1 = about 10% off on a typical scale); shell_correlation: mean correlation of ln P between wavenumber "
+    "shells within the ensembles (0 for Gaussian fields: independent scales), dimensionless, shell_correlation_se: "
+    "its standard error were the shells independent. floor/<metric>: the same metric for ensembles of real fields "
     "with the nearest conditions (the noise floor). Latent models: latent_bpd etc. bound the NLL of the "
     "normalised latent, bits per latent dimension (not comparable with bpd); autoencoder_rmse/<variable>: "
     "the autoencoder's reconstruction error in the variable's units, autoencoder_spectral_error: its spectral error. "
@@ -101,7 +103,8 @@ def netcdf_engine() -> str:
 
 _PER_VARIABLE = ("crps", "ensemble_mean_rmse", "w1", "bias_rms", "autoencoder_rmse")  # metric/<variable> in the variable's units
 _DIMENSIONLESS = ("num_samples", "members", "energy_score", "spread_skill", "std_ratio", "domain_mean_std_ratio",
-                  "rank_deviation", "fidelity", "spectral_error", "w1_out_of_range", "atoms",
+                  "rank_deviation", "fidelity", "spectral_error",
+                  "shell_correlation", "shell_correlation_se", "w1_out_of_range", "atoms",
                   "autoencoder_spectral_error", "autoencoder_atoms")
 
 

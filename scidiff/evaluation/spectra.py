@@ -275,6 +275,19 @@ class _SpectrumMetric(Metric):
         )
         setattr(self, f"{name}_count", getattr(self, f"{name}_count") + x.shape[0])
 
+    def _compared_shells(self, max_wavenumber: float | None, fewest: int) -> Tensor:
+        """``[K]`` bool: the non-empty shells up to ``max_wavenumber`` (default: the smallest
+        Nyquist frequency, complete shells only); an error naming it when fewer than ``fewest``."""
+        kmax = self.bins.nyquist if max_wavenumber is None else float(max_wavenumber)
+        centres = torch.arange(1, self.bins.counts.numel() + 1, dtype=torch.float64)
+        compared = (self.bins.counts > 0) & (centres * self.bins.bin_width <= kmax * (1 + 1e-9))
+        if int(compared.sum()) < fewest:
+            raise ValueError(
+                f"max_wavenumber={max_wavenumber} leaves {int(compared.sum())} shell(s) to compare, "
+                f"{type(self).__name__} needs {fewest}"
+            )
+        return compared
+
     def _spectrum(self, name: str) -> RadialSpectrum:
         counts = self.bins.counts.to(self.device)
         power = getattr(self, f"{name}_power_sum") / (
@@ -357,15 +370,7 @@ class SpectralError(_SpectrumMetric):
     ) -> None:
         super().__init__(num_channels, spatial_shape, spacing, bin_width, **kwargs)
         self.average = check_average(average)
-        kmax = self.bins.nyquist if max_wavenumber is None else float(max_wavenumber)
-        centres = torch.arange(1, self.bins.counts.numel() + 1, dtype=torch.float64)
-        self._compared = (self.bins.counts > 0) & (
-            centres * self.bins.bin_width <= kmax * (1 + 1e-9)
-        )
-        if not self._compared.any():
-            raise ValueError(
-                f"max_wavenumber={max_wavenumber} leaves no shell to compare"
-            )
+        self._compared = self._compared_shells(max_wavenumber, fewest=1)
         self._add_spectrum_state("samples")
         self._add_spectrum_state("data")
 
@@ -400,10 +405,97 @@ class SpectralError(_SpectrumMetric):
         return error.mean() if self.average == "channels" else error
 
 
+class ShellCorrelation(_SpectrumMetric):
+    """How much a generated field's scales vary together: the mean correlation of ``ln P``
+    between wavenumber shells, within ensembles, per channel.
+
+    For every member ``m`` of sample ``b`` the shell powers ``L[b, m, k] = ln P_bm(k)`` of the
+    compared shells are centred on their ensemble's mean over members, which removes what the
+    condition sets (the mean spectrum). The centred values of all ensembles are pooled into
+    one correlation matrix between shells, and the metric is the mean of its off-diagonal
+    entries. A Gaussian random field's shells are independent: its value is 0 up to noise,
+    whatever the spectrum. A model that scales all of a member's scales together (a
+    normalisation over the whole sample does) makes it positive; ensembles of fields whose
+    conditions differ (the unconditional floor) carry those differences, which is why the
+    verdict judges it against its floor. Its null standard error, ``1 / sqrt(dof x pairs)``
+    (``dof = B (M - 1)`` centred members, ``pairs`` of shells), is :meth:`standard_error`.
+
+    Args:
+        num_channels: ``C``.
+        spatial_shape: ``S``.
+        spacing: grid spacing per axis (default 1).
+        bin_width: shell width (default: fundamental of the longest side).
+        max_wavenumber: highest shell used (default: the smallest Nyquist frequency); at
+            least two shells are needed.
+
+    Example:
+        >>> import torch
+        >>> metric = ShellCorrelation(num_channels=1, spatial_shape=(16, 16))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> metric.update(torch.randn(64, 8, 1, 16, 16, generator=g))    # white noise: independent shells
+        >>> bool(metric.compute().abs().item() < 4 * metric.standard_error().item())
+        True
+    """
+
+    higher_is_better = None
+
+    def __init__(
+        self,
+        num_channels: int,
+        spatial_shape: Sequence[int],
+        spacing: float | Sequence[float] | None = None,
+        bin_width: float | None = None,
+        max_wavenumber: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_channels, spatial_shape, spacing, bin_width, **kwargs)
+        self._compared = self._compared_shells(max_wavenumber, fewest=2)
+        k = int(self._compared.sum())
+        self.add_state("cross", torch.zeros(self.num_channels, k, k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("dof", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, samples: Tensor, mask: Tensor | None = None) -> None:
+        """Args:
+        samples: ensembles ``[B, M, C, *S]``, ``M >= 2`` (one member adds nothing).
+        mask: 0/1 broadcastable to ``[C, *S]``, or one per sample ``[B, C, *S]``, or ``None``.
+        """
+        ndim = len(self.bins.spatial_shape) + 3
+        if samples.ndim != ndim:
+            raise ValueError(f"samples must be ensembles [B, M, C, *S] with {ndim} dims, got shape "
+                             f"{tuple(samples.shape)}")
+        b, m = samples.shape[:2]
+        fields = self._fields(samples, "samples", allow_members=True)
+        if mask is not None and mask.ndim == ndim - 1 and mask.shape[0] == b and b > 1:
+            mask = mask.unsqueeze(1).expand(b, m, *mask.shape[1:]).flatten(0, 1)
+        tiny = torch.finfo(torch.float64).tiny
+        compared = self._compared.to(fields.device)
+        log_power = torch.log(_shell_power(fields, self.bins, mask)[..., compared].clamp_min(tiny))
+        log_power = log_power.reshape(b, m, self.num_channels, -1)
+        centred = log_power - log_power.mean(dim=1, keepdim=True)
+        self.cross = self.cross + torch.einsum("bmck,bmcl->ckl", centred, centred)
+        self.dof = self.dof + b * (m - 1)
+
+    def compute(self) -> Tensor:
+        """Returns: ``[C]``, the mean off-diagonal correlation (NaN before two members of a sample)."""
+        var = torch.diagonal(self.cross, dim1=1, dim2=2)
+        corr = self.cross / torch.sqrt(var.unsqueeze(2) * var.unsqueeze(1))
+        k = corr.shape[-1]
+        off = ~torch.eye(k, dtype=torch.bool, device=corr.device)
+        value = corr[:, off].mean(dim=1)
+        return torch.where(self.dof > 0, value, torch.full_like(value, float("nan")))
+
+    def standard_error(self) -> Tensor:
+        """Scalar: the metric's standard error when the shells are independent, ``1 / sqrt(dof x pairs)``."""
+        k = int(self._compared.sum())
+        with self.sync_context():  # a collective under DDP, as compute
+            return 1.0 / torch.sqrt(self.dof * (k * (k - 1) / 2))
+
+
 __all__ = [
     "PowerSpectrum",
     "RadialBins",
     "RadialSpectrum",
+    "ShellCorrelation",
     "SpectralError",
     "radial_bins",
     "radial_power_spectrum",

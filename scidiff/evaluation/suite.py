@@ -12,7 +12,8 @@ Every metric is a torchmetrics ``Metric`` with sum states (the same number on on
 or under DDP): fair CRPS (and its map), spread-skill ratio, energy score (normalised
 units), rank histogram, bias/std maps, the spread of the domain mean (std ratio of the
 fields' area-weighted means, samples / data), Wasserstein-1, the spectral error (mean
-over wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``) and, for voxel number
+over wavenumber shells of ``|ln(P_samples(k) / P_data(k))|``), the shell correlation (how
+much a member's scales vary together, with its null standard error) and, for voxel number
 densities, the atom counts. Scalars are named ``<metric>/<channel>`` (``energy_score`` over all
 channels), the names :mod:`~scidiff.evaluation.verdict` judges.
 """
@@ -34,7 +35,7 @@ from scidiff.evaluation.ensemble import CRPS, EnergyScore, RankHistogram, Spread
 from scidiff.evaluation.fields import BiasStdMaps, DomainMeanStdRatio, Wasserstein1
 from scidiff.evaluation.molecules import AtomCounts
 from scidiff.evaluation.result import EvaluationError
-from scidiff.evaluation.spectra import SpectralError
+from scidiff.evaluation.spectra import ShellCorrelation, SpectralError
 from scidiff.inference.specs import settings_of, target_class
 
 AREA_WEIGHTS = ("auto", "none")
@@ -49,7 +50,7 @@ class FieldMetricSuite:
         area_weights: ``"auto"`` (cos latitude when a spatial dim is lat/latitude) or
             ``"none"``; the bound is weighted the same way.
         wasserstein_bins: histogram bins of the Wasserstein-1 distance.
-        spectral_max_wavenumber: highest shell of the spectral error (None: Nyquist).
+        spectral_max_wavenumber: highest shell of the spectral error and the shell correlation (None: Nyquist).
         atoms: ``"auto"`` (3-D fields in number-density units, ``*-3``), ``"on"`` or ``"off"``.
         atom_threshold, atom_min_distance: peak finding of the atom counts (density units, voxels).
         true_loglik_variable: a per-sample variable of the data store holding the exact
@@ -130,6 +131,9 @@ class SampleMetrics:
             "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=settings.wasserstein_bins),
             "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=settings.spectral_max_wavenumber),
         }
+        if members > 1 and _shells_to_correlate(shape, spacing, settings.spectral_max_wavenumber):
+            self.m["shells"] = ShellCorrelation(c, shape, spacing=spacing,
+                                                max_wavenumber=settings.spectral_max_wavenumber)
         if atoms_enabled(meta, settings.atoms):
             for name in ("atoms_samples", "atoms_data"):
                 self.m[name] = AtomCounts(c, settings.atom_threshold, voxel_volume=float(np.prod(spacing)),
@@ -153,6 +157,8 @@ class SampleMetrics:
         else:  # masks may differ between samples: each sample's members with its own mask
             for i in range(x_phys.shape[0]):
                 m["spectral"].update(ens_phys[i], x_phys[i:i + 1], mask[i:i + 1])
+        if "shells" in m:
+            m["shells"].update(ens_phys, mask)
         if "atoms_samples" in m:
             m["atoms_samples"].update(ens_phys.flatten(0, 1))
             m["atoms_data"].update(x_phys)
@@ -177,6 +183,12 @@ class SampleMetrics:
         for name, value in zip(names, m["domain_mean"].compute().reshape(-1).tolist()):
             if math.isfinite(value):  # NaN: the data's domain means are constant, the ratio means nothing
                 scalars[f"domain_mean_std_ratio/{name}"] = float(value)
+        if "shells" in m:
+            se = float(m["shells"].standard_error())
+            for name, value in zip(names, m["shells"].compute().reshape(-1).tolist()):
+                if math.isfinite(value):  # NaN: a shell of constant power (constant fields)
+                    scalars[f"shell_correlation/{name}"] = float(value)
+                    scalars[f"shell_correlation_se/{name}"] = se
         for name, a, b in zip(names, *(v.tolist() for v in m["w1"].out_of_range())):
             scalars[f"w1_out_of_range/{name}"] = float(max(a, b))
         samples_spec, data_spec = m["spectral"].spectra()
@@ -195,6 +207,15 @@ class SampleMetrics:
 def metric_name(name: str) -> str:
     """An MLflow-safe metric name part (letters, digits, _ - . space)."""
     return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in str(name))
+
+
+def _shells_to_correlate(shape, spacing, max_wavenumber: float | None) -> bool:
+    """Whether the grid has the two compared wavenumber shells the shell correlation needs."""
+    try:
+        ShellCorrelation(1, shape, spacing=spacing, max_wavenumber=max_wavenumber)
+    except ValueError:
+        return False
+    return True
 
 
 def _nanrms(maps: Tensor) -> Tensor:

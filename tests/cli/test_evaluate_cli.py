@@ -40,12 +40,13 @@ def test_evaluate_logs_to_the_training_run(trained_run, data_dir, tmp_path):
     lines = proc.stdout.strip().splitlines()
     line = lines[-1]
     out = run_dir / "eval" / "val"
-    # the verdict table before the last line: a header, 9 metrics, the overall verdict
-    assert lines[-2].startswith("verdict: faithful (9/9") or lines[-2].startswith("verdict: NOT faithful: ")
-    assert lines[-13].startswith("noise floor: 3 real fields per sample from the 'all' pool (")
-    assert lines[-12].split()[:4] == ["metric", "channel", "model", "floor"]
-    assert [r.split()[0] for r in lines[-11:-2]] == ["spectral_error", "rank_deviation", "w1", "bias_rms", "std_ratio",
-                                                     "spread_skill", "domain_mean_std_ratio", "crps", "energy_score"]
+    # the verdict table before the last line: a header, 10 metrics, the overall verdict
+    assert lines[-2].startswith("verdict: faithful (10/10") or lines[-2].startswith("verdict: NOT faithful: ")
+    assert lines[-14].startswith("noise floor: 3 real fields per sample from the 'all' pool (")
+    assert lines[-13].split()[:4] == ["metric", "channel", "model", "floor"]
+    assert [r.split()[0] for r in lines[-12:-2]] == ["spectral_error", "rank_deviation", "w1", "bias_rms", "std_ratio",
+                                                     "spread_skill", "domain_mean_std_ratio", "crps", "energy_score",
+                                                     "shell_correlation"]
     assert "spectral error (mean |ln P_samples/P_data| over shells) field" in line and "(floor " in line
     assert line.startswith("scidiff-evaluate val (3 samples) | bound ") and "bits/dim" in line
     assert f"file {(out / 'evaluation.nc').resolve()}" in line and "MLflow run" in line and "CRPS field" in line

@@ -323,7 +323,7 @@ def test_mlflow_new_run_and_missing_store(exact, tmp_path):
     assert run.data.metrics["eval/val/floor/crps/tas"] == exact.scalars["floor/crps/tas"]
     assert run.data.tags["verdict"] == exact.verdict.label == run.data.tags["eval/val/verdict"]
     table = json.loads(Path(client.download_artifacts(run_id, "eval/val/verdict.json", str(tmp_path))).read_text())
-    assert table["verdict"] == exact.verdict.label and len(table["metrics"]) == len(exact.verdict.metrics) == 9
+    assert table["verdict"] == exact.verdict.label and len(table["metrics"]) == len(exact.verdict.metrics) == 10
     missing = tmp_path / "elsewhere" / "mlflow.db"
     with pytest.raises(EvaluationError, match="logger.tracking_uri: the MLflow store .*elsewhere/mlflow.db does not exist"):
         log_to_mlflow(exact, tracking_uri=f"sqlite:///{missing}", run_id="f" * 32, new_run=False,

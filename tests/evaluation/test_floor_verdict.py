@@ -4,9 +4,9 @@ the answer is known.
 A store of 256 periodic GRFs (16 x 16, P(k) = A k^-n with n and A drawn per sample) and
 "models" given as ensemble stores: a second, independent floor (other real fields with
 near conditions) and exact draws from each sample's true conditional distribution must
-be judged faithful; the same draws scaled by 2, or smoothed, must not, with the failing
-metric named. The neighbours are checked against a brute-force search on the data
-module's normalised parameters (they exclude the sample itself, do not depend on the
+be judged faithful; the same draws scaled by 2, or smoothed, or with each member's scales
+varied together, must not, with the failing metric named. The neighbours are checked
+against a brute-force search on the data module's normalised parameters (they exclude the sample itself, do not depend on the
 batch size, and come from the configured pool); an unconditional model's floor is
 random distinct samples keyed by (seed, sample).
 """
@@ -109,12 +109,21 @@ def smooth(fields: np.ndarray, scale: float = 0.15) -> np.ndarray:
 # ---------------------------------------------------------------------------- the rules
 def test_rules_of_the_table():
     """One example each side of every rule, with the defaults (factor 3, ratio_factor 1.5,
-    tolerances 0.1); a metric that is not finite fails; the table covers every metric."""
+    tolerances 0.1, correlations 4 standard errors or 0.02); a metric that is not finite fails; the
+    table covers every metric."""
     s = VerdictSettings()
     assert (s.factor, s.ratio_factor, s.ratio_tolerance, s.score_tolerance) == (3.0, 1.5, 0.1, 0.1)
     assert set(RULES) == {"spectral_error", "rank_deviation", "w1", "bias_rms", "std_ratio", "spread_skill",
-                          "domain_mean_std_ratio", "crps", "energy_score"}
-    assert s.match_tolerance == 0.5
+                          "domain_mean_std_ratio", "crps", "energy_score", "shell_correlation"}
+    assert (s.match_tolerance, s.correlation_factor, s.correlation_tolerance) == (0.5, 4.0, 0.02)
+    # correlations: at most 4 standard errors of the difference above the floor, always 0.02; below it passes
+    assert passes("correlation", 0.11, 0.03, s, se=0.02) and not passes("correlation", 0.12, 0.03, s, se=0.02)
+    assert passes("correlation", -0.5, 0.03, s, se=0.02)
+    assert passes("correlation", 0.019, 0.0, s, se=0.001) and not passes("correlation", 0.021, 0.0, s, se=0.001)
+    assert not passes("correlation", 0.0, 0.0, s)  # no standard error: cannot be judged, fails
+    v = judge({"shell_correlation/a": 0.10, "shell_correlation_se/a": 0.012, "floor/shell_correlation/a": 0.0,
+               "floor/shell_correlation_se/a": 0.016}, s)
+    assert v.failing == ["shell_correlation/a"] and v.metrics[0].rule.endswith("= 0.08")  # se 0.02
     assert passes("zero", 0.30, 0.1, s) and not passes("zero", 0.31, 0.1, s)
     # ratios: the absolute allowance ln 1.1 when the floor is near 1, else 1.5 x |ln floor|
     assert passes("ratio", 1.09, 1.02, s) and passes("ratio", 1 / 1.09, 1.02, s)
@@ -264,8 +273,10 @@ def verdicts(cond, store, tmp_path_factory):
     # members whose domain mean follows a quarter of its spread, every k != 0 exact: what a
     # denoiser blind to the mean makes (the fault that single-channel norm groups made)
     blind = exact - 0.75 * exact.mean(axis=(-2, -1), keepdims=True)
+    # members whose scales vary together: each member rescaled by its own exp(0.1 z), ~10 %
+    coupled = exact * np.exp(0.1 * rng.standard_normal((test.size, M, 1, 1)))
     sources = {"second_floor": field[twice.indices[:, M:]], "exact": exact, "scaled": 2.0 * exact,
-               "smoothed": smooth(exact), "blind_to_mean": blind}
+               "smoothed": smooth(exact), "blind_to_mean": blind, "coupled": coupled}
     out = {}
     for name, members in sources.items():
         path = write_ensemble(d / f"{name}.zarr", members, test)
@@ -281,10 +292,10 @@ def test_real_fields_and_exact_draws_are_faithful(verdicts):
     for name in ("second_floor", "exact"):
         ev = verdicts[name]
         np.testing.assert_array_equal(ev.floor_indices, first)  # the floor is the M nearest
-        assert ev.verdict is not None and len(ev.verdict.metrics) == 9, name
+        assert ev.verdict is not None and len(ev.verdict.metrics) == 10, name
         table = "\n".join(ev.verdict.table())
         assert ev.verdict.faithful, f"{name}:\n{table}"
-        assert ev.verdict.summary() == "faithful (9/9 metrics within their floor)"
+        assert ev.verdict.summary() == "faithful (10/10 metrics within their floor)"
         s = ev.scalars
         # what "at the floor" looks like here: ratios near 1, scores within a few percent
         assert abs(math.log(s["std_ratio/field"])) < 0.1 and abs(math.log(s["floor/std_ratio/field"])) < 0.1
@@ -312,7 +323,7 @@ def test_broken_members_fail_with_the_metric_named(verdicts, tmp_path):
         assert ds.attrs["verdict"] == "not faithful"
         keys = [str(k) for k in ds["verdict_metric"].values]
         passed = dict(zip(keys, ds["verdict_passed"].values.tolist()))
-        assert passed["std_ratio/field"] == 0 and len(keys) == 9
+        assert passed["std_ratio/field"] == 0 and len(keys) == 10
         table = json.loads(ds.attrs["verdict_table"])
         assert table["settings"]["factor"] == 3.0 and "std_ratio/field" in table["failing"]
         assert ds["power_floor"].dims == ("channel", "wavenumber")
@@ -331,6 +342,22 @@ def test_a_model_blind_to_the_domain_mean_fails_on_it_alone(verdicts):
     assert blind.scalars["domain_mean_std_ratio/field"] == pytest.approx(
         0.25 * exact.scalars["domain_mean_std_ratio/field"], rel=1e-6)
     assert blind.scalars["spectral_error/field"] == pytest.approx(exact.scalars["spectral_error/field"], rel=1e-6)
+
+
+def test_members_whose_scales_vary_together_fail_on_the_shell_correlation(verdicts):
+    """Each member of the exact draws rescaled by its own exp(0.1 z): every shell's power
+    moves with the member's scale. The shell correlation sees it (> 0.15 against ~0 for the
+    exact draws and the floor); a common scale (the members x 2) leaves it exactly as the
+    exact draws'."""
+    coupled, exact, scaled = verdicts["coupled"], verdicts["exact"], verdicts["scaled"]
+    assert "shell_correlation/field" in coupled.verdict.failing, "\n".join(coupled.verdict.table())
+    assert coupled.scalars["shell_correlation/field"] > 0.15
+    for ev in (exact, verdicts["second_floor"]):
+        assert abs(ev.scalars["shell_correlation/field"] - ev.scalars["floor/shell_correlation/field"]) < 0.08
+    assert scaled.scalars["shell_correlation/field"] == pytest.approx(exact.scalars["shell_correlation/field"],
+                                                                      abs=1e-9)
+    # its standard error: 64 samples x 3 centred members x 28 pairs of the 8 shells up to Nyquist
+    assert exact.scalars["shell_correlation_se/field"] == pytest.approx(1 / math.sqrt(64 * 3 * 28))
 
 
 def test_figures_show_the_floor(verdicts, tmp_path):

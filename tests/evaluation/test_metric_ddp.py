@@ -24,6 +24,7 @@ from scidiff.evaluation import (
     EnergyScore,
     PowerSpectrum,
     RankHistogram,
+    ShellCorrelation,
     SpectralError,
     SpreadSkillRatio,
     Wasserstein1,
@@ -61,6 +62,10 @@ def _inputs(seed: int = 0):
         "spectral_error": (
             lambda: SpectralError(num_channels=2, spatial_shape=(12, 10)),
             {"samples": forecasts, "data": obs},
+        ),
+        "shell_correlation": (
+            lambda: ShellCorrelation(num_channels=2, spatial_shape=(12, 10), spacing=(1.0, 2.0)),
+            {"samples": forecasts, "mask": mask},
         ),
         "bias_std": (
             lambda: BiasStdMaps(num_channels=2, spatial_shape=(12, 10)),
@@ -143,7 +148,7 @@ def _results(metric) -> dict[str, torch.Tensor]:
         results |= {"samples_power": samples.power, "data_power": data.power}
     if isinstance(metric, Wasserstein1):
         results |= dict(zip(("samples_out", "data_out"), metric.out_of_range()))
-    if isinstance(metric, BitsPerDim):
+    if isinstance(metric, (BitsPerDim, ShellCorrelation)):
         results["standard_error"] = metric.standard_error()
     if isinstance(metric, DomainMeanStdRatio):
         results |= {f"std_{group}": metric.std(group) for group in ("samples", "data")}

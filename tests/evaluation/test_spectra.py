@@ -1,4 +1,5 @@
-"""Radial power spectra: Parseval, white noise, power laws in 1-D/2-D/3-D, spectral error."""
+"""Radial power spectra: Parseval, white noise, power laws in 1-D/2-D/3-D, spectral error,
+and the shell correlation (how much a member's scales co-vary)."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 
 from scidiff.evaluation import (
     PowerSpectrum,
+    ShellCorrelation,
     SpectralError,
     radial_bins,
     radial_power_spectrum,
@@ -151,3 +153,65 @@ def test_spectral_error_of_scaled_samples_is_twice_log_scale():
         metric.update(data[..., :-1], data)
     with pytest.raises(ValueError, match="average"):
         SpectralError(num_channels=2, spatial_shape=(20, 36), average="median")
+
+
+# --------------------------------------------------------------------- shell correlation
+def _cosine_fields(shape, log_amplitudes):
+    """Fields ``[B, M, 1, *S]`` that are sums of cosines along the last axis, one per shell
+    ``k = 1..K`` with amplitude ``exp(log_amplitudes[b, m, k - 1])``: shell k's power is then
+    ``exp(2 log a_k)`` times a constant of the grid."""
+    n = shape[-1]
+    x = np.arange(n)
+    b, m, k = log_amplitudes.shape
+    waves = np.stack([np.cos(2 * np.pi * (j + 1) * x / n + 0.3 * j) for j in range(k)])  # [K, n]
+    profile = np.einsum("bmk,kn->bmn", np.exp(log_amplitudes), waves)
+    return torch.from_numpy(np.broadcast_to(profile.reshape(b, m, 1, *([1] * (len(shape) - 1)), n),
+                                            (b, m, 1, *shape)).copy())
+
+
+@pytest.mark.parametrize("shape", [(16,), (6, 16), (4, 6, 16)])
+def test_shell_correlation_is_the_pooled_within_ensemble_correlation_of_log_power(shape):
+    """Constructed fields whose shell powers are known: the metric is numpy's correlation of
+    2 ln a between shells, each ensemble centred on its own mean, averaged off the diagonal,
+    in 1-D, 2-D and 3-D (the compared shells k = 1..7 < Nyquist of the 16 points)."""
+    rng = np.random.default_rng(0)
+    b, m, k = 5, 4, 7
+    common = rng.standard_normal((b, m, 1))  # a scale shared by a member's shells: coupling
+    log_a = 0.4 * common + 0.5 * rng.standard_normal((b, m, k)) + rng.standard_normal((b, 1, k))
+    metric = ShellCorrelation(1, shape, max_wavenumber=7 / 16)
+    metric.update(_cosine_fields(shape, log_a))
+    centred = (2 * log_a - (2 * log_a).mean(axis=1, keepdims=True)).reshape(-1, k)
+    corr = np.corrcoef(centred, rowvar=False)
+    want = corr[~np.eye(k, dtype=bool)].mean()
+    assert want > 0.2  # the shared scale makes it clearly positive
+    assert metric.compute().item() == pytest.approx(want, rel=1e-9)
+    assert metric.standard_error().item() == pytest.approx(1 / math.sqrt(b * (m - 1) * k * (k - 1) / 2))
+
+
+def test_shell_correlation_of_gaussian_fields_is_zero_and_of_rescaled_members_positive():
+    """Power-law Gaussian fields (independent shells) give 0 within 3 of its standard errors;
+    scaling each member by its own exp(0.1 z) couples every shell; scaling all members alike
+    does not (a constant in ln P, centred away)."""
+    shape, spacing = (16, 16), (1.0, 1.0)
+    fields = _power_law_fields(shape, spacing, 2.0, 1.0, 48 * 6, seed=3).reshape(48, 6, 1, *shape)
+    metric = ShellCorrelation(1, shape)
+    metric.update(fields)
+    se = metric.standard_error().item()
+    assert abs(metric.compute().item()) < 3 * se
+    scaled = ShellCorrelation(1, shape)
+    scaled.update(3.0 * fields)
+    assert scaled.compute().item() == pytest.approx(metric.compute().item(), abs=1e-9)
+    g = torch.Generator().manual_seed(0)
+    coupled = ShellCorrelation(1, shape)
+    coupled.update(fields * torch.exp(0.1 * torch.randn(48, 6, 1, 1, 1, generator=g, dtype=torch.float64)))
+    assert coupled.compute().item() > 0.15
+
+
+def test_shell_correlation_needs_ensembles_and_two_shells():
+    metric = ShellCorrelation(2, (8, 8))
+    metric.update(torch.randn(3, 1, 2, 8, 8))  # one member: no within-ensemble spread
+    assert torch.isnan(metric.compute()).all()
+    with pytest.raises(ValueError, match=r"ensembles \[B, M, C, \*S\] with 5 dims, got shape \(3, 2, 8, 8\)"):
+        metric.update(torch.randn(3, 2, 8, 8))
+    with pytest.raises(ValueError, match="max_wavenumber=0.15 leaves 1 shell"):
+        ShellCorrelation(1, (8, 8), max_wavenumber=0.15)

@@ -19,6 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = {
     "unet": UNet,
     "unet_tiny": UNet,
+    "unet_tiny_conv": UNet,
+    "unet_tiny_nonorm": UNet,
     "unet_b": UNet,
     "dit": DiT,
     "dit_tiny": DiT,

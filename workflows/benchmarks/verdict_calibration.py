@@ -14,8 +14,11 @@ at several designs ``B x M`` (``B`` evaluated samples, the test quarter of a sto
   (n, A); fresh (n, A) for the unconditional model). The rate judged faithful should be
   near 1;
 * **broken models**: the exact draws with the spread of their domain mean cut to a
-  quarter (every ``k != 0`` exact: what a denoiser blind to the field mean makes), and the
-  exact draws scaled by 1.3 (30 % too wide). The rate judged faithful should be 0.
+  quarter (every ``k != 0`` exact: what a denoiser blind to the field mean makes), the
+  exact draws scaled by 1.3 (30 % too wide), and the exact draws with each member scaled by
+  its own ``exp(0.05 z)`` (all of a member's scales moving together by ~5 %, as a network
+  normalising each sample by its own statistics makes them: the shell correlation's case).
+  The rate judged faithful should be 0.
 
 The ensembles go through ``scidiff.evaluation.evaluate`` as ensemble stores (no model is
 called), so every number is the product's own. Run:
@@ -48,7 +51,8 @@ from scidiff.inference import DDIM, Pretrained  # noqa: E402
 from scidiff_datasets import grf  # noqa: E402
 
 SHAPE = (16, 16)
-MODELS = {"second floor": "null", "exact draws": "null", "domain mean / 4": "broken", "scaled x 1.3": "broken"}
+MODELS = {"second floor": "null", "exact draws": "null", "domain mean / 4": "broken", "scaled x 1.3": "broken",
+          "member scales x exp(0.05 z)": "broken"}
 
 
 class NoModel(nn.Module):
@@ -107,13 +111,15 @@ def ensembles(pretrained: Pretrained, data: xr.Dataset, members: int, conditiona
     exact = grf.sample_fields(rng.standard_normal((b * members, *SHAPE)), amplitude, index).reshape(
         b, members, *SHAPE)
     blind = exact - 0.75 * exact.mean(axis=(-2, -1), keepdims=True)
+    coupled = exact * np.exp(0.05 * rng.standard_normal((b, members, 1, 1)))
     return test, {"second floor": field[twice.indices[:, members:]], "exact draws": exact,
-                  "domain mean / 4": blind, "scaled x 1.3": 1.3 * exact}
+                  "domain mean / 4": blind, "scaled x 1.3": 1.3 * exact, "member scales x exp(0.05 z)": coupled}
 
 
 def run_design(samples: int, members: int, conditional: bool, stores: int, seed: int, root: Path) -> dict:
     """Every model's verdicts over ``stores`` independent stores of one design."""
-    out = {name: {"faithful": 0, "runs": 0, "failing": {}, "domain_mean_log_ratio": []} for name in MODELS}
+    out = {name: {"faithful": 0, "runs": 0, "failing": {}, "domain_mean_log_ratio": [], "shell_excess": []}
+           for name in MODELS}
     settings = EvaluationSettings(split="test", batch_size=64, bound=BoundSettings(enabled=False),
                                   sampling=SamplingSettings(members=members), sampler=DDIM(steps=2))
     for s in range(stores):
@@ -137,6 +143,9 @@ def run_design(samples: int, members: int, conditional: bool, stores: int, seed:
             sc = ev.scalars
             row["domain_mean_log_ratio"].append(
                 math.log(sc["domain_mean_std_ratio/field"] / sc["floor/domain_mean_std_ratio/field"]))
+            # the shell correlation's excess over the floor, in standard errors of the difference
+            se = math.hypot(sc["shell_correlation_se/field"], sc["floor/shell_correlation_se/field"])
+            row["shell_excess"].append((sc["shell_correlation/field"] - sc["floor/shell_correlation/field"]) / se)
     return out
 
 
@@ -149,10 +158,13 @@ def format_tables(results: list[dict]) -> str:
             m = r["models"][name]
             logs = np.abs(m["domain_mean_log_ratio"])
             failing = ", ".join(f"{k} {v}" for k, v in sorted(m["failing"].items(), key=lambda kv: -kv[1])) or "-"
+            excess = np.asarray(m["shell_excess"])
             rows.append([r["conditioning"], f"{r['samples']} x {r['members']}", f"{name} ({kind})",
-                         f"{m['faithful']}/{m['runs']}", f"{np.median(logs):.3f}", f"{logs.max():.3f}", failing])
+                         f"{m['faithful']}/{m['runs']}", f"{np.median(logs):.3f}", f"{logs.max():.3f}",
+                         f"{np.median(excess):+.1f}", f"{excess.max():+.1f}", failing])
     return markdown_table(["model", "samples x members", "ensembles", "judged faithful",
-                           "median abs ln(domain-mean ratio / floor's)", "max", "failing metrics (runs)"], rows)
+                           "median abs ln(domain-mean ratio / floor's)", "max",
+                           "median shell-correlation excess (se)", "max", "failing metrics (runs)"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
             "(16 x 16, P(k) = A k^-n, n in [1, 3.5], A in [0.5, 2]) where the right answer is known: null "
             "ensembles (a second floor of real fields; exact draws from each sample's distribution) should "
             "pass, broken ones (the domain mean's spread cut to a quarter with every k != 0 exact; members "
-            f"scaled by 1.3) should fail. {args.stores} independent stores per design; the test quarter of a "
+            "scaled by 1.3; each member scaled by its own exp(0.05 z), so that its scales co-vary) should fail. "
+            "The shell-correlation excess is (model - floor) in standard errors of the difference; the verdict "
+            f"allows 4. {args.stores} independent stores per design; the test quarter of a "
             "store of 4 x samples fields is evaluated. The ensembles go through `scidiff.evaluation.evaluate` "
             "as ensemble stores, so the numbers are the product's own."
         )
