@@ -8,7 +8,7 @@ once in :data:`RULES`:
 
 ======================  =====  ====================================================================
 metric                  ideal  passes when (defaults: factor 3, ratio_factor 1.5, tolerances 0.1, match 0.5,
-                               correlation_factor 4, correlation_tolerance 0.02)
+                               correlation_factor 5, correlation_tolerance 0.02)
 ======================  =====  ====================================================================
 spectral_error          0      model <= factor x floor
 rank_deviation          0      model <= factor x floor
@@ -80,20 +80,28 @@ draws from each sample's true conditional distribution):
 * ``score_tolerance`` 0.1: null CRPS / energy score reached 1.12 / 1.08 / 1.02 / 1.02 x
   floor with 16 / 32 / 64 / 128 samples; members scaled by 2 give 1.03-1.36 x (caught
   by the other metrics when not by these).
-* ``correlation_factor`` 4 and ``correlation_tolerance`` 0.02: on exact draws (200
+* ``correlation_factor`` 5 and ``correlation_tolerance`` 0.02: on exact draws (200
   realisations per design, 16 x 16 GRFs) the null standard error matched the observed
   spread of the conditional shell correlation within 10 % at every design from 16 x 3 to
   128 x 4; for the unconditional model (members are other random fields, whose differing
   spectra make it ~0.75) the spread was 1.2-1.5 x larger (0.045 against 0.033 at 16 x 3),
-  so a factor 4 is still ~2.7 of its standard errors. The floor's nearest neighbours differ slightly in condition: on the
-  quickstart's store its value was +0.004 +- 0.008 (64 x 8), +0.011 +- 0.005 (64 x 16). A
-  member scaled by exp(0.1 z) (all its scales together by ~10 %) gives +0.30; the
-  GroupNorm quickstart model, whose members' scales co-vary, is measured on the
-  calibration page.
+  and on the calibration page 2 of its 100 null runs exceeded the floor by more than 4
+  standard errors (+4.9, +5.4), none by more than 5.5. The floor's neighbours differ in
+  condition, and a field's amplitude moves all its shells together, so the floor is coupled
+  a little: on the quickstart's store (4096 fields) +0.004 +- 0.008 at 64 x 8; in the
+  calibration's sparse stores (4 x samples fields) enough that exact conditional draws sit
+  2-9 standard errors *below* it (none above) and members taken from the next 8 neighbours
+  (a "second floor", farther in condition) sit 2-9 above it and fail from 32 x 8 on, as a
+  model whose members' amplitudes stray from their condition should. For the same reason
+  the test's power depends on how dense the store is around the evaluated conditions: each
+  member scaled by its own exp(0.05 z) was caught in 7 of 10 runs at 128 x 4 and hardly at
+  64 x 8 in those stores. A member scaled by exp(0.1 z) gives +0.30. The quickstart's UNet
+  with GroupNorm gives 0.089 against its floor's -0.008 at 64 x 8 (allowed 0.063: it fails),
+  without normalisation 0.029 (it passes).
 
 ``tests/evaluation/test_floor_verdict.py`` pins a fixed realisation of this: the second
 floor and exact draws pass, members x 2 and smoothed members fail, with the failing
-metric named.
+metric named, and members each rescaled by their own exp(0.1 z) fail on the shell correlation.
 """
 
 from __future__ import annotations
@@ -144,7 +152,7 @@ class VerdictSettings:
     ratio_tolerance: float = 0.1
     match_tolerance: float = 0.5
     score_tolerance: float = 0.1
-    correlation_factor: float = 4.0
+    correlation_factor: float = 5.0
     correlation_tolerance: float = 0.02
     fail_on_unfaithful: bool = False
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scidiff.nets.layers import Conv, check_dims, group_norm, padding_modes, per_axis, zero_module
+from scidiff.nets.layers import Conv, check_dims, check_norm, norm_layer, padding_modes, per_axis, zero_module
 
 
 class DiagonalGaussian:
@@ -59,13 +59,14 @@ class DiagonalGaussian:
 
 
 class _Block(nn.Module):
-    """Residual block ``x + conv(SiLU(GN(conv(SiLU(GN(x))))))`` (1x1 skip when widths differ)."""
+    """Residual block ``x + conv(SiLU(N(conv(SiLU(N(x))))))``, N GroupNorm or none (1x1 skip when widths differ)."""
 
-    def __init__(self, dims: int, in_channels: int, out_channels: int, padding, norm_group_channels: int) -> None:
+    def __init__(self, dims: int, in_channels: int, out_channels: int, padding, norm_group_channels: int,
+                 norm: str = "group") -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels, min_group_channels=norm_group_channels)
+        self.norm1 = norm_layer(in_channels, norm, min_group_channels=norm_group_channels)
         self.conv1 = Conv(dims, in_channels, out_channels, 3, padding=padding)
-        self.norm2 = group_norm(out_channels, min_group_channels=norm_group_channels)
+        self.norm2 = norm_layer(out_channels, norm, min_group_channels=norm_group_channels)
         self.conv2 = zero_module(Conv(dims, out_channels, out_channels, 3, padding=padding))
         self.skip = nn.Identity() if in_channels == out_channels else Conv(dims, in_channels, out_channels, 1)
 
@@ -115,6 +116,9 @@ class FieldAutoencoder(nn.Module):
         padding: ``zeros``, ``circular`` or ``reflect``, or one per axis (the run's ``boundary``).
         norm_group_channels: the fewest channels in each GroupNorm group (default 4; 1 rebuilds
             autoencoders trained before this key existed): see :class:`~scidiff.nets.unet.UNet`.
+        norm: ``group`` (GroupNorm) or ``none`` (no normalisation layers), as the UNet's:
+            GroupNorm's whole-sample statistics couple a field's scales, in the reconstruction
+            as in a denoiser's output (``docs/architecture.md``, "Normalisation groups").
 
     ``encode(x) -> DiagonalGaussian``; ``decode(z) -> x``; ``forward(x)`` reconstructs
     through a posterior sample (``sample_posterior=False``: through its mean).
@@ -131,9 +135,11 @@ class FieldAutoencoder(nn.Module):
         num_res_blocks: int = 1,
         padding="zeros",
         norm_group_channels: int = 4,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         self.dims = check_dims(dims)
+        self.norm = check_norm(norm)
         for key, value in (("in_channels", in_channels), ("latent_channels", latent_channels),
                            ("model_channels", model_channels), ("num_res_blocks", num_res_blocks),
                            ("norm_group_channels", norm_group_channels)):
@@ -150,23 +156,23 @@ class FieldAutoencoder(nn.Module):
         widths = [model_channels * m for m in mult]
         # the stride of each halving, per axis: an axis stops halving once it reached its factor
         strides = [tuple(2 if f > 2**i else 1 for f in self.downsample) for i in range(levels)]
-        pad, ng = self.padding, int(norm_group_channels)
+        pad, ng, nk = self.padding, int(norm_group_channels), self.norm
 
         enc: list[nn.Module] = [Conv(dims, in_channels, widths[0], 3, padding=pad)]
         for i in range(levels):
-            enc += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
+            enc += [_Block(dims, widths[i], widths[i], pad, ng, nk) for _ in range(num_res_blocks)]
             enc.append(_Resample(dims, widths[i], widths[i + 1], strides[i], up=False, padding=pad))
-        enc += [_Block(dims, widths[-1], widths[-1], pad, ng) for _ in range(num_res_blocks + 1)]
-        enc += [group_norm(widths[-1], min_group_channels=ng), nn.SiLU(),
+        enc += [_Block(dims, widths[-1], widths[-1], pad, ng, nk) for _ in range(num_res_blocks + 1)]
+        enc += [norm_layer(widths[-1], nk, min_group_channels=ng), nn.SiLU(),
                 Conv(dims, widths[-1], 2 * latent_channels, 3, padding=pad)]
         self.encoder = nn.Sequential(*enc)
 
         dec: list[nn.Module] = [Conv(dims, latent_channels, widths[-1], 3, padding=pad)]
-        dec += [_Block(dims, widths[-1], widths[-1], pad, ng) for _ in range(num_res_blocks + 1)]
+        dec += [_Block(dims, widths[-1], widths[-1], pad, ng, nk) for _ in range(num_res_blocks + 1)]
         for i in reversed(range(levels)):
             dec.append(_Resample(dims, widths[i + 1], widths[i], strides[i], up=True, padding=pad))
-            dec += [_Block(dims, widths[i], widths[i], pad, ng) for _ in range(num_res_blocks)]
-        dec += [group_norm(widths[0], min_group_channels=ng), nn.SiLU(),
+            dec += [_Block(dims, widths[i], widths[i], pad, ng, nk) for _ in range(num_res_blocks)]
+        dec += [norm_layer(widths[0], nk, min_group_channels=ng), nn.SiLU(),
                 Conv(dims, widths[0], in_channels, 3, padding=pad)]
         self.decoder = nn.Sequential(*dec)
 

@@ -302,7 +302,7 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     (report,) = json.loads(data.read_text())
     assert report["rank"] == 2 and report["steps"] == 30 and report["step_seconds"] > 0
     assert report["main_job"]["bpd"] > 0 and report["main_job"]["true_nll_bpd"] > 0
-    assert report["norm_group_channels"] == 4 and report["domain_mean_spread"] > 0
+    assert report["norm"] == "none" and report["domain_mean_spread"] > 0  # the quickstart UNet: no GroupNorm
     assert list(report["samplers"]) == ["DDIM (leading)", "DPM-Solver++ 2M (logsnr)", "DPM-Solver++ 3M (logsnr)",
                                         "SDE-DPM-Solver++ 2M (logsnr)", "Heun (trailing)", "Heun (karras)"]
     text = dest.read_text()
@@ -327,3 +327,5 @@ def test_verdict_calibration_page(page, tmp_path):
     text = dest.read_text()
     check_layout(text, page.MARKER, "verdict calibration page")
     assert "| conditional (n, A) | 16 x 3 | domain mean / 4 (broken) | 0/1 |" in text
+    # the shell correlation's excess over the floor, in standard errors, for every model
+    assert "median shell-correlation excess (se)" in text and "member scales x exp(0.05 z) (broken)" in text

@@ -67,6 +67,28 @@ def test_periodic_fields_stay_periodic_through_the_bottleneck(dims):
                               atol=1e-3)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_without_normalisation_a_far_bump_leaves_the_reconstruction_unchanged(dims):
+    """``norm: none``: the decoder's output at a point depends only on the latent within its
+    receptive field, so a bump at one corner leaves the far side exactly unchanged; with
+    GroupNorm (whole-sample statistics) it changes everywhere. A bad ``norm`` names the key."""
+    grid = {1: (64,), 2: (64, 64)}[dims]  # the receptive field reaches past 28 points
+    far = (Ellipsis, *([slice(-4, None)] * dims))
+    for norm, local in (("none", True), ("group", False)):
+        torch.manual_seed(2)
+        ae = FieldAutoencoder(1, dims, latent_channels=2, downsample=2, model_channels=8, norm=norm)
+        for p in ae.parameters():  # zero-initialised output convolutions would hide everything
+            torch.nn.init.normal_(p, std=0.2)
+        x = torch.randn(1, 1, *grid)
+        bumped = x.clone()
+        bumped[(0, 0, *([0] * dims))] += 10.0
+        with torch.no_grad():
+            a, b = ae(x, sample_posterior=False)[0], ae(bumped, sample_posterior=False)[0]
+        assert torch.equal(a[far], b[far]) == local, norm
+    with pytest.raises(ValueError, match="norm must be one of group, none, got 'layer'"):
+        FieldAutoencoder(1, 2, norm="layer")
+
+
 def test_kl_matches_torch_distributions_and_the_sample_has_the_posterior_moments():
     torch.manual_seed(2)
     mean, logvar = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)

@@ -111,6 +111,7 @@ def describe(run: Path, pretrained) -> dict[str, object]:
             "dims": ", ".join(meta.spatial_dims),
             "parameters": sum(p.numel() for p in pretrained.denoiser.parameters()),
             "norm_group_channels": pretrained.config["denoiser"].get("norm_group_channels"),
+            "norm": pretrained.config["denoiser"].get("norm", "group"),
             "steps": pretrained.global_step, "step_seconds": step_seconds}
 
 
@@ -165,21 +166,28 @@ def _calls(name: str, calls: int) -> str:
     return str(2 * ((calls + 1) // 2) - 1) if name.startswith("Heun") else str(calls)
 
 
+def _normalisation(r: dict) -> str:
+    """The denoiser's normalisation: ``none`` (the quickstart's) or GroupNorm and its group size."""
+    if r.get("norm", "group") == "none":
+        return "none"
+    return f"GroupNorm, {r['norm_group_channels'] or 1} ch/group"
+
+
 def _label(r: dict) -> str:
-    """The run's rank, with its GroupNorm group size when it is not the default's."""
-    groups = r["norm_group_channels"] or 1
-    return RANK_NAMES[r["rank"]] + ("" if groups == 4 else f" ({groups} ch/group)")
+    """The run's rank, with its normalisation when it is not the quickstart's (none)."""
+    norm = _normalisation(r)
+    return RANK_NAMES[r["rank"]] + ("" if norm == "none" else f" ({norm})")
 
 
 def format_tables(results: list[dict], calls: int) -> str:
     from page import markdown_table
 
     models = markdown_table(
-        ["rank", "grid (dims)", "denoiser parameters", "channels per norm group", "training steps", "s/step",
+        ["rank", "grid (dims)", "denoiser parameters", "normalisation", "training steps", "s/step",
          "bound (bits/dim)", "exact NLL (bits/dim)", "bound - NLL", "domain-mean spread / exact",
          "verdict (DPM-Solver++ 2M, 20 calls)"],
         [[_label(r), f"{r['grid']} ({r['dims']})", f"{r['parameters'] / 1e6:.3f} M",
-          r["norm_group_channels"] or 1, r["steps"], "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
+          _normalisation(r), r["steps"], "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
           f"{r['main_job']['bpd']:.4f} ± {r['main_job']['bpd_se']:.4f}", f"{r['main_job']['true_nll_bpd']:.4f}",
           f"{r['main_job']['bpd'] - r['main_job']['true_nll_bpd']:.4f}", f"{r['domain_mean_spread']:.3f}",
           r["main_job"]["verdict"]]
