@@ -46,9 +46,12 @@ def measure(pretrained, sampler, args) -> dict[str, float | str]:
     return out
 
 
-def step_seconds(run: Path) -> float:
+def step_seconds(run: Path) -> str:
+    """The mean seconds of a training step over the run's last session, validation included; "n/a"
+    when that session trained no step (a run resumed only to be evaluated again)."""
     summary = json.loads((run / "summary.json").read_text())
-    return summary["fit_time_s"] / max(1, summary["global_step"] - summary.get("start_step", 0))
+    steps = summary["global_step"] - (summary.get("start_step") or 0)
+    return f"{summary['fit_time_s'] / steps:.4f} s" if steps > 0 else "n/a (its last session trained no step)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     first = next(iter(results.values()))["latent"]
     ae = (f"autoencoder reconstruction of the same fields: RMSE {first['autoencoder_rmse/field']:.4f}, spectral "
           f"error {first['autoencoder_spectral_error/field']:.4f}")
-    steps = (f"training step: field {step_seconds(args.field_run):.4f} s, latent {step_seconds(args.latent_run):.4f} s "
-             "(mean over the run, validation included)")
+    steps = (f"training step: field {step_seconds(args.field_run)}, latent {step_seconds(args.latent_run)} "
+             "(mean over the run's last session, validation included)")
     print(ae + "\n" + steps)
     if args.page:
         from page import command, hardware, markdown_table, software, write_page
