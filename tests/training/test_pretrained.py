@@ -51,28 +51,35 @@ def test_bad_checkpoints_name_the_file(tmp_path):
         load_pretrained(plain)
 
 
-def test_a_checkpoint_from_before_norm_group_channels_loads_and_resumes_as_trained(trained_run, tmp_path):
-    """A checkpoint whose config has no ``denoiser.norm_group_channels`` (written before the key
-    existed) was trained with GroupNorm's old rule, gcd(channels, 32) groups: it loads with
-    ``norm_group_channels: 1`` (which rebuilds that rule), and a run resumed from it keeps it
-    whatever today's config says; today's checkpoints keep their 4."""
+def test_a_checkpoint_from_before_norm_group_channels_loads_and_resumes_as_trained(data_dir, tmp_path):
+    """A checkpoint whose config has neither ``denoiser.norm_group_channels`` nor ``denoiser.norm``
+    (written before the keys existed) was trained with GroupNorm's old rule, gcd(channels, 32)
+    groups: it loads with ``norm_group_channels: 1`` (which rebuilds that rule), and a run resumed
+    from it keeps it whatever today's config says; today's GroupNorm checkpoints keep their 4."""
     import math
 
     from omegaconf import OmegaConf
 
     from scidiff.cli.train import keep_trained_networks
     from scidiff.training import safe_torch_load
+    from tests.training.conftest import TINY_CONDITIONAL, run_train
 
-    ckpt = safe_torch_load(trained_run / "outputs/quickstart/tiny/checkpoints/last.ckpt")
+    # the quickstart's UNet has no normalisation since 2026-12-01: a GroupNorm run, as they all were
+    run_train([*TINY_CONDITIONAL, "denoiser.norm=group", "run_name=gn", "trainer.max_steps=2",
+               "trainer.val_check_interval=2", "callbacks.periodic_checkpoint.every_n_train_steps=2"],
+              tmp_path, data_dir)
+    run = tmp_path / "outputs/quickstart/gn"
+    ckpt = safe_torch_load(run / "checkpoints/last.ckpt")
     assert ckpt["scidiff"]["config"]["denoiser"]["norm_group_channels"] == 4
     old = tmp_path / "old.ckpt"
     del ckpt["scidiff"]["config"]["denoiser"]["norm_group_channels"]
+    del ckpt["scidiff"]["config"]["denoiser"]["norm"]
     torch.save(ckpt, old)
     model = load_pretrained(old)
     assert model.config["denoiser"]["norm_group_channels"] == 1
     norms = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_groups == math.gcd(m.num_channels, 32) for m in norms)
-    assert load_pretrained(trained_run / "outputs/quickstart/tiny").denoiser.out_norm.num_groups == 4
+    assert load_pretrained(run).denoiser.out_norm.num_groups == 4
 
     cfg = OmegaConf.create({"denoiser": {"_target_": "scidiff.nets.UNet", "norm_group_channels": 4},
                             "autoencoder": None})

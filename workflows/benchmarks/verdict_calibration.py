@@ -47,6 +47,7 @@ from scidiff.diffusion import GaussianDiffusion, NoiseSchedule  # noqa: E402
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
 from scidiff.evaluation.data import build_datamodule  # noqa: E402
 from scidiff.evaluation.floor import FloorEnsemble, FloorSettings  # noqa: E402
+from scidiff.evaluation.verdict import VerdictSettings  # noqa: E402
 from scidiff.inference import DDIM, Pretrained  # noqa: E402
 from scidiff_datasets import grf  # noqa: E402
 
@@ -202,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
             "pass, broken ones (the domain mean's spread cut to a quarter with every k != 0 exact; members "
             "scaled by 1.3; each member scaled by its own exp(0.05 z), so that its scales co-vary) should fail. "
             "The shell-correlation excess is (model - floor) in standard errors of the difference; the verdict "
-            f"allows 4. {args.stores} independent stores per design; the test quarter of a "
-            "store of 4 x samples fields is evaluated. The ensembles go through `scidiff.evaluation.evaluate` "
+            f"allows {VerdictSettings().correlation_factor:g}. {args.stores} independent stores per design; the "
+            "test quarter of a store of 4 x samples fields is evaluated. The ensembles go through "
+            "`scidiff.evaluation.evaluate` "
             "as ensemble stores, so the numbers are the product's own."
         )
         write_page(args.page, "Verdict calibration: null and broken ensembles", summary,
