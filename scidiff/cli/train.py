@@ -245,8 +245,8 @@ def build(cfg, ckpt: Path | None) -> dict[str, Any]:
 
 def keep_trained_networks(cfg, checkpoint: dict[str, Any]) -> None:
     """A resumed run's networks keep the GroupNorm groups they were trained with (a checkpoint
-    written before ``norm_group_channels`` existed: 1) and the UNet its ``norm`` (before that key:
-    ``group``), whatever today's config files say."""
+    written before ``norm_group_channels`` existed: 1) and their ``norm``, the UNet's and the
+    autoencoder's (before that key: ``group``), whatever today's config files say."""
     from omegaconf import open_dict
 
     from scidiff.inference.checkpoint import as_trained

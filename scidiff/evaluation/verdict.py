@@ -94,7 +94,7 @@ draws from each sample's true conditional distribution):
   (a "second floor", farther in condition) sit 2-9 above it and fail from 32 x 8 on, as a
   model whose members' amplitudes stray from their condition should. For the same reason
   the test's power depends on how dense the store is around the evaluated conditions: each
-  member scaled by its own exp(0.05 z) was caught in 7 of 10 runs at 128 x 4 and hardly at
+  member scaled by its own exp(0.05 z) was caught in 4 of 10 runs at 128 x 4 and hardly at
   64 x 8 in those stores. A member scaled by exp(0.1 z) gives +0.30. The quickstart's UNet
   with GroupNorm gives 0.089 against its floor's -0.008 at 64 x 8 (allowed 0.063: it fails),
   without normalisation 0.029 (it passes).

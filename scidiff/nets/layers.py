@@ -88,7 +88,7 @@ NORMS = ("group", "none")
 
 
 def norm_layer(channels: int, norm: str = "group", min_group_channels: int = 1) -> nn.Module:
-    """The normalisation of a UNet block: ``group`` (:func:`group_norm`) or ``none`` (the identity).
+    """The normalisation of a UNet or autoencoder block: ``group`` (:func:`group_norm`) or ``none`` (the identity).
 
     GroupNorm divides every feature by statistics of the whole sample, so that all locations and
     scales of a generated field are scaled together: on the quickstart's GRFs its members' radial
