@@ -131,9 +131,12 @@ class SampleMetrics:
             "w1": Wasserstein1(c, _value_ranges(pretrained), num_bins=settings.wasserstein_bins),
             "spectral": SpectralError(c, shape, spacing=spacing, max_wavenumber=settings.spectral_max_wavenumber),
         }
-        if members > 1 and _shells_to_correlate(shape, spacing, settings.spectral_max_wavenumber):
-            self.m["shells"] = ShellCorrelation(c, shape, spacing=spacing,
-                                                max_wavenumber=settings.spectral_max_wavenumber)
+        if members > 1:  # the shell correlation is within ensembles
+            try:
+                self.m["shells"] = ShellCorrelation(c, shape, spacing=spacing,
+                                                    max_wavenumber=settings.spectral_max_wavenumber)
+            except ValueError:  # fewer than two shells to correlate: the metric does not apply
+                pass
         if atoms_enabled(meta, settings.atoms):
             for name in ("atoms_samples", "atoms_data"):
                 self.m[name] = AtomCounts(c, settings.atom_threshold, voxel_volume=float(np.prod(spacing)),
@@ -207,15 +210,6 @@ class SampleMetrics:
 def metric_name(name: str) -> str:
     """An MLflow-safe metric name part (letters, digits, _ - . space)."""
     return "".join(ch if ch.isalnum() or ch in "_-. " else "_" for ch in str(name))
-
-
-def _shells_to_correlate(shape, spacing, max_wavenumber: float | None) -> bool:
-    """Whether the grid has the two compared wavenumber shells the shell correlation needs."""
-    try:
-        ShellCorrelation(1, shape, spacing=spacing, max_wavenumber=max_wavenumber)
-    except ValueError:
-        return False
-    return True
 
 
 def _nanrms(maps: Tensor) -> Tensor:
