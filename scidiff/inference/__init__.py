@@ -5,7 +5,7 @@ sample figures share.
   (:func:`load_pretrained` -> :class:`Pretrained`: EMA weights, diffusion, statistics,
   unit conversions, parameter ranges);
 * :mod:`~scidiff.inference.generation` -- the one generation path: sampler spec
-  (:class:`DDIM`, :class:`DPMSolver`, :class:`Heun`, :class:`DDPM`) -> guided denoiser ->
+  (:class:`DDIM`, :class:`DPMSolver`, :class:`UniPC`, :class:`Heun`, :class:`DDPM`) -> guided denoiser ->
   sampler -> physical units;
 * :mod:`~scidiff.inference.seeds`      -- seeds and generators keyed by what they are for;
 * :mod:`~scidiff.inference.runtime`    -- the device and the ranks of a distributed job;
@@ -25,6 +25,7 @@ from scidiff.inference.generation import (
     DDIM,
     DDPM,
     DPMSolver,
+    UniPC,
     GuidanceSpec,
     Heun,
     Observations,
@@ -42,6 +43,7 @@ __all__ = [
     "DDIM",
     "DDPM",
     "DPMSolver",
+    "UniPC",
     "Heun",
     "CheckpointError",
     "DistContext",

@@ -205,6 +205,37 @@ class DPMSolver(GridSampler):
 
 
 @dataclass(frozen=True, kw_only=True)
+class UniPC(GridSampler):
+    """UniPC (Zhao et al. 2023): the DPM-Solver++ multistep predictor of ``order`` 1-3 with a
+    corrector that reuses the next grid point's model call: one call per grid point, one
+    order of accuracy more than the predictor alone."""
+
+    name: ClassVar[str] = "unipc"
+    steps: int = 20
+    spacing: str = "logsnr"
+    order: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.order not in samplers.UNIPC_ORDERS or isinstance(self.order, bool):
+            raise ValueError(f"sampler.order: expected 1, 2 or 3, got {self.order!r}")
+        calls = len(self.timesteps) if self.timesteps is not None else self.steps
+        if calls < self.order:
+            key = "sampler.timesteps" if self.timesteps is not None else "sampler.steps"
+            raise ValueError(f"{key}: {calls} model calls are fewer than the solver's order {self.order}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "order": self.order, **self._grid_identity()}
+
+    def describe(self) -> str:
+        return f"UniPC ({self.order}) {self._grid_text()}"
+
+    def run(self, denoiser, diffusion, x_T, cond, generator):
+        return samplers.unipc_sample(denoiser, diffusion, x_T, cond=cond, generator=generator, order=self.order,
+                                     **self._grid_kwargs())
+
+
+@dataclass(frozen=True, kw_only=True)
 class Heun(GridSampler):
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022): two model
     calls per step (one for the last step and for steps above ``max_sigma``)."""
@@ -231,7 +262,7 @@ class Heun(GridSampler):
                                     max_sigma=self.max_sigma, **self._grid_kwargs())
 
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver, Heun)}
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIM, DDPM, DPMSolver, UniPC, Heun)}
 
 
 def as_sampler(node: Sampler | Mapping[str, Any]) -> Sampler:
@@ -499,6 +530,7 @@ __all__ = [
     "DDIM",
     "DDPM",
     "DPMSolver",
+    "UniPC",
     "GridSampler",
     "Heun",
     "DPS",

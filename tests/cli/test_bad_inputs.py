@@ -178,6 +178,7 @@ SAMPLE_CASES = [
     (["sampler.eta=-1"], "sampler.eta: expected >= 0"),
     (["sampler.stepz=4"], "sampler.stepz: unknown config key"),
     (["sampler=dpmpp_3m", "sampler.steps=2"], "sampler.steps: 2 model calls are fewer than the solver's order 3"),
+    (["sampler=unipc", "sampler.order=4"], "sampler.order: expected 1, 2 or 3, got 4"),
     (["sampler.timesteps=[10,500]"], "sampler.timesteps: timesteps must be strictly decreasing"),
     (["guidance.scale=strong"], "guidance.scale: expected a finite number"),
     (["params.grid={spectral_index: [2.0]}"], "parameter 'amplitude' is missing"),

@@ -175,6 +175,26 @@ def test_bad_inputs_are_one_line(reference, trained_run, tmp_path, capsys, monke
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_unipc_members_are_written_with_their_sampler(trained_run, tmp_path, capsys, monkeypatch):
+    """``sampler=unipc``: the store records UniPC and its order; a member is the Python API's."""
+    from scidiff.inference import GuidanceSpec, UniPC, generate, load_pretrained
+
+    monkeypatch.chdir(trained_run)
+    out = tmp_path / "unipc.zarr"
+    code, stdout, err = run_main(["checkpoint=outputs/quickstart/tiny", "members=2", "sampler=unipc",
+                                  "sampler.steps=6", "progress=false", "mlflow.run=none", SETS, f"out={out}"],
+                                 capsys, monkeypatch)
+    assert code == 0 and "written 4, skipped 0" in stdout, err
+    ds = xr.open_zarr(out)
+    assert json.loads(ds.attrs["sample_config"])["sampler"] == {"name": "unipc", "order": 3, "steps": 6,
+                                                                "spacing": "logsnr"}
+    torch.set_num_threads(1)
+    pre = load_pretrained(trained_run / "outputs" / "quickstart" / "tiny" / "checkpoints" / "last.ckpt")
+    x = generate(pre, torch.tensor([[3.0, 1.0]]), [int(ds["seed"][1, 1])], sampler=UniPC(steps=6),
+                 guidance=GuidanceSpec())
+    np.testing.assert_allclose(ds["field"].values[1, 1], x[0, 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_far_outside_the_range_warns_and_overwrite_replaces(trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(trained_run)
     out = tmp_path / "far.zarr"

@@ -58,6 +58,7 @@ SAMPLERS = [("ddpm", {})] + [
     ("dpm2m-20", {"num_steps": 20, "order": 2}),
     ("dpm3m-20", {"num_steps": 20, "order": 3}),
     ("sde-dpm2m-20", {"num_steps": 20, "order": 2, "stochastic": True}),
+    ("unipc3-20", {"num_steps": 20, "order": 3}),
     ("heun10-trailing", {"num_steps": 10, "spacing": "trailing"}),
     ("heun10-karras", {"num_steps": 10, "spacing": "karras"}),
 ]
@@ -72,6 +73,8 @@ def run_sampler(name: str, net, diffusion, x_T: torch.Tensor, kwargs: dict) -> t
         return samplers.ddim_sample(net, diffusion, x_T, **kwargs)
     if name.startswith("heun"):
         return samplers.heun_sample(net, diffusion, x_T, **kwargs)
+    if name.startswith("unipc"):
+        return samplers.unipc_sample(net, diffusion, x_T, **kwargs)
     return samplers.dpm_solver_sample(net, diffusion, x_T, generator=noise, **kwargs)
 
 
