@@ -1,7 +1,8 @@
 """Every sampler against model calls on the trained quickstart model, beside the floor of real fields.
 
-For each sampler (DDIM on the leading grid, as the quickstart samples; DPM-Solver++ 2M, 3M
-and SDE 2M on the log-SNR grid; Heun on the trailing and Karras grids) and each number of model calls,
+For each sampler (DDIM on the leading grid; DPM-Solver++ 2M, 3M and SDE 2M and UniPC of order
+3, the main job's, on the log-SNR grid; Heun on the trailing and Karras grids) and each number
+of model calls,
 ``scidiff.evaluation.evaluate`` generates ``--members`` members for each of the first
 ``--samples`` fields of the held-out band (the validation split, spectral indices n in
 [2.0, 2.5]) and reports the spectral error (mean over wavenumber shells of
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate
-from scidiff.inference import DDIM, DDPM, DPMSolver, Heun, load_pretrained
+from scidiff.inference import DDIM, DDPM, DPMSolver, Heun, UniPC, load_pretrained
 
 
 def samplers_at(calls: int) -> dict[str, object]:
@@ -37,6 +38,7 @@ def samplers_at(calls: int) -> dict[str, object]:
         "DPM-Solver++ 2M (logsnr)": DPMSolver(steps=calls, order=2),
         "DPM-Solver++ 3M (logsnr)": DPMSolver(steps=calls, order=3),
         "SDE-DPM-Solver++ 2M (logsnr)": DPMSolver(steps=calls, order=2, stochastic=True),
+        "UniPC 3 (logsnr)": UniPC(steps=calls, order=3),
         "Heun (trailing)": Heun(steps=(calls + 1) // 2),
         "Heun (karras)": Heun(steps=(calls + 1) // 2, spacing="karras"),
     }

@@ -9,10 +9,10 @@ data's rank), diffusion and steps. For each trained run this script reports, on 
 
 * the main job's evaluation: the variational bound (bits/dim, importance-sampled with 100
   terms, with its standard error) against the store's exact negative log-likelihood, and the
-  verdict of ``--members`` members a field from DPM-Solver++ 2M at 20 calls;
+  verdict of ``--members`` members a field from UniPC (order 3) at 20 calls;
 * the spread of the domain mean (the k = 0 mode, which the spectral error's shells leave out):
   the standard deviation of the spatial mean over ``--mean-members`` members at each of n = 2.1,
-  2.25, 2.4 (A = 1; DPM-Solver++ 2M, 20 calls), divided by its exact value sqrt(P(0) / N),
+  2.25, 2.4 (A = 1; UniPC, 20 calls), divided by its exact value sqrt(P(0) / N),
   P(0) = A k_min^-n;
 * every sampler at ``--calls`` model calls (and DDPM with all 1000 steps unless
   ``--no-ddpm``), members from the same seeds: the spectral error (mean over wavenumber shells
@@ -45,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_quickstart import evaluate_samples, samplers_at, short_verdict  # noqa: E402
 
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
-from scidiff.inference import DDPM, DPMSolver, generate, load_pretrained  # noqa: E402
+from scidiff.inference import DDPM, UniPC, generate, load_pretrained  # noqa: E402
 
 RANK_NAMES = {1: "1-D", 2: "2-D", 3: "3-D"}
+MAIN_JOB_SAMPLER = UniPC(steps=20, order=3)  # workflows/quickstart.sh: sampler=unipc sampler.steps=20
 
 
 def data_path(pretrained, data_dir: Path | None) -> Path | None:
@@ -59,11 +60,11 @@ def data_path(pretrained, data_dir: Path | None) -> Path | None:
 
 def main_job_evaluation(pretrained, args) -> dict[str, float | str]:
     """The main job's evaluation of the first ``args.samples`` held-out fields: bound against the
-    exact NLL, and the verdict of DPM-Solver++ 2M at 20 calls."""
+    exact NLL, and the verdict of the main job's sampler."""
     settings = EvaluationSettings(split="val", max_samples=args.samples, batch_size=args.batch_size, seed=0,
                                   bound=BoundSettings(estimator="importance", num_terms=100),
                                   sampling=SamplingSettings(members=args.members),
-                                  sampler=DPMSolver(steps=20, order=2))
+                                  sampler=MAIN_JOB_SAMPLER)
     tic = time.perf_counter()
     ev = evaluate(pretrained, settings, data_path=args.data_path, device="cpu", progress=False)
     s = ev.scalars
@@ -83,7 +84,7 @@ def domain_mean_spread(pretrained, members: int) -> float:
     for i, n in enumerate(HELD_OUT_INDICES):
         params = torch.tensor([[n, 1.0]] * members)
         fields = generate(pretrained, params, seeds=[1000 * i + m for m in range(members)],
-                          sampler=DPMSolver(steps=20, order=2))
+                          sampler=MAIN_JOB_SAMPLER)
         variances.append(fields.flatten(1).mean(1).double().var().item())
         exact.append(k_min ** (-n) / math.prod(shape))
     return math.sqrt(sum(variances) / sum(exact))
@@ -185,7 +186,7 @@ def format_tables(results: list[dict], calls: int) -> str:
     models = markdown_table(
         ["rank", "grid (dims)", "denoiser parameters", "normalisation", "training steps", "s/step",
          "bound (bits/dim)", "exact NLL (bits/dim)", "bound - NLL", "domain-mean spread / exact",
-         "verdict (DPM-Solver++ 2M, 20 calls)"],
+         f"verdict ({MAIN_JOB_SAMPLER.describe()})"],
         [[_label(r), f"{r['grid']} ({r['dims']})", f"{r['parameters'] / 1e6:.3f} M",
           _normalisation(r), r["steps"], "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}",
           f"{r['main_job']['bpd']:.4f} ± {r['main_job']['bpd_se']:.4f}", f"{r['main_job']['true_nll_bpd']:.4f}",
@@ -212,11 +213,12 @@ def write_benchmark_page(args, argv, tables: str) -> Path:
         "trained on the same problem at three spatial ranks: periodic Gaussian random fields with P(k) = A k^-n "
         "conditioned on (n, A), with the band n in [2.0, 2.5] held out of training. On the first "
         f"{args.samples} held-out fields of each: the main job's evaluation (the variational bound, "
-        "importance-sampled with 100 terms, against the store's exact NLL; the verdict of DPM-Solver++ 2M at "
-        f"20 calls), then every sampler at {args.calls} model calls, {args.members} members a field from the "
-        "same seeds: spectral error and CRPS beside their noise floor (the same metric for real fields of the "
-        "nearest parameters), std ratio and verdict. The domain-mean spread is the standard deviation of the "
-        f"members' spatial means ({args.mean_members} members at each of n = 2.1, 2.25, 2.4, A = 1) over its "
+        "importance-sampled with 100 terms, against the store's exact NLL; the verdict of the main job's "
+        f"sampler, {MAIN_JOB_SAMPLER.describe()}), then every sampler at {args.calls} model calls, "
+        f"{args.members} members a field from the same seeds: spectral error and CRPS beside their noise floor "
+        "(the same metric for real fields of the nearest parameters), std ratio and verdict. The domain-mean "
+        "spread is the standard deviation of the members' spatial means "
+        f"({args.mean_members} members at each of n = 2.1, 2.25, 2.4, A = 1) over its "
         "exact value sqrt(P(0) / N): the k = 0 mode, which the spectral error leaves out."
     )
     return write_page(args.page, "Spatial ranks: the quickstart in 1-D, 2-D and 3-D", summary,
