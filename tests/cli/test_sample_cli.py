@@ -182,15 +182,15 @@ def test_unipc_members_are_written_with_their_sampler(trained_run, tmp_path, cap
     monkeypatch.chdir(trained_run)
     out = tmp_path / "unipc.zarr"
     code, stdout, err = run_main(["checkpoint=outputs/quickstart/tiny", "members=2", "sampler=unipc",
-                                  "sampler.steps=6", "progress=false", "mlflow.run=none", SETS, f"out={out}"],
+                                  "sampler.steps=20", "progress=false", "mlflow.run=none", SETS, f"out={out}"],
                                  capsys, monkeypatch)
     assert code == 0 and "written 4, skipped 0" in stdout, err
     ds = xr.open_zarr(out)
-    assert json.loads(ds.attrs["sample_config"])["sampler"] == {"name": "unipc", "order": 3, "steps": 6,
+    assert json.loads(ds.attrs["sample_config"])["sampler"] == {"name": "unipc", "order": 3, "steps": 20,
                                                                 "spacing": "logsnr"}
     torch.set_num_threads(1)
     pre = load_pretrained(trained_run / "outputs" / "quickstart" / "tiny" / "checkpoints" / "last.ckpt")
-    x = generate(pre, torch.tensor([[3.0, 1.0]]), [int(ds["seed"][1, 1])], sampler=UniPC(steps=6),
+    x = generate(pre, torch.tensor([[3.0, 1.0]]), [int(ds["seed"][1, 1])], sampler=UniPC(steps=20),
                  guidance=GuidanceSpec())
     np.testing.assert_allclose(ds["field"].values[1, 1], x[0, 0].numpy(), rtol=1e-5, atol=1e-5)
 

@@ -9,6 +9,8 @@ name the config key.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from scidiff.conditioning import Conditioning
 from scidiff.diffusion import GaussianDiffusion, NoiseSchedule, samplers
 from scidiff.diffusion.analytic import GaussianDataDenoiser
-from scidiff.inference import DDIM, DDPM, GuidanceSpec, as_guidance, as_sampler, sample_model
+from scidiff.inference import DDIM, DDPM, GuidanceSpec, UniPC, as_guidance, as_sampler, sample_model
 from scidiff.inference.generation import (
     DPS,
     RePaint,
@@ -42,13 +44,16 @@ def exact(rank: int, prediction: str = "v"):
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
-@pytest.mark.parametrize("spec", [DDIM(steps=10), DDIM(steps=7, eta=0.6, spacing="trailing"), DDPM()])
+@pytest.mark.parametrize("spec", [DDIM(steps=10), DDIM(steps=7, eta=0.6, spacing="trailing"), DDPM(),
+                                  UniPC(steps=20, spacing="trailing")])
 def test_the_path_is_the_sampler_itself(rank, spec):
     diff, den, shape, _ = exact(rank)
     x_T = initial_noise(shape, member_generators([1, 2, 3]), dtype=torch.float64)
     got = sample_model(den, diff, x_T, None, sampler=spec, generator=member_generators([4, 5, 6]))
     if isinstance(spec, DDPM):
         want = samplers.ddpm_sample(den, diff, x_T, generator=member_generators([4, 5, 6]))
+    elif isinstance(spec, UniPC):
+        want = samplers.unipc_sample(den, diff, x_T, num_steps=spec.steps, spacing=spec.spacing, order=spec.order)
     else:
         want = samplers.ddim_sample(den, diff, x_T, num_steps=spec.steps, eta=spec.eta, spacing=spec.spacing,
                                     generator=member_generators([4, 5, 6]))
@@ -122,7 +127,9 @@ def test_sampler_specs_from_configs_and_their_errors():
     assert as_sampler({"_target_": "scidiff.inference.DDIM", "steps": 20}) == DDIM(steps=20)
     assert as_sampler({"_target_": "scidiff.inference.DDPM"}) == DDPM()
     assert as_sampler({"name": "ddim", "spacing": "trailing"}) == DDIM(spacing="trailing")
-    for spec in (DDIM(steps=3, eta=0.5, spacing="linspace"), DDPM(), DDIM(spacing="karras", sigma_max=20.0)):
+    assert as_sampler({"_target_": "scidiff.inference.UniPC", "order": 2}) == UniPC(order=2)
+    for spec in (DDIM(steps=3, eta=0.5, spacing="linspace"), DDPM(), DDIM(spacing="karras", sigma_max=20.0),
+                 UniPC(steps=24, order=2, spacing="karras")):
         assert sampler_from_identity(spec.identity()) == spec
     # a karras grid's identity carries sigma_max (the grid moved to EDM's 80 on 2026-12-01: a store of the
     # older grid, whose identity lacks it, is never continued on the new one)
@@ -137,10 +144,18 @@ def test_sampler_specs_from_configs_and_their_errors():
         ({"name": "ddim", "eta": -0.1}, "sampler.eta: expected >= 0"),
         ({"name": "ddim", "spacing": "middle"}, "sampler.spacing: unknown value 'middle'"),
         ({"name": "ddim", "sigma_max": 0}, "sampler.sigma_max: expected a number > 0"),
+        ({"name": "unipc", "order": 4}, "sampler.order: expected 1, 2 or 3, got 4"),
+        ({"name": "unipc", "steps": 2, "order": 3}, "sampler.steps: 2 model calls are fewer than the solver's order 3"),
     ]
     for node, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             as_sampler(node)
+    # UniPC's third order overshoots below 20 calls: a warning that names the key and the remedy
+    with pytest.warns(UserWarning, match="sampler.steps: UniPC of order 3 at 15 model calls overshoots.*sampler.order=2"):
+        UniPC(steps=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UniPC(steps=20), UniPC(steps=10, order=2)
     diff = GaussianDiffusion(NoiseSchedule.from_name("cosine", 20), prediction="v")
     with pytest.raises(ValueError, match="sampler.steps: 50 exceeds the model's T = 20"):
         DDIM(steps=50).check(diff)
