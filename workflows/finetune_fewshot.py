@@ -13,8 +13,8 @@ Each is also run with prior preservation (DreamBooth): 256 fields the base model
 parameters of its own training split, whose loss is added with weight 1 at every step. Each
 model (base, LoRA, full, and both with the prior) is sampled on the new regime (fields none
 of them trained on) and on the **old regime**, the base model's training split (n < 2 or
-n > 2.5), to see what the adaptation made the model forget, with DPM-Solver++ 2M at 20 calls, ``--members`` members for each of the first ``--samples``
-fields: spectral error and CRPS beside their noise floor (real fields of the nearest
+n > 2.5), to see what the adaptation made the model forget, with the main job's sampler (UniPC
+at 20 calls), ``--members`` members for each of the first ``--samples`` fields: spectral error and CRPS beside their noise floor (real fields of the nearest
 parameters), and the verdict.
 
     bash workflows/quickstart.sh                                    # the base model
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-from sampler_quickstart import short_verdict  # noqa: E402
+from sampler_quickstart import MAIN_JOB_SAMPLER, short_verdict  # noqa: E402
 
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
-from scidiff.inference import DPMSolver, load_pretrained  # noqa: E402
+from scidiff.inference import load_pretrained  # noqa: E402
 
 
 REGIMES = {  # name: (the store's n range or None for the quickstart's, train range, validation range)
@@ -79,7 +79,7 @@ def score(pretrained, split: str, indices, store: Path, args) -> dict[str, float
     model = dataclasses.replace(pretrained, split_indices=indices)
     settings = EvaluationSettings(split=split, max_samples=args.samples, batch_size=32, seed=0,
                                   bound=BoundSettings(enabled=False), sampling=SamplingSettings(members=args.members),
-                                  sampler=DPMSolver(steps=20, order=2))
+                                  sampler=MAIN_JOB_SAMPLER)
     ev = evaluate(model, settings, data_path=store, device="cpu", progress=False)
     s = ev.scalars
     return {"spectral": s["spectral_error/field"], "spectral_floor": s["floor/spectral_error/field"],
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             "fields of the base model at its training conditions, weight 1), to two new regimes: *band*, the held-out "
             "band n in [2.0, 2.5] (interpolation; trained on the 13 fields of n in [2.245, 2.255], scored on the rest), "
             "and *steep*, n in [3.75, 4.25] beyond the training range [1, 3.5] (extrapolation; trained on the fields of "
-            "n in [3.75, 3.77], scored on n >= 3.8). Old regime: the base's training split. DPM-Solver++ 2M, 20 calls, "
-            f"{args.members} members for each of the first "
+            "n in [3.75, 3.77], scored on n >= 3.8). Old regime: the base's training split. "
+            f"{MAIN_JOB_SAMPLER.describe()}, {args.members} members for each of the first "
             f"{args.samples} fields; spectral error and CRPS beside their floor (real fields of the nearest parameters)."
         )
         table = markdown_table(["regime", "model", "new: spectral error", "floor", "new: CRPS", "floor", "new: verdict",

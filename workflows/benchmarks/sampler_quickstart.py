@@ -30,6 +30,10 @@ import torch
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate
 from scidiff.inference import DDIM, DDPM, DPMSolver, Heun, UniPC, load_pretrained
 
+# the main job's sampler (workflows/quickstart.sh: sampler=unipc sampler.steps=20), which the other
+# quickstart pages judge their models with
+MAIN_JOB_SAMPLER = UniPC(steps=20, order=3)
+
 
 def samplers_at(calls: int) -> dict[str, object]:
     """The samplers compared, each at ``calls`` model calls (Heun: the nearest odd count)."""

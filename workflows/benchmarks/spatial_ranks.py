@@ -42,13 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the quickstart sampler page's samplers and evaluation settings
-from sampler_quickstart import evaluate_samples, samplers_at, short_verdict  # noqa: E402
+from sampler_quickstart import MAIN_JOB_SAMPLER, evaluate_samples, samplers_at, short_verdict  # noqa: E402
 
 from scidiff.evaluation import BoundSettings, EvaluationSettings, SamplingSettings, evaluate  # noqa: E402
-from scidiff.inference import DDPM, UniPC, generate, load_pretrained  # noqa: E402
+from scidiff.inference import DDPM, generate, load_pretrained  # noqa: E402
 
 RANK_NAMES = {1: "1-D", 2: "2-D", 3: "3-D"}
-MAIN_JOB_SAMPLER = UniPC(steps=20, order=3)  # workflows/quickstart.sh: sampler=unipc sampler.steps=20
 
 
 def data_path(pretrained, data_dir: Path | None) -> Path | None:
