@@ -170,6 +170,21 @@ class DDIM(GridSampler):
                                     **self._grid_kwargs())
 
 
+def _check_multistep_order(spec: GridSampler, orders: tuple[int, ...]) -> tuple[int, str]:
+    """A multistep solver's ``order`` is one of ``orders`` and its grid has at least that many
+    points (one model call each); returns the calls and the key that sets them."""
+    order = spec.order  # type: ignore[attr-defined]
+    if order not in orders or isinstance(order, bool):
+        raise ValueError(f"sampler.order: expected {', '.join(map(str, orders[:-1]))} or {orders[-1]}, got {order!r}")
+    if spec.timesteps is not None:
+        calls, key = len(spec.timesteps), "sampler.timesteps"
+    else:
+        calls, key = spec.steps, "sampler.steps"
+    if calls < order:
+        raise ValueError(f"{key}: {calls} model calls are fewer than the solver's order {order}")
+    return calls, key
+
+
 @dataclass(frozen=True, kw_only=True)
 class DPMSolver(GridSampler):
     """DPM-Solver++ multistep (Lu et al. 2022): one model call per grid point, ``order`` 1-3
@@ -183,16 +198,11 @@ class DPMSolver(GridSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.order not in samplers.DPM_SOLVER_ORDERS or isinstance(self.order, bool):
-            raise ValueError(f"sampler.order: expected 1, 2 or 3, got {self.order!r}")
         if not isinstance(self.stochastic, bool):
             raise ValueError(f"sampler.stochastic: expected true or false, got {self.stochastic!r}")
+        _check_multistep_order(self, samplers.DPM_SOLVER_ORDERS)
         if self.stochastic and self.order == 3:
             raise ValueError("sampler.order: the stochastic DPM-Solver++ takes order 1 or 2, got 3")
-        calls = len(self.timesteps) if self.timesteps is not None else self.steps
-        if calls < self.order:
-            key = "sampler.timesteps" if self.timesteps is not None else "sampler.steps"
-            raise ValueError(f"{key}: {calls} model calls are fewer than the solver's order {self.order}")
 
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "order": self.order, "stochastic": self.stochastic, **self._grid_identity()}
@@ -221,12 +231,7 @@ class UniPC(GridSampler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.order not in samplers.UNIPC_ORDERS or isinstance(self.order, bool):
-            raise ValueError(f"sampler.order: expected 1, 2 or 3, got {self.order!r}")
-        calls = len(self.timesteps) if self.timesteps is not None else self.steps
-        key = "sampler.timesteps" if self.timesteps is not None else "sampler.steps"
-        if calls < self.order:
-            raise ValueError(f"{key}: {calls} model calls are fewer than the solver's order {self.order}")
+        calls, key = _check_multistep_order(self, samplers.UNIPC_ORDERS)
         if self.order == 3 and calls < UNIPC_ORDER3_MIN_CALLS:
             warnings.warn(f"{key}: UniPC of order 3 at {calls} model calls overshoots (with the exact denoiser on "
                           "the cosine schedule, modes of std 0.1-10 come out with up to 26 % too much variance at 15 "
