@@ -430,8 +430,8 @@ def unipc_sample(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """UniPC (Zhao et al. 2023, "UniPC"), multistep in data prediction with B(h) = e^h - 1
-    ("bh2"): a predictor and a corrector that share one model call per grid point,
+    """UniPC (Zhao et al. 2023), multistep in data prediction with B(h) = e^-h - 1 (the "bh2"
+    variant): a predictor and a corrector that share one model call per grid point,
     ``num_steps`` calls in all, like :func:`dpm_solver_sample`.
 
     From x at lambda (x0 prediction m_0 there, m_k at the k-th earlier grid point) to
@@ -477,25 +477,22 @@ def _unipc_step(x: Tensor, history: list[tuple[Tensor, float]], levels: tuple[fl
                 levels_next: tuple[float, float, float], order: int, new: Tensor | None = None) -> Tensor:
     """One UniPC update from ``x`` at ``levels`` (``history[0]`` its x0 prediction) to ``levels_next``:
     the predictor, or with ``new`` (the x0 prediction at ``levels_next``) the corrector."""
-    alpha, sigma, lam = levels
+    _, sigma, lam = levels
     a_n, s_n, lam_n = levels_next
     m0 = history[0][0]
     h = lam_n - lam
     x_base = (s_n / sigma) * x - a_n * math.expm1(-h) * m0  # the first-order (DDIM) step
     if not math.isfinite(h):  # from pure noise (zero terminal SNR): the first-order step
         return x_base
+    # (x0 prediction, r) of the order - 1 earlier points, and of the new one for the corrector
     points = [(m, (lam_k - lam) / h) for m, lam_k in history[1:order] if math.isfinite(lam_k)]
-    if new is None:
-        points = points[:order - 1]
-        if not points:
-            return x_base
-        rhos = [0.5] if len(points) == 1 else _unipc_weights([r for _, r in points], h)
-    else:
-        points = [*points[:order - 1], (new, 1.0)]
-        rhos = [0.5] if len(points) == 1 else _unipc_weights([r for _, r in points], h)
-    b_h = math.expm1(-h)
+    if new is not None:
+        points.append((new, 1.0))
+    if not points:
+        return x_base
+    rhos = [0.5] if len(points) == 1 else _unipc_weights([r for _, r in points], h)
     residual = sum(rho_k * (m - m0) / r for rho_k, (m, r) in zip(rhos, points))
-    return x_base - a_n * b_h * residual
+    return x_base - a_n * math.expm1(-h) * residual  # B(h) = e^-h - 1
 
 
 def _unipc_weights(ratios: list[float], h: float) -> list[float]:
