@@ -304,10 +304,12 @@ def test_spatial_ranks_page(page, tmp_path, trained_run):
     assert report["main_job"]["bpd"] > 0 and report["main_job"]["true_nll_bpd"] > 0
     assert report["norm"] == "none" and report["domain_mean_spread"] > 0  # the quickstart UNet: no GroupNorm
     assert list(report["samplers"]) == ["DDIM (leading)", "DPM-Solver++ 2M (logsnr)", "DPM-Solver++ 3M (logsnr)",
-                                        "SDE-DPM-Solver++ 2M (logsnr)", "Heun (trailing)", "Heun (karras)"]
+                                        "SDE-DPM-Solver++ 2M (logsnr)", "UniPC 3 (logsnr)", "Heun (trailing)",
+                                        "Heun (karras)"]
     text = dest.read_text()
     check_layout(text, page.MARKER, "spatial ranks page")
     assert "### The models" in text and "| 2-D | 16 x 16 (y, x) |" in text
+    assert "verdict (UniPC (3) 20 steps (logsnr)) |" in text  # the main job's sampler
     assert "| Heun (karras) | 3 | 2-D |" in text
 
 
