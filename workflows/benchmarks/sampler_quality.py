@@ -24,7 +24,8 @@ Rows: scidiff's DDIM (trailing and log-SNR grids), DPM-Solver++ 2M and 3M (log-S
 Karras grids) and its SDE variant, UniPC of orders 2 and 3 (log-SNR), Heun (EDM, trailing
 and Karras grids; calls = 2 steps - 1, so the nearest odd count), and diffusers'
 ``DDIMScheduler`` (trailing), ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M, its default
-grid and Karras sigmas) and ``UniPCMultistepScheduler`` (bh2), each driven by the same denoiser in the same process, in float64.
+grid and Karras sigmas) and ``UniPCMultistepScheduler`` (bh2), each driven by the same
+denoiser in the same process, in float64.
 
     python workflows/benchmarks/sampler_quality.py
     python workflows/benchmarks/sampler_quality.py --page docs/benchmarks/sampler-quality.md
@@ -148,22 +149,32 @@ def deterministic_samplers(diff, den) -> dict[str, Callable]:
     return runs
 
 
+def diffusers_rows(diff, den, calls: list[int], score: Callable) -> dict[str, dict]:
+    """``score(run)`` of every diffusers scheduler at each number of calls (nan, reported, where
+    one fails); none without diffusers (reported)."""
+    try:
+        schedulers = diffusers_schedulers(diff)
+    except ImportError:
+        print("diffusers is not installed (bash workflows/install.sh bench): its rows are skipped", file=sys.stderr)
+        return {}
+    rows: dict[str, dict] = {}
+    for name, make in schedulers.items():
+        rows[name] = {}
+        for c in calls:
+            try:
+                rows[name][c] = score(diffusers_run(make(), den, c))
+            except (IndexError, RuntimeError, ValueError) as exc:  # reported, not hidden
+                print(f"{name} at {c} calls failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows[name][c] = float("nan")
+    return rows
+
+
 def measure_resolved(calls: list[int], schedule: str, prediction: str) -> dict[str, dict]:
     """max |ln variance ratio| over modes of std 0.1-10, per deterministic sampler and calls."""
     diff, den, std = resolved_problem(schedule, prediction)
     rows = {name: {c: variance_error(lambda x, c=c, fn=fn: fn(x, c), std) for c in calls}
             for name, fn in deterministic_samplers(diff, den).items()}
-    try:
-        for name, make in diffusers_schedulers(diff).items():
-            rows[name] = {}
-            for c in calls:
-                try:
-                    rows[name][c] = variance_error(diffusers_run(make(), den, c), std)
-                except (IndexError, RuntimeError, ValueError) as exc:  # reported, not hidden
-                    print(f"{name} at {c} calls failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    rows[name][c] = float("nan")
-    except ImportError:
-        pass
+    rows.update(diffusers_rows(diff, den, calls, lambda run: variance_error(run, std)))
     rows["DDIM, all 1000 steps"] = {"1000": variance_error(
         lambda x: samplers.ddim_sample(den, diff, x, 1000, spacing="trailing"), std)}
     return rows
@@ -183,17 +194,7 @@ def measure(shape, calls: list[int], schedule: str, prediction: str, mc: int) ->
         c: kl_monte_carlo(lambda x, g, c=c: samplers.dpm_solver_sample(den, diff, x, c, order=2, stochastic=True,
                                                                         generator=g), shape, mean, std, mc)
         for c in calls}
-    try:
-        for name, make in diffusers_schedulers(diff).items():
-            rows[name] = {}
-            for c in calls:
-                try:
-                    rows[name][c] = det(diffusers_run(make(), den, c))
-                except (IndexError, RuntimeError, ValueError) as exc:  # reported, not hidden
-                    print(f"{name} at {c} calls failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    rows[name][c] = float("nan")
-    except ImportError:
-        print("diffusers is not installed (bash workflows/install.sh bench): its rows are skipped", file=sys.stderr)
+    rows.update(diffusers_rows(diff, den, calls, det))
     rows["DDIM, all 1000 steps"] = {"1000": det(lambda x: samplers.ddim_sample(den, diff, x, 1000, spacing="trailing"))}
     rows["DDPM, all 1000 steps (exact law)"] = {"1000": kl_ddpm_exact(diff, den, shape, mean, std)}
     return rows
