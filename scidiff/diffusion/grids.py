@@ -12,7 +12,12 @@ Kinds (``spacing``), for ``n`` steps on a schedule of ``T`` steps:
 * ``"trailing"`` -- round(T - i T/n) - 1, always starting at T - 1 (Lin et al. 2024);
 * ``"linspace"`` -- round(linspace(0, T - 1, n));
 * ``"logsnr"``   -- uniform in log-SNR lambda = log(ab / (1 - ab)) from t = T - 1 to 0
-  (DPM-Solver's "time-uniform" grid, Lu et al. 2022);
+  (DPM-Solver's "time-uniform" grid, Lu et al. 2022). A terminal level that lies more than one
+  grid step below the next trained level is visited alone, and the other n - 1 points are uniform
+  from that next level: the cosine schedule's beta, clipped at 0.999, drops lambda from -12.9 at
+  t = T - 2 to -19.8 at T - 1, and a grid uniform from -19.8 rounds 8 of 20 points onto
+  t = 991-999, calls spent for modes of std in the hundreds (see
+  :func:`timestep_grid`);
 * ``"karras"``   -- sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) -
   sigma_max^(1/rho)))^rho with sigma = sqrt((1 - ab) / ab) (Karras et al. 2022, eq. 5), from
   ``sigma_max`` = 80 (EDM's) to sigma_min = sigma_0; a schedule whose noisiest level lies above
@@ -120,8 +125,17 @@ def timestep_grid(diffusion: GaussianDiffusion, num_steps: int, spacing: GridKin
     finite = torch.isfinite(lam)
     last = int(finite.nonzero().max())  # the noisiest timestep with a finite level
     if spacing == "logsnr":
-        targets = torch.linspace(float(lam[last]), float(lam[0]), num_steps, dtype=torch.float64)
-        grid = _nearest(lam, targets)
+        step = (float(lam[0]) - float(lam[last])) / (num_steps - 1)
+        if num_steps > 2 and last > 0 and float(lam[last - 1] - lam[last]) > step:
+            # an outlying terminal level (the clipped cosine schedule's): one step from it, then
+            # uniform from the next level. On that schedule at 20 calls, against the exact Gaussian
+            # denoiser, the largest variance error on modes of std 0.1-60 falls from 0.118 to 0.046
+            # (DPM-Solver++ 2M) and from 0.063 to 0.013 (UniPC 3); see the sampler-quality page
+            targets = torch.linspace(float(lam[last - 1]), float(lam[0]), num_steps - 1, dtype=torch.float64)
+            grid = torch.cat([torch.tensor([last]), _nearest(lam[:last], targets)])
+        else:
+            targets = torch.linspace(float(lam[last]), float(lam[0]), num_steps, dtype=torch.float64)
+            grid = _nearest(lam, targets)
     else:
         if not rho > 0:
             raise ValueError(f"rho: expected a number > 0, got {rho!r}")
