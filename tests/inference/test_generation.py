@@ -150,12 +150,12 @@ def test_sampler_specs_from_configs_and_their_errors():
     for node, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             as_sampler(node)
-    # UniPC's third order overshoots below 20 calls: a warning that names the key and the remedy
-    with pytest.warns(UserWarning, match="sampler.steps: UniPC of order 3 at 15 model calls overshoots.*sampler.order=2"):
-        UniPC(steps=15)
+    # UniPC's third order overshoots below 15 calls: a warning that names the key and the remedy
+    with pytest.warns(UserWarning, match="sampler.steps: UniPC of order 3 at 12 model calls overshoots.*sampler.order=2"):
+        UniPC(steps=12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        UniPC(steps=20), UniPC(steps=10, order=2)
+        UniPC(steps=15), UniPC(steps=20), UniPC(steps=10, order=2)
     diff = GaussianDiffusion(NoiseSchedule.from_name("cosine", 20), prediction="v")
     with pytest.raises(ValueError, match="sampler.steps: 50 exceeds the model's T = 20"):
         DDIM(steps=50).check(diff)
