@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     for run in args.runs:
         model = load_pretrained(run)
+        if model.is_latent:
+            p.error(f"{run} is a latent diffusion model: its noise is added to the latent, not to the field")
         batch = held_out(model, args.data_path, args.split, args.fields)
+        if "mask" in batch and not bool(batch["mask"].all()):
+            p.error(f"{run}: the fields of {args.data_path} have missing points (NaN); their spectra are undefined")
         x0 = batch["x"].float()
         ks = [k for k in WAVENUMBERS if k <= x0.shape[-1] // 2]
         params = batch.get("params")
