@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import hydra.utils as hu
 import numpy as np
 import torch
 
 from scidiff.conditioning import Conditioning
+from scidiff.evaluation import EvaluationError
+from scidiff.evaluation.data import build_datamodule
 from scidiff.inference import DPMSolver, generate, load_pretrained
 
 WAVENUMBERS = (1, 2, 4, 8, 16, 24, 32)
@@ -32,9 +33,7 @@ WAVENUMBERS = (1, 2, 4, 8, 16, 24, 32)
 
 def held_out(model, data_path: Path, split: str, count: int) -> dict:
     """``count`` fields of ``split``, evenly spread over it, as the run's data module reads them."""
-    dm = hu.instantiate(dict(model.config["data"]), path=str(data_path), num_workers=0, statistics_path=None)
-    dm.load_state_dict({"statistics": model.statistics.state_dict(), "split_indices": model.split_indices})
-    ds = dm.datasets[split]
+    ds = build_datamodule(model, data_path).datasets[split]
     picks = np.asarray(ds.indices)[np.linspace(0, len(ds) - 1, min(count, len(ds))).astype(int)]
     return ds.read_batch(picks)
 
@@ -85,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         model = load_pretrained(run)
         if model.is_latent:
             p.error(f"{run} is a latent diffusion model: its noise is added to the latent, not to the field")
-        batch = held_out(model, args.data_path, args.split, args.fields)
+        try:
+            batch = held_out(model, args.data_path, args.split, args.fields)
+        except EvaluationError as exc:
+            p.error(str(exc))
         if "mask" in batch and not bool(batch["mask"].all()):
             p.error(f"{run}: the fields of {args.data_path} have missing points (NaN); their spectra are undefined")
         x0 = batch["x"].float()
@@ -98,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         left, sn, scales = noise_left(model.denoiser, model.diffusion, x0, cond, args.timesteps, gen)
         print(f"\n{run}: fraction of the noise left in the x0 prediction (amplitude), by wavenumber k along "
               f"the last axis; S/N: the field's amplitude over the noise's")
-        print(f"| t | sigma/alpha | {' | '.join(f'k={k}' for k in ks)} | S/N at k={ks[-3]}, {ks[-1]} |")
+        top = [ks[-3], ks[-1]] if len(ks) >= 3 else ks  # where the field's signal-to-noise ratio is shown
+        print(f"| t | sigma/alpha | {' | '.join(f'k={k}' for k in ks)} | S/N at k={', '.join(map(str, top))} |")
         print(f"|{'---|' * (len(ks) + 3)}")
         for i, t in enumerate(args.timesteps):
             print(f"| {t} | {float(scales[i]):.4f} | {' | '.join(f'{float(left[i, k]):.3f}' for k in ks)} | "
-                  f"{float(sn[i, ks[-3]]):.3f}, {float(sn[i, ks[-1]]):.3f} |")
+                  f"{', '.join(f'{float(sn[i, k]):.3f}' for k in top)} |")
         phys_params = None
         if cond.params is not None:
             phys_params = model.statistics.param_transform().inverse(params.double()).float()
