@@ -77,8 +77,9 @@ def _plain(v: Any) -> Any:
 class VariableSpec:
     """A target variable: ``name`` in the store, optional ``.sel`` on extra dims, its transform.
 
-    ``transform``: ``zscore | minmax | log | log1p | none`` (``log``/``log1p`` are
-    followed by a z-score unless ``scaling`` says otherwise); ``log_offset`` is
+    ``transform``: ``zscore | minmax | log | log1p | none | anomaly`` (``log``/``log1p``
+    are followed by a z-score unless ``scaling`` says otherwise; ``anomaly`` is a z-score
+    per grid point, also ``scaling: anomaly`` after a ``log``); ``log_offset`` is
     the ``c`` of ``log(x + c)``.
     """
 
@@ -331,6 +332,12 @@ def _resolve(ds: xr.Dataset, path: str, spec: Any, kind: str, sample_dims: Seque
         raise ValueError(f"{kind} {spec.name!r}: select {select} leaves no channel")
     units, long_name = _attrs(da)
     pointwise, scaling = resolve_transform(spec.transform, spec.scaling, argument=f"{kind} {spec.name!r} transform")
+    if scaling == "anomaly" and (is_param or is_vector):
+        raise ValueError(f"{kind} {spec.name!r}: transform 'anomaly' standardises each grid point of a field; "
+                         f"a {kind} has no grid points: use 'zscore'")
+    if scaling == "anomaly" and not own_sample:
+        raise ValueError(f"{kind} {spec.name!r} is static (no sample dim {list(sample_dims)}): its anomaly "
+                         f"would be 0 everywhere; use 'zscore' or 'none'")
     return _Resolved(spec.name, select, own_sample, extra_dims, spatial, names, units, long_name,
                      ChannelSpec(spec.name, pointwise, scaling, float(spec.log_offset), float(spec.shift),
                                  None if spec.scale is None else float(spec.scale)))
@@ -530,6 +537,20 @@ class FieldDataset(Dataset):
                         f"statistics do not match the data: {kind} channels {got_names} in the statistics, "
                         f"{want_names} configured"
                     )
+                for g, w in zip(got, want):
+                    if kind == "embedding":  # a constant component's scaling is changed to 'fixed'
+                        break
+                    if (g.pointwise, g.scaling) != (w.pointwise, w.scaling):
+                        raise ValueError(
+                            f"statistics do not match the data: {kind} {g.name!r} has the transform "
+                            f"{g.pointwise}+{g.scaling} in the statistics, {w.pointwise}+{w.scaling} configured "
+                            f"(statistics computed for another configuration: delete the file to recompute them)"
+                        )
+                    if g.scaling == "anomaly" and tuple(g.point_shape or ()) != tuple(self.spatial_shape):
+                        raise ValueError(
+                            f"statistics do not match the data: {kind} {g.name!r} is normalised per grid point "
+                            f"on a grid of shape {tuple(g.point_shape or ())}, the store's is {self.spatial_shape}"
+                        )
             self.x_transform = statistics.x_transform()
             self.param_transform = statistics.param_transform()
             self.field_transform = statistics.field_transform()

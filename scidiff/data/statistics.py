@@ -10,6 +10,8 @@ moments in float64 with Chan et al.'s parallel update::
     M2   = M2_a + M2_b + delta^2 * n_a * n_b / n          (std = sqrt(M2 / n), ddof = 0)
 
 NaN is a missing value (counted in ``nan_count``, excluded); +-inf is an error.
+A channel with ``anomaly`` scaling also gets the same moments per grid point
+(its ``point_mean`` and ``point_std`` maps), merged the same way.
 
 :class:`Statistics` is a small frozen record: it round-trips through plain
 python (``state_dict`` / ``from_state``, for checkpoints) and JSON (``save`` /
@@ -39,6 +41,9 @@ from scidiff.data.transforms import (
 
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_BYTES = 32 * 2**20
+# anomaly scaling: a grid point's scale is at least this fraction of the channel's std, so a
+# point (nearly) constant over the training split does not turn a new value there into a huge one
+ANOMALY_STD_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,25 @@ class ChannelStats:
     max: float
     fixed_shift: float = 0.0  # used by scaling "fixed" only
     fixed_scale: float | None = None
+    # scaling "anomaly" only: the spatial shape and, flattened in C order, each grid point's
+    # mean and std; a point with no finite value in the split has the channel's mean and std
+    point_shape: tuple[int, ...] | None = None
+    point_mean: tuple[float, ...] | None = None
+    point_std: tuple[float, ...] | None = None
 
-    def affine(self) -> tuple[float, float]:
-        return affine_from_stats(self.scaling, self.mean, self.std, self.min, self.max,
-                                 self.fixed_shift, self.fixed_scale)
+    def affine(self) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
+        """``(shift, scale)``: numbers, or for ``anomaly`` maps of shape ``point_shape`` (the
+        scale floored at ``ANOMALY_STD_FLOOR`` times the channel's std)."""
+        if self.scaling != "anomaly":
+            return affine_from_stats(self.scaling, self.mean, self.std, self.min, self.max,
+                                     self.fixed_shift, self.fixed_scale)
+        if self.point_shape is None or self.point_mean is None or self.point_std is None:
+            raise ValueError(f"variable {self.name!r} has anomaly scaling but no per-point statistics "
+                             f"(statistics computed before it was configured? delete them to recompute)")
+        shape = tuple(self.point_shape)
+        mean = np.asarray(self.point_mean, np.float64).reshape(shape)
+        std = np.asarray(self.point_std, np.float64).reshape(shape)
+        return mean, np.maximum(std, ANOMALY_STD_FLOOR * self.std)
 
 
 def _validate(stats: ChannelStats, kind: str) -> None:
@@ -99,11 +119,21 @@ class Statistics:
     @staticmethod
     def _transform(channels: Sequence[ChannelStats]) -> ChannelTransform:
         affine = [c.affine() for c in channels]
+        shifts, scales = [a[0] for a in affine], [a[1] for a in affine]
+        grids = {tuple(c.point_shape) for c in channels if c.scaling == "anomaly"}
+        if len(grids) > 1:
+            raise ValueError(f"per-point (anomaly) statistics on different grids {sorted(grids)}: "
+                             f"{[c.name for c in channels if c.scaling == 'anomaly']}")
+        if grids:  # every channel as a map on the one grid
+            grid = grids.pop()
+            shifts = [np.broadcast_to(np.asarray(v, np.float64), grid) for v in shifts]
+            scales = [np.broadcast_to(np.asarray(v, np.float64), grid) for v in scales]
+            shifts, scales = np.stack(shifts), np.stack(scales)
         return ChannelTransform(
             [c.name for c in channels],
             [c.pointwise for c in channels],
-            [a[0] for a in affine],
-            [a[1] for a in affine],
+            shifts,
+            scales,
             [c.log_offset for c in channels],
         )
 
@@ -111,11 +141,17 @@ class Statistics:
         """Root mean square of the normalised target over its channels and points: the data
         scale sigma_data of EDM preconditioning (1 for z-scored channels; ``minmax`` or
         ``none`` scaling give other values). Per channel sqrt(m^2 + s^2) with m, s the mean and
-        std of the normalised values; channels weigh equally."""
+        std of the normalised values (for ``anomaly``, per grid point, averaged over the grid);
+        channels weigh equally."""
         second = []
         for c in self.x:
             shift, scale = c.affine()
-            second.append(((c.mean - shift) / scale) ** 2 + (c.std / scale) ** 2)
+            if c.scaling == "anomaly":
+                mean = np.asarray(c.point_mean, np.float64).reshape(shift.shape)
+                std = np.asarray(c.point_std, np.float64).reshape(shift.shape)
+                second.append(float(np.mean(((mean - shift) / scale) ** 2 + (std / scale) ** 2)))
+            else:
+                second.append(((c.mean - shift) / scale) ** 2 + (c.std / scale) ** 2)
         return math.sqrt(sum(second) / len(second))
 
     def x_transform(self) -> ChannelTransform:
@@ -151,10 +187,10 @@ class Statistics:
         if version != FORMAT_VERSION:
             raise ValueError(f"statistics format_version {version!r} is not {FORMAT_VERSION}")
         return cls(
-            x=tuple(ChannelStats(**c) for c in state["x"]),
-            params=tuple(ChannelStats(**c) for c in state["params"]),
-            fields=tuple(ChannelStats(**c) for c in state["fields"]),
-            embedding=tuple(ChannelStats(**c) for c in state.get("embedding", ())),
+            x=tuple(_channel_stats(c) for c in state["x"]),
+            params=tuple(_channel_stats(c) for c in state["params"]),
+            fields=tuple(_channel_stats(c) for c in state["fields"]),
+            embedding=tuple(_channel_stats(c) for c in state.get("embedding", ())),
             info=dict(state.get("info", {})),
         )
 
@@ -171,6 +207,15 @@ class Statistics:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read the statistics file {path}: {err}") from err
         return cls.from_state(state)
+
+
+def _channel_stats(state: Mapping[str, Any]) -> ChannelStats:
+    """A :class:`ChannelStats` from its plain state (lists back to tuples)."""
+    state = dict(state)
+    for key in ("point_shape", "point_mean", "point_std"):
+        if state.get(key) is not None:
+            state[key] = tuple(state[key])
+    return ChannelStats(**state)
 
 
 def _json_default(obj: Any) -> Any:
@@ -217,6 +262,27 @@ class RunningMoments:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / np.maximum(self.count, 1))
+
+
+class PointMoments:
+    """:class:`RunningMoments` of every grid point of every channel: blocks ``[N, C, *S]``."""
+
+    def __init__(self, channel_shape: Sequence[int]) -> None:
+        self.num_channels, *spatial = (int(n) for n in channel_shape)
+        self.shape = tuple(spatial)
+        self.moments = RunningMoments(self.num_channels * int(np.prod(self.shape, dtype=np.int64)))
+
+    def update(self, block: np.ndarray) -> None:
+        self.moments.update(np.asarray(block).reshape(block.shape[0], -1))
+
+    def channel(self, i: int, fill_mean: float, fill_std: float) -> tuple[np.ndarray, np.ndarray]:
+        """Channel ``i``'s mean and std maps ``[*S]``; points with no finite value get the fills."""
+        size = int(np.prod(self.shape, dtype=np.int64))
+        part = slice(i * size, (i + 1) * size)
+        seen = self.moments.count[part] > 0
+        mean = np.where(seen, self.moments.mean[part], fill_mean).reshape(self.shape)
+        std = np.where(seen, self.moments.std[part], fill_std).reshape(self.shape)
+        return mean, std
 
 
 @dataclass(frozen=True)
@@ -279,9 +345,15 @@ def _warp_np(block: np.ndarray, specs: Sequence[ChannelSpec], kind: str) -> np.n
     return out
 
 
-def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str) -> tuple[ChannelStats, ...]:
+def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str,
+            points: PointMoments | None = None) -> tuple[ChannelStats, ...]:
     out = []
     for i, s in enumerate(specs):
+        per_point = {}
+        if s.scaling == "anomaly" and moments.count[i]:
+            mean, std = points.channel(i, float(moments.mean[i]), float(moments.std[i]))
+            per_point = {"point_shape": points.shape, "point_mean": tuple(mean.ravel().tolist()),
+                         "point_std": tuple(std.ravel().tolist())}
         stats = ChannelStats(
             name=s.name, pointwise=s.pointwise, scaling=s.scaling, log_offset=float(s.log_offset),
             count=int(moments.count[i]), nan_count=int(moments.nan_count[i]),
@@ -289,6 +361,7 @@ def _finish(moments: RunningMoments, specs: Sequence[ChannelSpec], kind: str) ->
             min=float(moments.min[i]) if moments.count[i] else math.nan,
             max=float(moments.max[i]) if moments.count[i] else math.nan,
             fixed_shift=float(s.fixed_shift), fixed_scale=None if s.fixed_scale is None else float(s.fixed_scale),
+            **per_point,
         )
         _validate(stats, kind)
         out.append(stats)
@@ -339,22 +412,32 @@ def compute_statistics(
         block_size = default_block_size(dataset.sample_nbytes)
     x_specs, p_specs, f_specs, *rest = dataset.channel_specs()
     e_specs = rest[0] if rest else []
+    for kind, specs in (("parameter", p_specs), ("embedding component", e_specs)):
+        if any(s.scaling == "anomaly" for s in specs):
+            raise ValueError(f"{kind}s {[s.name for s in specs if s.scaling == 'anomaly']} have no grid points: "
+                             f"transform 'anomaly' is for fields; use 'zscore'")
     mx, mp, mf = RunningMoments(len(x_specs)), RunningMoments(len(p_specs)), RunningMoments(len(f_specs))
     me = RunningMoments(len(e_specs))
+    points: dict[str, PointMoments] = {}  # "x" / "fields": per-point moments, if a channel needs them
     for block in iter_blocks(indices, int(block_size)):
         phys = dataset.read_physical(block)
-        mx.update(_warp_np(phys.x, x_specs, "variable"))
+        for kind, specs, moments, values in (("variable", x_specs, mx, phys.x),
+                                             ("field variable", f_specs, mf, phys.fields)):
+            if not specs:
+                continue
+            warped = _warp_np(values, specs, kind)
+            moments.update(warped)
+            if any(s.scaling == "anomaly" for s in specs):
+                points.setdefault(kind, PointMoments(warped.shape[1:])).update(warped)
         if p_specs:
             mp.update(_warp_np(phys.params, p_specs, "parameter"))
-        if f_specs:
-            mf.update(_warp_np(phys.fields, f_specs, "field variable"))
         if e_specs:
             me.update(_warp_np(phys.embedding, e_specs, "embedding component"))
     meta = {"num_samples": int(indices.size), "block_size": int(block_size), **dict(info or {})}
     return Statistics(
-        x=_finish(mx, x_specs, "variable"),
+        x=_finish(mx, x_specs, "variable", points.get("variable")),
         params=_finish(mp, p_specs, "parameter"),
-        fields=_finish(mf, f_specs, "field variable"),
+        fields=_finish(mf, f_specs, "field variable", points.get("field variable")),
         embedding=_finish_embedding(me, e_specs),
         info=meta,
     )

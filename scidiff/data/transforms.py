@@ -10,7 +10,10 @@ with ``g`` one of ``none`` (identity), ``log`` (``log(x + offset)``) or ``log1p`
 (``log(1 + x)``), and the scaling chosen from statistics of ``g(x)`` on the
 training split: ``zscore`` (shift = mean, scale = std), ``minmax`` (to
 ``[-1, 1]``: shift = (max + min) / 2, scale = (max - min) / 2), ``fixed``
-(a known physical shift and scale from the config, no statistics) or ``none``.
+(a known physical shift and scale from the config, no statistics), ``none``,
+or ``anomaly``: the standardised anomaly, with a shift and scale *per grid
+point* (that point's mean and std over the training split), so ``shift_c`` and
+``scale_c`` are maps of the field's spatial shape instead of numbers.
 
 The map is diagonal, so the log-determinant of its Jacobian is a sum of
 per-point terms (``log |dy/dx| = log g'(x) - log scale``). Likelihoods computed
@@ -24,7 +27,6 @@ channel axis is axis 1 in both.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -32,9 +34,9 @@ import torch
 from torch import Tensor
 
 Pointwise = Literal["none", "log", "log1p"]
-Scaling = Literal["zscore", "minmax", "fixed", "none"]
+Scaling = Literal["zscore", "minmax", "fixed", "none", "anomaly"]
 # The user-facing name of a transform: the warp and its default scaling.
-TransformName = Literal["zscore", "minmax", "log", "log1p", "none"]
+TransformName = Literal["zscore", "minmax", "log", "log1p", "none", "anomaly"]
 
 _NAMED: dict[str, tuple[str, str]] = {
     "zscore": ("none", "zscore"),
@@ -42,6 +44,7 @@ _NAMED: dict[str, tuple[str, str]] = {
     "log": ("log", "zscore"),
     "log1p": ("log1p", "zscore"),
     "none": ("none", "none"),
+    "anomaly": ("none", "anomaly"),
 }
 
 
@@ -119,6 +122,9 @@ def affine_from_stats(scaling: str, mean: float, std: float, vmin: float, vmax: 
         return 0.5 * (vmax + vmin), 0.5 * (vmax - vmin)
     if scaling == "none":
         return 0.0, 1.0
+    if scaling == "anomaly":
+        raise ValueError("anomaly scaling has a shift and scale per grid point: they come from the point "
+                         "statistics (ChannelStats.affine), not from a channel's four moments")
     raise ValueError(f"scaling={scaling!r} is not one of {list(get_args(Scaling))}")
 
 
@@ -128,7 +134,11 @@ class ChannelTransform:
     Args:
         names: one name per channel (``C`` of them), e.g. ``["t2m", "precip"]``.
         pointwise: ``"none" | "log" | "log1p"`` per channel.
-        shift, scale: the affine part per channel, in units of ``g(x)``; ``scale > 0``.
+        shift, scale: the affine part, in units of ``g(x)``; ``scale > 0``. Either one number
+            per channel (``[C]``) or, when some channel is normalised per grid point
+            (``anomaly``), one map per channel (``[C, *S]``, channels with one number given
+            as a constant map); the transform then applies to fields of spatial shape ``S``
+            only.
         log_offset: ``offset`` of ``log(x + offset)`` per channel (ignored otherwise).
 
     Example:
@@ -141,24 +151,35 @@ class ChannelTransform:
         self,
         names: Sequence[str],
         pointwise: Sequence[Pointwise],
-        shift: Sequence[float],
-        scale: Sequence[float],
+        shift: Sequence[float] | Tensor,
+        scale: Sequence[float] | Tensor,
         log_offset: Sequence[float] | None = None,
     ) -> None:
         self.names = tuple(str(n) for n in names)
         c = len(self.names)
         self.pointwise = tuple(check_mode(p, Pointwise, f"pointwise[{n}]") for p, n in zip(pointwise, self.names))
-        self.shift = torch.as_tensor(shift, dtype=torch.float64).reshape(-1)
-        self.scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
+        self.shift = torch.as_tensor(shift, dtype=torch.float64)
+        self.scale = torch.as_tensor(scale, dtype=torch.float64)
+        if self.shift.ndim <= 1 and self.scale.ndim <= 1:
+            self.shift, self.scale = self.shift.reshape(-1), self.scale.reshape(-1)
+        elif self.shift.shape != self.scale.shape:
+            raise ValueError(f"ChannelTransform: per-point shift {tuple(self.shift.shape)} and scale "
+                             f"{tuple(self.scale.shape)} differ in shape")
         offsets = [0.0] * c if log_offset is None else list(log_offset)
         self.log_offset = tuple(float(o) for o in offsets)
-        sizes = {"names": c, "pointwise": len(self.pointwise), "shift": self.shift.numel(),
-                 "scale": self.scale.numel(), "log_offset": len(self.log_offset)}
+        sizes = {"names": c, "pointwise": len(self.pointwise), "shift": self.shift.shape[0] if self.shift.ndim else 1,
+                 "scale": self.scale.shape[0] if self.scale.ndim else 1, "log_offset": len(self.log_offset)}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"ChannelTransform: per-channel arguments disagree in length: {sizes}")
-        bad = [n for n, s in zip(self.names, self.scale.tolist()) if not (s > 0 and math.isfinite(s))]
+        bad = [n for n, s in zip(self.names, self.scale.reshape(c, -1) if c else [])
+               if not bool(torch.all(s > 0) & torch.all(torch.isfinite(s)))]
         if bad:
             raise ValueError(f"ChannelTransform: scale must be finite and > 0; it is not for {bad}")
+
+    @property
+    def grid_shape(self) -> tuple[int, ...] | None:
+        """The spatial shape ``S`` of per-point shift and scale maps (``anomaly``), else None."""
+        return tuple(self.shift.shape[1:]) if self.shift.ndim > 1 else None
 
     @property
     def num_channels(self) -> int:
@@ -172,7 +193,18 @@ class ChannelTransform:
             )
 
     def _per_channel(self, v: Tensor, x: Tensor) -> Tensor:
-        return v.to(dtype=x.dtype, device=x.device).reshape(1, -1, *([1] * (x.ndim - 2)))
+        if v.ndim == 1:
+            return v.to(dtype=x.dtype, device=x.device).reshape(1, -1, *([1] * (x.ndim - 2)))
+        if tuple(x.shape[2:]) != tuple(v.shape[1:]):
+            c = len(self.names)
+            per_point = [n for n, s, k in zip(self.names, self.shift.reshape(c, -1), self.scale.reshape(c, -1))
+                         if s.unique().numel() > 1 or k.unique().numel() > 1]
+            raise ValueError(
+                f"ChannelTransform: the channels {per_point or list(self.names)} are normalised per grid point "
+                f"(transform 'anomaly') on a grid of shape {tuple(v.shape[1:])}; these fields have spatial shape "
+                f"{tuple(x.shape[2:])}. Give them on the training grid, or train with transform 'zscore'"
+            )
+        return v.to(dtype=x.dtype, device=x.device).unsqueeze(0)
 
     def _channelwise(self, x: Tensor, fn) -> Tensor:
         if all(p == "none" for p in self.pointwise):
@@ -195,7 +227,8 @@ class ChannelTransform:
         u = y * self._per_channel(self.scale, y) + self._per_channel(self.shift, y)
         return self._channelwise(u, unwarp)
 
-    def log_abs_det_jacobian(self, x_physical: Tensor, mask: Tensor | None = None) -> Tensor:
+    def log_abs_det_jacobian(self, x_physical: Tensor, mask: Tensor | None = None,
+                             point_weights: Tensor | None = None) -> Tensor:
         """``log |det d forward / d x|`` per sample, in nats: ``[B, C, ...] -> [B]`` (float64).
 
         The map is diagonal, so this is ``sum over valid points of
@@ -203,6 +236,9 @@ class ChannelTransform:
         ``x_physical``) excludes missing points; masked values (even NaN) are
         ignored. Add it to a log-likelihood of the normalised data to get the
         log-likelihood of the physical data (in the physical units' measure).
+        ``point_weights`` (broadcastable, e.g. area weights normalised to a mean of 1
+        over the valid points) weigh each point's term: the sum whose per-point mean
+        belongs beside an area-weighted bound.
         """
         self._check(x_physical, "ChannelTransform.log_abs_det_jacobian")
         x = x_physical.to(torch.float64)
@@ -212,6 +248,8 @@ class ChannelTransform:
         if mask is not None:
             valid = torch.broadcast_to(mask.to(device=x.device) != 0, x.shape)
             terms = torch.where(valid, terms, torch.zeros((), dtype=x.dtype, device=x.device))
+        if point_weights is not None:
+            terms = terms * torch.broadcast_to(point_weights.to(device=x.device, dtype=x.dtype), x.shape)
         return terms.reshape(x.shape[0], -1).sum(dim=1)
 
     def select(self, names: Sequence[str]) -> ChannelTransform:
@@ -221,7 +259,7 @@ class ChannelTransform:
             raise ValueError(f"ChannelTransform.select: unknown channels {missing}; have {list(self.names)}")
         idx = [self.names.index(n) for n in names]
         return ChannelTransform(
-            names, [self.pointwise[i] for i in idx], self.shift[idx].tolist(), self.scale[idx].tolist(),
+            names, [self.pointwise[i] for i in idx], self.shift[idx], self.scale[idx],
             [self.log_offset[i] for i in idx],
         )
 
@@ -244,8 +282,11 @@ class ChannelTransform:
         return cls(names, ["none"] * len(names), [0.0] * len(names), [1.0] * len(names))
 
     def __repr__(self) -> str:
-        parts = [
-            f"{n}: {p}, shift={s:.4g}, scale={k:.4g}"
-            for n, p, s, k in zip(self.names, self.pointwise, self.shift.tolist(), self.scale.tolist())
-        ]
+        def short(v: Tensor) -> str:
+            if v.numel() == 1 or v.unique().numel() == 1:
+                return f"{float(v.reshape(-1)[0]):.4g}"
+            return f"[{float(v.min()):.4g}..{float(v.max()):.4g}] per point"
+
+        parts = [f"{n}: {p}, shift={short(s)}, scale={short(k)}"
+                 for n, p, s, k in zip(self.names, self.pointwise, self.shift, self.scale)]
         return "ChannelTransform(" + "; ".join(parts) + ")"

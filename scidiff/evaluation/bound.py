@@ -93,7 +93,12 @@ class Likelihoods:
             def add_row(name: str, value: Tensor) -> None:
                 rows(prefix + name, value)
         else:
-            log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask)  # [B] nats, physical -> normalised
+            # [B] nats, physical -> normalised; with area weights each point's term weighs as in the bound
+            # (its per-point mean is then the weighted mean of the log-derivatives: exact also where they
+            # vary from point to point, with a log warp or per-point anomaly scaling)
+            point_w = (None if self.weights is None
+                       else likelihood.normalised_point_weights(x, mask, self.weights.to(x.device)))
+            log_det = self.p.x_transform.log_abs_det_jacobian(x_phys, mask, point_w)
         dims = (mask.expand_as(x).flatten(1).sum(1) if mask is not None
                 else torch.full((x.shape[0],), float(x[0].numel()), device=x.device)).to(torch.float64)
         true_bpd = None

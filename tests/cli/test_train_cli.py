@@ -104,6 +104,14 @@ def dev_runs(tmp_path_factory, data_dir) -> dict[str, tuple[Path, list]]:
         Command("train", ["experiment=climate", "run_name=base", *ONE_STEP, *store], cwd),
         Command("train", ["experiment=climate_controlnet", f"finetune.base={cwd / 'outputs/climate/base'}",
                           "run_name=cn", *ONE_STEP, *store], cwd)])
+    cwd = tmp_path_factory.mktemp("climate_anomaly")
+    store = _dev_overrides("climate", cwd, "climate_tiny")
+    plan["climate_anomaly"] = (cwd, [
+        Command("train", ["experiment=climate", "run_name=anom", "data.variables=[{name: tas, transform: anomaly}]",
+                          *ONE_STEP, *store], cwd),
+        Command("evaluate", ["checkpoint=outputs/climate/anom", "split=val", "max_samples=3", "sampling.members=2",
+                             "sampler=ddim", "sampler.steps=3", "progress=false", f"data_path={cwd}/climate_tiny.zarr"],
+                cwd)])
     cwd = tmp_path_factory.mktemp("edm")
     plan["edm"] = (cwd, [Command("train", ["experiment=quickstart", "diffusion=edm", "run_name=edm", *ONE_STEP, *QUIET],
                                  cwd)])
@@ -167,6 +175,34 @@ def test_climate_controlnet_dev_run(dev_runs):
     model = load_pretrained(cwd / "outputs/climate_controlnet/cn")
     assert model.metadata.field_names == ("land_sea_mask", "tas@coarse4x4") and model.control_scale == 1.0
     assert model.statistics.fields == load_pretrained(cwd / "outputs/climate/base").statistics.fields
+
+
+def test_climate_with_anomaly_scaling_trains_and_evaluates_in_kelvin(dev_runs):
+    """experiment=climate with tas as a standardised anomaly (a mean and std per grid point): the run's
+    statistics hold the maps, the members come back in kelvin, and the bound's log-determinant is the
+    cos(latitude)-weighted mean of -log2(std_p) over the grid."""
+    import numpy as np
+    import xarray as xr
+
+    from scidiff.evaluation.data import area_weights
+    from scidiff.inference.checkpoint import load_pretrained
+
+    cwd, procs = dev_runs["climate_anomaly"]
+    succeeded(procs)
+    model = load_pretrained(cwd / "outputs/climate/anom")
+    tas = model.statistics.x[0]
+    assert tas.scaling == "anomaly" and tuple(tas.point_shape) == model.metadata.spatial_shape
+    shift, scale = tas.affine()
+    assert shift.std() > 5 and scale.std() > 0.1    # the climatology varies over the grid: equator to pole
+    ev = xr.open_dataset(cwd / "outputs/climate/anom/eval/val/evaluation.nc")
+    metrics = dict(zip(ev["metric"].values.tolist(), ev["metric_value"].values.tolist()))
+    w = area_weights(model.metadata, "auto").numpy()
+    expected = -(w * np.log2(scale)).sum() / w.sum()
+    assert metrics["log_det_bpd"] == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(-np.log2(scale).mean(), rel=1e-3)  # the unweighted mean would differ
+    # in kelvin, and near the truth even after one step: the members start from each point's climatology
+    # (a z-scored model's are spread over the whole channel's 16 K)
+    assert np.isfinite(metrics["bpd"]) and 0 < metrics["crps/tas"] < 10
 
 
 def test_edm_sigma_data_auto_is_resolved_from_the_training_statistics(dev_runs):

@@ -148,3 +148,51 @@ def test_an_embedding_with_two_component_dims_is_refused_by_name(tmp_path):
     path, _ = _with_embedding(tmp_path, extra_dims=("a", "b"))
     with pytest.raises(ValueError, match=r"embedding 'emb' has dims \('sample', 'a', 'b'\): an embedding needs"):
         FieldDataset(path, ["x"], ["y", "x"], embedding="emb")
+
+
+def test_anomaly_scaling_standardises_every_grid_point(tmp_path):
+    """transform 'anomaly': each point's own mean and std over the training samples (NaN points
+    excluded; land points, NaN in every sample, take the channel's), out of core as in memory."""
+    ds = climate_like(n_time=23)
+    path = write(ds, tmp_path / "s.zarr", chunk=4)
+    data = FieldDataset(path, [{"name": "sst", "transform": "anomaly"}, {"name": "pr", "transform": "log1p",
+                                                                         "scaling": "anomaly"}, "ta"],
+                        ["lat", "lon"], "time", params=["co2"])
+    train = np.r_[0:12, 14]
+    stats = compute_statistics(data, train, block_size=3)
+    sst = ds["sst"].values[train].astype(np.float64)
+    ocean = ~np.isnan(sst[0])
+    shift, scale = stats.x[0].affine()
+    np.testing.assert_allclose(shift[ocean], sst.mean(0)[ocean], rtol=1e-10)
+    np.testing.assert_allclose(scale[ocean], sst.std(0)[ocean], rtol=1e-9)
+    assert np.all(shift[~ocean] == stats.x[0].mean) and np.all(scale[~ocean] == stats.x[0].std)
+    pr_shift, pr_scale = stats.x[1].affine()
+    pr = np.log1p(ds["pr"].values[train].astype(np.float64))
+    np.testing.assert_allclose(pr_shift, pr.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(pr_scale, pr.std(0), rtol=1e-9)
+    assert stats.x[2].point_shape is None  # ta (3 levels) keeps one number per channel
+    assert stats.normalised_rms() == pytest.approx(1.0, abs=1e-9)
+    again = Statistics.load(stats.save(tmp_path / "statistics.json"))
+    assert again == stats
+    data.set_statistics(again)
+    x = data.read_batch(train)["x"].double()
+    assert torch.allclose(x[:, 0].mean(0)[torch.from_numpy(ocean)], torch.zeros(()).double(), atol=1e-5)
+    assert torch.allclose(x[:, 1].std(0, unbiased=False), torch.ones(()).double(), atol=1e-5)
+
+
+def test_anomaly_scaling_floors_a_constant_point_and_is_refused_where_it_cannot_apply(tmp_path):
+    ds = climate_like(nan_points=False)
+    ds["sst"][:, 0, 0] = 290.0  # one point constant over time
+    path = write(ds, tmp_path / "s.zarr")
+    stats = compute_statistics(FieldDataset(path, [{"name": "sst", "transform": "anomaly"}], ["lat", "lon"], "time"))
+    _, scale = stats.x[0].affine()
+    assert scale[0, 0] == pytest.approx(0.01 * stats.x[0].std)
+    with pytest.raises(ValueError, match="parameter 'co2': transform 'anomaly' .* use 'zscore'"):
+        FieldDataset(path, ["sst"], ["lat", "lon"], "time", params=[{"name": "co2", "transform": "anomaly"}])
+    with pytest.raises(ValueError, match="'land_mask' is static .* anomaly would be 0"):
+        FieldDataset(path, ["sst"], ["lat", "lon"], "time", fields=[{"name": "land_mask", "transform": "anomaly"}])
+    # statistics of another configuration are refused by name
+    other = FieldDataset(path, ["sst"], ["lat", "lon"], "time")
+    with pytest.raises(ValueError, match="variable 'sst' has the transform none\\+anomaly in the statistics, "
+                                         "none\\+zscore configured"):
+        other.set_statistics(stats)

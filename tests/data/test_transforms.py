@@ -112,3 +112,48 @@ def test_bad_inputs_name_the_argument():
         resolve_transform("boxcox")
     with pytest.raises(ValueError, match="2 entries"):
         _transform().select(["a", "b"])(torch.zeros(1, 3))
+
+
+def _per_point(spatial):
+    """Channel 'a' per grid point (a shift and a scale map), 'b' one number broadcast."""
+    g = torch.Generator().manual_seed(3)
+    shift = torch.stack([torch.randn(spatial, generator=g, dtype=torch.float64), torch.full(spatial, 0.5)])
+    scale = torch.stack([torch.rand(spatial, generator=g, dtype=torch.float64) + 0.2, torch.full(spatial, 0.25)])
+    return ChannelTransform(["a", "b"], ["none", "log"], shift, scale, log_offset=[0.0, 0.1])
+
+
+@pytest.mark.parametrize("spatial", [(7,), (4, 5), (2, 3, 4)])
+def test_per_point_maps_round_trip_and_log_det_at_any_rank(spatial):
+    t = _per_point(spatial)
+    assert t.grid_shape == spatial
+    x = _positive((2, 2, *spatial), seed=2)
+    y = t(x)
+    # each point with its own shift and scale
+    assert torch.allclose(y[:, 0], (x[:, 0] - t.shift[0]) / t.scale[0], rtol=1e-12)
+    assert torch.allclose(t.inverse(y), x, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(t.log_abs_det_jacobian(x), _autograd_logdet(t, x), rtol=1e-10, atol=1e-10)
+    again = ChannelTransform.from_state(t.state_dict())
+    assert torch.equal(again(x), y) and torch.equal(t.select(["b", "a"])(x.flip(1)), y.flip(1))
+    assert "per point" in repr(t)
+
+
+def test_per_point_maps_refuse_another_grid_by_channel():
+    t = _per_point((4, 5))
+    with pytest.raises(ValueError, match=r"\['a'\] are normalised per grid point .* \(4, 5\).* \(4, 6\)"):
+        t(torch.ones(1, 2, 4, 6))
+    with pytest.raises(ValueError, match="scale must be finite and > 0; it is not for \\['b'\\]"):
+        ChannelTransform(["a", "b"], ["none", "none"], torch.zeros(2, 3), torch.tensor([[1.0, 1, 1], [1, 0, 1]]))
+
+
+def test_point_weighted_log_det_is_the_weighted_sum_of_the_points_terms():
+    """With area weights (normalised to a mean of 1) the log-determinant's per-point mean is the
+    weighted mean of the per-point log-derivatives -log scale_p, which differ from point to point."""
+    t = _per_point((4, 5))
+    x = _positive((3, 2, 4, 5), seed=4)
+    w = torch.linspace(0.2, 1.8, 4, dtype=torch.float64)[:, None].expand(4, 5)
+    w = w / w.mean()
+    per_point = torch.log(1 / (x[:, 1] + 0.1)) - math.log(0.25)  # 'b': log warp, one scale
+    expected = (-(torch.log(t.scale[0]) * w).sum() + (per_point * w).sum(dim=(1, 2)))
+    assert torch.allclose(t.log_abs_det_jacobian(x, point_weights=w), expected, rtol=1e-12)
+    assert torch.allclose(t.log_abs_det_jacobian(x, point_weights=torch.ones(4, 5)), t.log_abs_det_jacobian(x))
+    assert not torch.allclose(t.log_abs_det_jacobian(x, point_weights=w), t.log_abs_det_jacobian(x))

@@ -45,15 +45,41 @@ def test_exact_denoiser_leaves_the_wiener_fraction():
     assert (left0[0, 1:] > 0.9).all()
 
 
+def test_restarted_from_real_fields_the_exact_denoiser_keeps_their_small_scales():
+    """DDIM through every timestep from real fields noised to t0: the exact denoiser returns their small scales
+    from t0 = 100 as from t0 = 0 (where only the last x0 prediction acts, which shrinks modes weaker than the
+    lowest noise level); a denoiser that removes nothing returns the noise."""
+    import types
+
+    nl = load_workflow(SCRIPT)
+    n = 64
+    k = torch.fft.fftfreq(n, d=1.0 / n).abs().double()
+    power = (0.5 * k.clamp_min(1.0) ** -2.5).unsqueeze(0)
+    diffusion = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000), prediction="v")
+    exact = GaussianFieldDenoiser(diffusion, power)
+    x0 = exact.sample(512, generator=torch.Generator().manual_seed(1))
+    model = types.SimpleNamespace(diffusion=diffusion, denoiser=exact, to_physical=lambda x: x)
+    real = nl.high_pass_std(x0, 16)
+    last_only = nl.high_pass_std(nl.restarted(model, x0, None, 0, torch.Generator().manual_seed(2)), 16) / real
+    from_100 = nl.high_pass_std(nl.restarted(model, x0, None, 100, torch.Generator().manual_seed(2)), 16) / real
+    assert 0.85 < last_only < 0.97 and abs(from_100 / last_only - 1) < 0.05, (last_only, from_100)
+    model.denoiser = lambda x_in, t, cond: torch.zeros_like(x_in)   # v = 0: x0_hat = alpha x_t
+    assert nl.high_pass_std(nl.restarted(model, x0, None, 100, torch.Generator().manual_seed(2)), 16) > 5 * real
+
+
 def test_script_on_a_trained_run(trained_run, data_dir):
     """As a user runs it: the table for a trained run (its held-out fields), then the members' small scales."""
     out = subprocess.run([sys.executable, str(SCRIPT), str(trained_run / "outputs/quickstart/tiny"), "--data-path",
                           str(data_dir / "grf_quickstart.zarr"), "--split", "val", "--fields", "8", "--timesteps",
                           "0", "100"], capture_output=True, text=True, cwd=trained_run, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 100 |")]
+    fractions_table = out.stdout.split("started from the held-out fields")[0]
+    rows = [line for line in fractions_table.splitlines() if line.startswith("| 0 |") or line.startswith("| 100 |")]
     assert len(rows) == 2
     for row in rows:
         fractions = [float(v) for v in row.strip("|").split("|")[2:-1]]
         assert all(0.0 < f < 5.0 for f in fractions), row
     assert "std above wavenumber k0 (physical units): k0=8: members" in out.stdout
+    restart = out.stdout.split("started from the held-out fields noised to t0")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in restart if line.startswith("| ")][1:] == \
+        ["real fields", "0", "100", "999"]
