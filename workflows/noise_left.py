@@ -149,5 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             out = restarted(model, x0[few], sub, t0, torch.Generator().manual_seed(args.seed))
             print(f"| {t0} | {' | '.join(f'{high_pass_std(out, k0):.3f}' for k0 in cuts)} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

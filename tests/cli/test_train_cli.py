@@ -110,7 +110,8 @@ def dev_runs(tmp_path_factory, data_dir) -> dict[str, tuple[Path, list]]:
         Command("train", ["experiment=climate", "run_name=anom", "data.variables=[{name: tas, transform: anomaly}]",
                           *ONE_STEP, *store], cwd),
         Command("evaluate", ["checkpoint=outputs/climate/anom", "split=val", "max_samples=3", "sampling.members=2",
-                             "sampler=ddim", "sampler.steps=3", "progress=false", f"data_path={cwd}/climate_tiny.zarr"],
+                             "sampler=ddim", "sampler.steps=3", "progress=false", "bound.estimator=importance",
+                             "bound.num_terms=4", f"data_path={cwd}/climate_tiny.zarr"],
                 cwd)])
     cwd = tmp_path_factory.mktemp("edm")
     plan["edm"] = (cwd, [Command("train", ["experiment=quickstart", "diffusion=edm", "run_name=edm", *ONE_STEP, *QUIET],

@@ -16,17 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "workflows" / "noise_left.py"
 
 
-def test_exact_denoiser_leaves_the_wiener_fraction():
-    """A stationary periodic Gaussian field (1-D, P(k) ~ k^-2.5) and its exact denoiser: at every level and
-    wavenumber the noise left is S / sqrt(S^2 + N^2), S^2 = P(k), N^2 = (sigma / alpha)^2, within the
-    sampling error of 4096 fields (from near 1 at the largest scales to 0.02 at the smallest)."""
-    nl = load_workflow(SCRIPT)
+def _field_and_exact_denoiser(count: int):
+    """(n, P(k) [1, n], the v-prediction cosine chain, its exact denoiser, ``count`` fields [count, 1, n]) of a
+    stationary periodic Gaussian field on 64 points with P(k) ~ k^-2.5."""
     n = 64
     k = torch.fft.fftfreq(n, d=1.0 / n).abs().double()
     power = (0.5 * k.clamp_min(1.0) ** -2.5).unsqueeze(0)
     diffusion = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000), prediction="v")
     exact = GaussianFieldDenoiser(diffusion, power)
-    x0 = exact.sample(4096, generator=torch.Generator().manual_seed(1))
+    return n, power, diffusion, exact, exact.sample(count, generator=torch.Generator().manual_seed(1))
+
+
+def test_exact_denoiser_leaves_the_wiener_fraction():
+    """A stationary periodic Gaussian field (1-D, P(k) ~ k^-2.5) and its exact denoiser: at every level and
+    wavenumber the noise left is S / sqrt(S^2 + N^2), S^2 = P(k), N^2 = (sigma / alpha)^2, within the
+    sampling error of 4096 fields (from near 1 at the largest scales to 0.02 at the smallest)."""
+    nl = load_workflow(SCRIPT)
+    n, power, diffusion, exact, x0 = _field_and_exact_denoiser(4096)
     timesteps = [0, 30, 300]
     left, sn, scale = nl.noise_left(exact, diffusion, x0, None, timesteps, torch.Generator().manual_seed(2))
     p = power[0, : n // 2 + 1]
@@ -52,12 +58,7 @@ def test_restarted_from_real_fields_the_exact_denoiser_keeps_their_small_scales(
     import types
 
     nl = load_workflow(SCRIPT)
-    n = 64
-    k = torch.fft.fftfreq(n, d=1.0 / n).abs().double()
-    power = (0.5 * k.clamp_min(1.0) ** -2.5).unsqueeze(0)
-    diffusion = GaussianDiffusion(NoiseSchedule.from_name("cosine", 1000), prediction="v")
-    exact = GaussianFieldDenoiser(diffusion, power)
-    x0 = exact.sample(512, generator=torch.Generator().manual_seed(1))
+    _, _, diffusion, exact, x0 = _field_and_exact_denoiser(512)
     model = types.SimpleNamespace(diffusion=diffusion, denoiser=exact, to_physical=lambda x: x)
     real = nl.high_pass_std(x0, 16)
     last_only = nl.high_pass_std(nl.restarted(model, x0, None, 0, torch.Generator().manual_seed(2)), 16) / real
