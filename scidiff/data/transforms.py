@@ -195,13 +195,13 @@ class ChannelTransform:
     def _per_channel(self, v: Tensor, x: Tensor) -> Tensor:
         if v.ndim == 1:
             return v.to(dtype=x.dtype, device=x.device).reshape(1, -1, *([1] * (x.ndim - 2)))
-        if tuple(x.shape[2:]) != tuple(v.shape[1:]):
+        if tuple(x.shape[2:]) != self.grid_shape:
             c = len(self.names)
             per_point = [n for n, s, k in zip(self.names, self.shift.reshape(c, -1), self.scale.reshape(c, -1))
                          if s.unique().numel() > 1 or k.unique().numel() > 1]
             raise ValueError(
                 f"ChannelTransform: the channels {per_point or list(self.names)} are normalised per grid point "
-                f"(transform 'anomaly') on a grid of shape {tuple(v.shape[1:])}; these fields have spatial shape "
+                f"(transform 'anomaly') on a grid of shape {self.grid_shape}; these fields have spatial shape "
                 f"{tuple(x.shape[2:])}. Give them on the training grid, or train with transform 'zscore'"
             )
         return v.to(dtype=x.dtype, device=x.device).unsqueeze(0)
