@@ -27,6 +27,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +125,10 @@ class Pretrained:
         return {**out, **self.execution.identity()}
 
     # -- units ---------------------------------------------------------------------------
-    @property
+    @cached_property
     def x_transform(self) -> ChannelTransform:
-        """Physical -> normalised for fields; ``inverse`` and ``log_abs_det_jacobian``."""
+        """Physical -> normalised for fields; ``inverse`` and ``log_abs_det_jacobian``. Built once
+        (an ``anomaly`` variable holds a mean and a std per grid point)."""
         return self.statistics.x_transform()
 
     @property

@@ -5,6 +5,8 @@
 #
 #   bash workflows/benchmarks/gpu.sh [out_dir]       # default: gpu-bench/
 #   PRECISION=1 bash workflows/benchmarks/gpu.sh     # also bf16-mixed + compile against float32 training
+#   WHEELS=.whl bash workflows/benchmarks/gpu.sh     # on a machine without a package index: first install
+#                                                   # the wheels of gpu_wheels.sh and this checkout
 #
 # Writes out_dir/{training.json, training.md, other.json, other.md, gpu.log, fsdp.log}: copy the
 # pages into docs/benchmarks/ and link them from its index (the first GPU figures of the project).
@@ -13,6 +15,17 @@ cd "$(dirname "$0")/../.."
 out=$(mkdir -p "${1:-gpu-bench}" && cd "${1:-gpu-bench}" && pwd)
 export SCIDIFF_DATA_DIR=${SCIDIFF_DATA_DIR:-$out/data}
 py=${PYTHON:-python3}
+
+if [ -n "${WHEELS:-}" ]; then  # into a private folder first on the path: the machine's packages stay as they are
+    site=$out/site
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$WHEELS"/*.whl \
+      && "$py" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+        --target "$site" . || { echo "gpu.sh: installing $WHEELS and scidiff into $site failed"; exit 1; }
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$py" -c "import diffusers, hydra, zarr, scidiff, scidiff_datasets" \
+    || { echo "gpu.sh: a package is missing (without a package index: WHEELS=, see gpu_wheels.sh)"; exit 1; }
 
 echo "== 1. training steps against diffusers (fp32, bf16, bf16 + compile), MFU" | tee "$out/gpu.log"
 timeout 300 "$py" workflows/benchmarks/gpu.py --sections training --json "$out/training.json" \
