@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         # each start runs t0 + 1 denoiser calls: a few of the fields, spread over the split as they are
         few = torch.from_numpy(np.linspace(0, x0.shape[0] - 1, min(args.restart_fields, x0.shape[0])).astype(int))
-        sub = Conditioning(params=None if cond.params is None else cond.params[few],
-                           fields=None if cond.fields is None else cond.fields[few])
+        sub = cond.map(lambda t: t[few])
         print(f"\nstarted from the held-out fields noised to t0 (DDIM through every timestep, {few.numel()} of "
               f"the fields): std above wavenumber k0 (physical units)")
         print(f"| t0 | {' | '.join(f'k0={k0}' for k0 in cuts)} |\n|{'---|' * (len(cuts) + 1)}")
