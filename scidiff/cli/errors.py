@@ -21,10 +21,26 @@ def one_line(message: str) -> str:
     return re.sub(r"\s+", " ", str(message)).strip()
 
 
+SUBMITIT_MISSING = ("hydra/launcher: the SLURM and submitit launchers (configs/hydra/launcher/) need the "
+                    "hydra-submitit-launcher plugin: pip install 'scidiff[cluster]'")
+
+
+def _has_submitit() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except (ImportError, ValueError):  # hydra_plugins itself missing, or a None entry in sys.modules
+        return False
+
+
 def from_hydra(exc: BaseException) -> ConfigError:
     """Turn Hydra/OmegaConf composition errors (several lines, often with a hint about
     HYDRA_FULL_ERROR) into one line naming the key or the config option."""
     text = str(exc)
+    plugin = re.search(r"Could not (?:find|load) 'hydra/launcher/submitit_", text)
+    if plugin and not _has_submitit():
+        return ConfigError(SUBMITIT_MISSING)
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
         group, _, option = missing.group(1).rpartition("/")

@@ -3,15 +3,23 @@
     scidiff-train experiment=quickstart
     scidiff-train experiment=grf denoiser=dit trainer=ddp trainer.devices=4
     scidiff-train experiment=quickstart run_name=qs resume=auto    # continue run "qs"
+    scidiff-train -m experiment=quickstart seed=0,1,2 run_name=seeds  # a sweep: one run per seed
 
 The composed config is checked first (unknown keys, wrong types, missing files ->
 one line naming the key, exit status 2); then Hydra creates the run directory
 ``<output_root>/<task_name>/<run_name>`` and training starts. At the end one line
 says where the run, its checkpoint and the MLflow store are.
+
+A sweep (``-m``/``--multirun``, Hydra's basic sweeper: the product of the comma-separated
+values) checks every job's config before the first starts, runs job ``i`` in
+``<output_root>/multirun/<run_name>/<i>``, runs the other jobs when one fails, and exits
+with status 1 at the end if any failed. ``hydra/launcher=slurm`` submits the jobs to SLURM
+(``configs/hydra/launcher/``, the ``cluster`` extra).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -42,6 +50,81 @@ def precheck(argv: list[str]) -> Path:
     check_train_config(cfg)
     check_run_dir(cfg)
     return Path(cfg.run_dir)
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def is_sweep(argv: list[str]) -> bool:
+    """Whether the command line asks Hydra for a sweep (``-m``, ``--multirun``, ``hydra.mode=MULTIRUN``)."""
+    return any(a in MULTIRUN_FLAGS or a == "hydra.mode=MULTIRUN" for a in argv)
+
+
+def sweep_jobs(argv: list[str]) -> tuple[list[str], list[list[str]], set[str]]:
+    """A sweep's command line as Hydra's basic sweeper reads it: the overrides of the sweep's own
+    config (its directory, its launcher), which are the command line's without the swept ones; the
+    jobs, each its list of overrides, numbered as Hydra numbers them (job ``i`` of the list is
+    ``hydra.job.num = i``): the product of the swept values (``a,b``, ``range(0,4)``,
+    ``choice(...)``) in the order of the command line, a key given twice taking its place at its
+    first mention and its value from its last; and the swept keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from scidiff.cli.compose import overrides
+    from scidiff.cli.errors import ConfigError, from_hydra
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides(argv))
+    except Exception as exc:  # hydra.errors.OverrideParseException: several lines
+        raise from_hydra(exc) from None
+    axes: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep() or o.is_range_sweep():
+            axes[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"{key}: {o.input_line} is not a sweep Hydra's basic sweeper runs "
+                              "(give the values as a,b,c, range(start,stop[,step]) or choice(a,b))")
+    unswept = [o.input_line for o in parsed if not o.is_sweep_override()]
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    return unswept, [list(job) for job in itertools.product(*axes.values())], swept
+
+
+def precheck_sweep(argv: list[str]) -> tuple[list[str], int, Path | None]:
+    """Check every job of a sweep as :func:`precheck` checks one run, before Hydra starts the first
+    (the error names the job), and the sweep's own config. Returns the command line to run (with
+    ``run_name`` fixed when it is the default timestamp, so that every job, on any node, and this
+    check agree on the sweep's directory), the number of jobs and the sweep's directory (``None``
+    when ``run_name`` is swept: one per name)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from scidiff.cli.config_check import check_train_config
+    from scidiff.cli.errors import ConfigError
+
+    unswept, jobs, swept = sweep_jobs(argv)
+    try:
+        sweep = compose_config(unswept)
+    except ConfigError as exc:
+        compose_config(jobs[0])  # fails as well: that error, which is not the sweep's
+        raise ConfigError(f"{exc} (a sweep's config is composed without the swept overrides first: "
+                          "every override that is not swept must apply to it)") from None
+    if not any(o.split("=", 1)[0].lstrip("+~") == "run_name" for o in jobs[0]) and \
+            OmegaConf.is_interpolation(sweep, "run_name"):
+        pinned = f"run_name={sweep.run_name}"
+        argv, jobs = [*argv, pinned], [[*job, pinned] for job in jobs]
+    for num, job in enumerate(jobs):
+        try:
+            cfg = compose_config(job)
+            with open_dict(cfg):
+                cfg.hydra.job.num = num
+                cfg.run_dir = str(Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir))
+            check_train_config(cfg)
+            check_run_dir(cfg)
+        except ConfigError as exc:
+            values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+            raise ConfigError(f"{exc} (sweep job {num}: {values})") from None
+    return argv, len(jobs), None if "run_name" in swept else Path(sweep.hydra.sweep.dir)
 
 
 def check_run_dir(cfg) -> None:
@@ -659,6 +742,7 @@ def _register(name: str, logger, trainer, summary: dict[str, Any]) -> str:
 def _hydra_app(new_dirs: list[Path]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig, open_dict
 
     from scidiff.cli.runlog import run_log
@@ -666,9 +750,16 @@ def _hydra_app(new_dirs: list[Path]) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
+            if sweep and cfg.get("logger") is not None and {"run_name", "tags"} <= set(cfg.logger):
+                # MLflow: the job's number in the run's name, and the sweep in its tags
+                cfg.logger.run_name = f"{cfg.logger.run_name}/{hydra_cfg.job.num}"
+                cfg.logger.tags = {**cfg.logger.tags, "scidiff.sweep": str(Path(hydra_cfg.sweep.dir).resolve()),
+                                   "scidiff.sweep_job": str(hydra_cfg.job.num)}
         fresh = all(p.name == ".hydra" for p in run_dir.iterdir())  # Hydra created it for this command
         log = run_dir / "train.log" if _process_rank() == 0 else None
         try:
@@ -677,9 +768,16 @@ def _hydra_app(new_dirs: list[Path]) -> None:
         except SystemExit as exc:
             if exc.code == 2 and fresh:
                 remove_refused_run(run_dir, new_dirs)
+            if exc.code not in (0, None) and sweep:
+                # an exception, not an exit: the launcher records the job as failed and runs the next
+                raise SweepJobFailed(f"{run_dir}: exit status {exc.code}") from None
             raise
 
     app()
+
+
+class SweepJobFailed(RuntimeError):
+    """A job of a sweep ended with a non-zero status (its one-line error was printed above)."""
 
 
 def remove_refused_run(run_dir: Path, new_dirs: list[Path]) -> None:
@@ -701,12 +799,18 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     one_line_warnings()
     new_dirs: list[Path] = []
+    sweep = is_sweep(argv)
     if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         try:
-            run_dir = precheck(argv)
+            if sweep:
+                argv, count, sweep_dir = precheck_sweep(argv)
+                where = f": run i in {sweep_dir}/i" if sweep_dir else ""
+                print(f"scidiff-train: sweep of {count} runs, every config checked{where}", flush=True)
+            else:
+                run_dir = precheck(argv)
+                new_dirs = [d for d in (run_dir.parent, *run_dir.parent.parents) if not d.exists()]
         except ConfigError as exc:
             report_and_exit(exc, status=2)
-        new_dirs = [d for d in (run_dir.parent, *run_dir.parent.parents) if not d.exists()]
     sys.argv = [sys.argv[0], *argv]
     _hydra_app(new_dirs)
 

@@ -5,8 +5,9 @@ the test tools, ...).
 One subprocess in which every optional extra's modules fail to import, as on a fresh core install,
 runs the main job's steps through their CLI entry points at tiny sizes: ``scidiff-train
 experiment=quickstart`` (sample figures included), ``scidiff-sample``, ``scidiff-selfcheck`` and
-``scidiff-evaluate`` with its verdict. The extras are read from pyproject.toml, so a new one is
-covered when it is added there.
+``scidiff-evaluate`` with its verdict; and a sweep asking for the SLURM launcher, which needs the
+``cluster`` extra, is refused with the extra's name. The extras are read from pyproject.toml, so a
+new one is covered when it is added there.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ class Absent(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Absent())
 import importlib
 
-for module, args in steps:
+for module, args, expected in steps:
     print(f"[core] {module}", flush=True)
     try:
         code = importlib.import_module(module).main(args)
     except SystemExit as exc:
         code = exc.code
-    if code not in (0, None):
+    if (code or 0) != expected:
         sys.exit(f"{module} exited with {code}")
 loaded = sorted(m for m in sys.modules if m.partition(".")[0] in blocked)
 print("[core] loaded extras:", json.dumps(loaded))
@@ -74,22 +75,28 @@ def test_main_job_runs_without_the_optional_extras(tmp_path, data_dir):
     blocked = optional_modules()
     assert {"peft", "safetensors", "rdkit", "pytest"} <= set(blocked)   # the test dev install has them
     run = tmp_path / "outputs" / "quickstart" / "core"
-    steps = [
+    steps = [  # (module, arguments, the exit status expected)
         ("scidiff.cli.train", ["experiment=quickstart", "run_name=core", "trainer.max_steps=4",
                                "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
-                               "callbacks.periodic_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]),
+                               "callbacks.periodic_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"],
+         0),
         ("scidiff.cli.sample", [f"checkpoint={run}", "members=2", "sampler=dpmpp_2m", "sampler.steps=4",
-                                f"out={run / 'ensemble.zarr'}", "params.list=[{spectral_index: 2.25, amplitude: 1.0}]"]),
-        ("scidiff.cli.selfcheck", ["--samples", "16"]),
+                                f"out={run / 'ensemble.zarr'}", "params.list=[{spectral_index: 2.25, amplitude: 1.0}]"],
+         0),
+        ("scidiff.cli.selfcheck", ["--samples", "16"], 0),
         ("scidiff.cli.evaluate", [f"checkpoint={run}", "split=val", "max_samples=3", "batch_size=3",
                                   "bound.estimator=importance", "bound.num_terms=4", "sampling.members=2",
-                                  "sampler=dpmpp_2m", "sampler.steps=4", "progress=false"]),
+                                  "sampler=dpmpp_2m", "sampler.steps=4", "progress=false"], 0),
+        ("scidiff.cli.train", ["-m", "hydra/launcher=slurm", "experiment=quickstart", "seed=0,1"], 2),
     ]
     env = {**os.environ, "SCIDIFF_DATA_DIR": str(data_dir), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(blocked), json.dumps(steps)], check=False,
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.splitlines()[-1] == "[core] loaded extras: []"
+    assert ("error: hydra/launcher: the SLURM and submitit launchers (configs/hydra/launcher/) need the "
+            "hydra-submitit-launcher plugin: pip install 'scidiff[cluster]'") in proc.stderr.splitlines()
+    assert not (tmp_path / "outputs" / "multirun").exists()
     assert "verdict" in proc.stdout
     members = xr.open_zarr(run / "ensemble.zarr")
     assert members.sizes["member"] == 2 and bool(members["field"].notnull().all())
