@@ -38,15 +38,20 @@ def compose_config(argv: list[str]):
     return compose("train", argv, return_hydra_config=True)
 
 
-def precheck(argv: list[str]) -> Path:
-    """Check the composed config before Hydra creates anything; returns the run directory."""
+def precheck(argv: list[str], job: int | None = None) -> Path:
+    """Check the composed config before Hydra creates anything; returns the run directory (of
+    the sweep's job number ``job``, when given)."""
     from omegaconf import open_dict
 
     from scidiff.cli.config_check import check_train_config
 
     cfg = compose_config(argv)
     with open_dict(cfg):
-        cfg.run_dir = str(Path(cfg.hydra.run.dir))
+        if job is None:
+            cfg.run_dir = str(Path(cfg.hydra.run.dir))
+        else:
+            cfg.hydra.job.num = job
+            cfg.run_dir = str(Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir))
     check_train_config(cfg)
     check_run_dir(cfg)
     return Path(cfg.run_dir)
@@ -97,9 +102,8 @@ def precheck_sweep(argv: list[str]) -> tuple[list[str], int, Path | None]:
     ``run_name`` fixed when it is the default timestamp, so that every job, on any node, and this
     check agree on the sweep's directory), the number of jobs and the sweep's directory (``None``
     when ``run_name`` is swept: one per name)."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
-    from scidiff.cli.config_check import check_train_config
     from scidiff.cli.errors import ConfigError
 
     unswept, jobs, swept = sweep_jobs(argv)
@@ -115,12 +119,7 @@ def precheck_sweep(argv: list[str]) -> tuple[list[str], int, Path | None]:
         argv, jobs = [*argv, pinned], [[*job, pinned] for job in jobs]
     for num, job in enumerate(jobs):
         try:
-            cfg = compose_config(job)
-            with open_dict(cfg):
-                cfg.hydra.job.num = num
-                cfg.run_dir = str(Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir))
-            check_train_config(cfg)
-            check_run_dir(cfg)
+            precheck(job, num)
         except ConfigError as exc:
             values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
             raise ConfigError(f"{exc} (sweep job {num}: {values})") from None
