@@ -380,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling-preset", default="unet", help="the 64x64 sampling case's denoiser preset")
     parser.add_argument("--quickstart-grid", type=int, default=16)
     parser.add_argument("--quickstart-batch", type=int, default=2048)
-    parser.add_argument("--cpu-rate", type=float, default=47.8,
-                        help="the quickstart UNet's CPU members/s at DDIM-20 (docs/benchmarks/sampling-throughput.md)")
+    parser.add_argument("--cpu-rate", type=float, default=76.8,
+                        help="the quickstart UNet's CPU members/s at DDIM-20 "
+                             "(docs/benchmarks/sampling-throughput.md, AMD EPYC, 2026-12-02)")
     parser.add_argument("--voxels", type=int, default=64, help="3-D grid side")
     parser.add_argument("--voxel-batch", type=int, default=4)
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a smoke run)")
