@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from scidiff.inference import DDIM, GuidanceSpec, load_pretrained, member_seeds
 from scidiff.sampling.grid import ParameterSets
