@@ -4,6 +4,7 @@
     scidiff-evaluate checkpoint=runs:/<run_id> bound.estimator=importance bound.num_terms=32
     scidiff-evaluate checkpoint=models:/grf-quickstart/1 split=test
     scidiff-evaluate checkpoint=<run dir> ensemble=ensembles/grf.zarr
+    scidiff-evaluate checkpoint=outputs/multirun/<run_name>    # every run of a sweep, compared
     torchrun --nproc-per-node 4 -m scidiff.cli.evaluate checkpoint=<run dir>
 
 The config (``configs/evaluate.yaml`` plus ``key=value`` overrides) is composed with
@@ -24,6 +25,12 @@ few aligned lines give each metric's model value, floor, pass/FAIL and rule, the
 <failing metrics>``. The run gets the MLflow tag ``verdict`` (``faithful``/``not
 faithful``) and the artifact ``eval/<split>/verdict.json``. The last line gives the
 key numbers and where everything is.
+
+A sweep's directory (``scidiff-train -m``: ``multirun.yaml`` and the runs ``0``, ``1``, ...)
+evaluates each run in turn, with the same settings, each into its own ``<run>/eval/<split>``
+and its own MLflow run; then a table compares the runs (their swept values, verdicts, bounds
+and metrics beside the floors) and ``<sweep>/evaluation_<split>.csv`` holds every scalar of
+every run. Every run's output is checked before the first is evaluated.
 
 Exit status: 0 done; 1 an unexpected failure (traceback in ``<out>/error.log``); 2 a
 bad config or input (one line naming the key); 3 with ``verdict.fail_on_unfaithful=true``
@@ -119,7 +126,40 @@ def check_config(cfg) -> dict[str, Any]:
     if not is_mlflow_reference(ckpt) and not Path(ckpt).exists():
         raise ConfigError(f"checkpoint: {ckpt} does not exist (give a .ckpt file, a run directory, an MLflow run id, "
                           "runs:/<run_id> or models:/<name>/<version>)")
+    plain["sweep_runs"] = sweep_runs(Path(ckpt)) if not is_mlflow_reference(ckpt) else None
+    if plain["sweep_runs"] is not None and plain["out"] is not None:
+        raise ConfigError(f"out: {ckpt} is a sweep, whose runs are each evaluated into their own <run>/eval/<split>; "
+                          "leave out unset")
     return plain
+
+
+def sweep_runs(path: Path) -> list[Path] | None:
+    """The runs of a sweep's directory (``scidiff-train -m``: it holds ``multirun.yaml``), in the
+    order of their job numbers; ``None`` for any other path. A sweep without a trained run is a
+    ``ConfigError``."""
+    from scidiff.cli.errors import ConfigError
+
+    if not (path.is_dir() and (path / "multirun.yaml").is_file()):
+        return None
+    runs = sorted((p for p in path.iterdir() if p.name.isdigit() and (p / "checkpoints").is_dir()),
+                  key=lambda p: int(p.name))
+    if not runs:
+        raise ConfigError(f"checkpoint: the sweep {path} holds no trained run (<job number>/checkpoints/)")
+    return runs
+
+
+def swept_values(runs: list[Path]) -> list[dict[str, str]]:
+    """What tells the runs of a sweep apart: the overrides (``.hydra/overrides.yaml``) whose value
+    differs between them, e.g. ``{"seed": "1", "diffusion": "edm"}``, per run."""
+    import yaml
+
+    given = []
+    for run in runs:
+        file = run / ".hydra" / "overrides.yaml"
+        given.append(dict(o.split("=", 1) for o in (yaml.safe_load(file.read_text()) if file.is_file() else [])
+                          if "=" in o))
+    keys = [k for k in dict.fromkeys(k for g in given for k in g) if len({g.get(k) for g in given}) > 1]
+    return [{k: g[k] for k in keys if k in g} for g in given]
 
 
 def output_dir(plain: dict[str, Any], pretrained) -> Path:
@@ -207,7 +247,7 @@ def _params(plain: dict[str, Any], pretrained) -> dict[str, Any]:
     from scidiff.inference.tracking import flatten
 
     settings = plain["settings"]
-    config = {k: v for k, v in plain.items() if k not in ("logger", "settings")}
+    config = {k: v for k, v in plain.items() if k not in ("logger", "settings", "sweep_runs")}
     config.update(sampler=settings.sampler.identity(), guidance=settings.guidance.identity())
     out = flatten(config)
     out.update({"checkpoint_sha256": pretrained.sha256, "global_step": pretrained.global_step,
@@ -215,9 +255,36 @@ def _params(plain: dict[str, Any], pretrained) -> dict[str, Any]:
     return out
 
 
+def run_sweep(plain: dict[str, Any]) -> list[dict[str, Any]]:
+    """Evaluate every run of a sweep (``plain["sweep_runs"]``) as :func:`run` evaluates one, after
+    checking that none of their outputs holds an evaluation; then print the comparison and write
+    ``<sweep>/evaluation_<split>.csv`` (rank 0). Returns the runs' summaries."""
+    import os
+
+    from scidiff.evaluation.report import comparison_lines, write_comparison
+    from scidiff.inference.checkpoint import load_pretrained
+
+    runs = plain["sweep_runs"]
+    logger = LoggerConfig(**(plain["logger"] or {}))
+    for run_dir in runs:  # before hours of computing: no run's evaluation would be refused at its turn
+        pretrained = load_pretrained(str(run_dir), tracking_uri=logger.tracking_uri, adapter=plain["adapter"],
+                                     control_scale=plain["control_scale"], execution=plain["execution"])
+        check_output(output_dir({**plain, "checkpoint": str(run_dir)}, pretrained), bool(plain["overwrite"]))
+    summaries = []
+    for i, run_dir in enumerate(runs):
+        print(f"scidiff-evaluate: run {i + 1} of {len(runs)} of the sweep: {run_dir}", flush=True)
+        summaries.append(run({**plain, "checkpoint": str(run_dir), "sweep_runs": None}))
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (each run's group is closed by now)
+        rows = [({"run": run_dir.name, **values}, s["verdict"], s["scalars"])
+                for run_dir, values, s in zip(runs, swept_values(runs), summaries)]
+        table = write_comparison(runs[0].parent / f"evaluation_{plain['settings'].split}.csv", rows)
+        print("\n".join(["", *comparison_lines(rows), f"table of every scalar: {table}"]), flush=True)
+    return summaries
+
+
 def _status(plain: dict[str, Any]) -> int | None:
-    summary = run(plain)
-    if plain["settings"].verdict.fail_on_unfaithful and summary.get("verdict") == "not faithful":
+    summaries = run_sweep(plain) if plain["sweep_runs"] else [run(plain)]
+    if plain["settings"].verdict.fail_on_unfaithful and any(s.get("verdict") == "not faithful" for s in summaries):
         return UNFAITHFUL_STATUS  # everything is written: the status only tells a pipeline to stop
     return None
 

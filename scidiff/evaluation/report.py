@@ -470,6 +470,54 @@ def verdict_lines(ev: Evaluation) -> list[str]:
     return [head, *("  " + line for line in v.table()), f"verdict: {v.summary()}"]
 
 
+COMPARED = ("spectral_error", "crps", "spread_skill")  # per channel, beside their floors, in a comparison
+
+
+Row = tuple[dict[str, str], "str | None", dict[str, float]]  # (what names the evaluation, its verdict, its scalars)
+
+
+def _label(names: dict[str, str]) -> str:
+    first, *rest = names.items()
+    return " ".join([first[1], *(f"{k}={v}" for k, v in rest)])
+
+
+def comparison_lines(rows: Sequence[Row]) -> list[str]:
+    """Aligned lines comparing several evaluations (the runs of a sweep): one per ``(names,
+    verdict, scalars)`` (``names``: e.g. ``{"run": "0", "seed": "1"}``) with the verdict, the bound
+    in bits/dim and each channel's :data:`COMPARED` metrics, the floor of real fields beside each."""
+    keys = [k for k in dict.fromkeys(k for _, _, s in rows for k in s)
+            if k.split("/", 1)[0] in COMPARED and "/" in k]
+    keys.sort(key=lambda k: (COMPARED.index(k.split("/", 1)[0]), k))
+    with_bpd = any("bpd" in s for _, _, s in rows)
+    head = ["run", "verdict", *(["bpd"] if with_bpd else []), *(f"{k} (floor)" for k in keys)]
+    table = []
+    for names, verdict, s in rows:
+        cells = [_label(names), verdict or "none", *([f"{s['bpd']:.4f}" if "bpd" in s else "-"] if with_bpd else [])]
+        for k in keys:
+            floor = f" ({s['floor/' + k]:.4g})" if "floor/" + k in s else ""
+            cells.append(f"{s[k]:.4g}{floor}" if k in s else "-")
+        table.append(cells)
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *table]]
+
+
+def write_comparison(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
+    """Every scalar of several evaluations as one CSV table, written atomically: a row per
+    ``(names, verdict, scalars)``, a column per name (``run``, the swept keys), the verdict and
+    a column per scalar (empty where an evaluation has none)."""
+    import csv
+
+    columns = list(dict.fromkeys(k for names, _, _ in rows for k in names))
+    scalars = sorted(dict.fromkeys(k for _, _, s in rows for k in s))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*columns, "verdict", *scalars])
+        for names, verdict, s in rows:
+            writer.writerow([*(names.get(c, "") for c in columns), verdict or "",
+                             *(repr(float(s[n])) if n in s else "" for n in scalars)])
+    return Path(path)
+
+
 def summary_line(ev: Evaluation, file: Path | None, run_id: str | None, tracking_uri: str | None) -> str:
     """One line: the key numbers and where the file and the MLflow run are."""
     s = ev.scalars
@@ -525,6 +573,7 @@ __all__ = [
     "CONVENTIONS",
     "UNITS_NOTE",
     "Publication",
+    "comparison_lines",
     "log_to_mlflow",
     "metric_key",
     "metric_units",
@@ -536,5 +585,6 @@ __all__ = [
     "summary_line",
     "to_dataset",
     "verdict_lines",
+    "write_comparison",
     "write_evaluation_file",
 ]

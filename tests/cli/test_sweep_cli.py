@@ -23,11 +23,19 @@ def files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_a_sweep_trains_a_run_per_job_refuses_to_overwrite_them_and_resumes_them(tmp_path, data_dir):
+def test_a_sweep_trains_a_run_per_job_resumes_them_and_evaluates_them_side_by_side(tmp_path, data_dir):
     """seed=0,1: runs outputs/multirun/<run_name>/0 and /1, each with its seed, its checkpoint and its
     own MLflow run (named with the job's number, tagged with the sweep); the same sweep again is
-    refused before anything starts (job 0 named), and with resume=auto both runs continue."""
+    refused before anything starts (job 0 named), and with resume=auto both runs continue.
+    scidiff-evaluate on the sweep's directory evaluates both runs into their own directories and
+    MLflow runs, prints them side by side and writes every scalar of both to one CSV; again, it is
+    refused before evaluating anything."""
+    import csv
+
+    import xarray as xr
     from mlflow.tracking import MlflowClient
+
+    from tests.training.conftest import run_cli
 
     args = ["-m", "experiment=quickstart", *TWO_STEPS, "seed=0,1", "run_name=seeds"]
     proc = run_train(args, tmp_path, data_dir)
@@ -55,6 +63,29 @@ def test_a_sweep_trains_a_run_per_job_refuses_to_overwrite_them_and_resumes_them
     run_train([*args, "resume=auto", "trainer.max_steps=4"], tmp_path, data_dir)
     assert [json.loads((sweep / f"{job}/summary.json").read_text())["global_step"] for job in (0, 1)] == [4, 4]
     assert len(client.search_runs([runs[0].info.experiment_id])) == 2   # the same two MLflow runs, continued
+
+    evaluate = [f"checkpoint={sweep}", "split=val", "max_samples=3", "sampling.members=2", "sampler=ddim",
+                "sampler.steps=3", "progress=false", "bound.estimator=importance", "bound.num_terms=4"]
+    proc = run_cli("evaluate", evaluate, tmp_path, data_dir)
+    table = proc.stdout[proc.stdout.index("\nrun "):].splitlines()
+    assert table[1].split()[:2] == ["run", "verdict"] and "spectral_error/field (floor)" in table[1]
+    assert [line.split()[:2] for line in table[2:4]] == [["0", "seed=0"], ["1", "seed=1"]]
+    with open(sweep / "evaluation_val.csv") as f:
+        rows = list(csv.DictReader(f))
+    for job, row in enumerate(rows):
+        assert (row["run"], row["seed"]) == (str(job), str(job))
+        ev = xr.open_dataset(sweep / f"{job}/eval/val/evaluation.nc")
+        scalars = dict(zip(ev["metric"].values.tolist(), ev["metric_value"].values.tolist()))
+        assert float(row["bpd"]) == scalars["bpd"] and float(row["crps/field"]) == scalars["crps/field"]
+        logged = client.get_run(json.loads((sweep / f"{job}/summary.json").read_text())["mlflow_run_id"])
+        assert logged.data.metrics["eval/val/bpd"] == scalars["bpd"]
+    assert len(rows) == 2
+
+    before = files(tmp_path)
+    for extra in ([], ["out=elsewhere"]):
+        again = run_cli("evaluate", [*evaluate, *extra], tmp_path, data_dir, check=False)
+        assert again.returncode == 2 and again.stderr.startswith("error: out: "), again.stderr
+    assert files(tmp_path) == before
 
 
 @pytest.mark.parametrize("args, expected", [
