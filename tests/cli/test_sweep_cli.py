@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.training.conftest import QUIET, run_train
+from tests.training.conftest import QUIET, run_cli, run_train
 
 # Without the cluster extra, the preset is refused with the extra's name: tests/packaging/test_core_install.py.
 
@@ -34,8 +34,6 @@ def test_a_sweep_trains_a_run_per_job_resumes_them_and_evaluates_them_side_by_si
 
     import xarray as xr
     from mlflow.tracking import MlflowClient
-
-    from tests.training.conftest import run_cli
 
     args = ["-m", "experiment=quickstart", *TWO_STEPS, "seed=0,1", "run_name=seeds"]
     proc = run_train(args, tmp_path, data_dir)
