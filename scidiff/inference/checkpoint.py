@@ -266,6 +266,11 @@ def fetch_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
         for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if cand.is_file():
                 return cand, None
+        if (path / "multirun.yaml").is_file():  # the directory of a scidiff-train -m sweep
+            runs = sorted((p.name for p in path.iterdir() if p.name.isdigit()), key=int)
+            one = path / runs[0] if runs else path / "<i>"
+            raise CheckpointError(f"checkpoint: {path} is a sweep (scidiff-train -m), not a run: give one of its runs, "
+                                  f"e.g. {one} (scidiff-evaluate takes the sweep itself and compares its runs)")
         raise CheckpointError(f"checkpoint: {path} is a directory without checkpoints/last.ckpt")
     run_id = None
     if text.startswith(RUNS):

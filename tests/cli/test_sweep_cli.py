@@ -29,7 +29,7 @@ def test_a_sweep_trains_a_run_per_job_resumes_them_and_evaluates_them_side_by_si
     refused before anything starts (job 0 named), and with resume=auto both runs continue.
     scidiff-evaluate on the sweep's directory evaluates both runs into their own directories and
     MLflow runs, prints them side by side and writes every scalar of both to one CSV; again, it is
-    refused before evaluating anything."""
+    refused before evaluating anything; scidiff-sample, given the sweep, names one of its runs."""
     import csv
 
     import xarray as xr
@@ -83,6 +83,13 @@ def test_a_sweep_trains_a_run_per_job_resumes_them_and_evaluates_them_side_by_si
     for extra in ([], ["out=elsewhere"]):
         again = run_cli("evaluate", [*evaluate, *extra], tmp_path, data_dir, check=False)
         assert again.returncode == 2 and again.stderr.startswith("error: out: "), again.stderr
+    # a command that takes one run names one of the sweep's
+    sample = run_cli("sample", [f"checkpoint={sweep}", "members=2", "out=ens.zarr",
+                                "params.list=[{spectral_index: 2.25, amplitude: 1.0}]"], tmp_path, data_dir,
+                     check=False)
+    assert sample.returncode == 2 and sample.stderr.strip() == (
+        f"error: checkpoint: {sweep} is a sweep (scidiff-train -m), not a run: give one of its runs, e.g. "
+        f"{sweep / '0'} (scidiff-evaluate takes the sweep itself and compares its runs)")
     assert files(tmp_path) == before
 
 
