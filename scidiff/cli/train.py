@@ -652,6 +652,9 @@ def train(cfg) -> dict[str, Any]:
     quiet_libraries()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    # checked again where the run starts: a launcher (a SLURM task of a sweep, one requeued by submitit)
+    # runs this without the command's precheck
+    check_run_dir(cfg)
     ensure_data(cfg)
     ckpt = resume_checkpoint(cfg, run_dir)
     parts = build(cfg, ckpt)

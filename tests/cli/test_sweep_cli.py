@@ -203,6 +203,27 @@ def test_the_slurm_preset_submits_a_job_array_whose_tasks_train_the_runs(tmp_pat
     assert sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir()) == ["4242", "4242_0", "4242_1"]
 
 
+def test_a_run_started_without_the_commands_check_still_refuses_to_overwrite_another(tmp_path):
+    """What a launcher starts on another node (a SLURM task, one requeued after its time limit) runs
+    the training without scidiff-train's check of the command line: the training itself refuses a
+    run directory that holds checkpoints unless resume is set, before it writes anything."""
+    from omegaconf import open_dict
+
+    from scidiff.cli.errors import ConfigError
+    from scidiff.cli.train import compose_config, train
+
+    run = tmp_path / "outputs/multirun/requeued/0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/step0000002.ckpt").write_bytes(b"a checkpoint")
+    cfg = compose_config(["experiment=quickstart", f"generate_data.path={tmp_path / 'absent.zarr'}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(run)
+    before = files(tmp_path)
+    with pytest.raises(ConfigError, match=r"^run_name: .* already holds a run's checkpoints; resume=auto continues it"):
+        train(cfg)
+    assert files(tmp_path) == before   # no data generated, nothing written
+
+
 @pytest.mark.parametrize("trainer, expected", [
     (["trainer=gpu"], {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 1}),
     (["trainer=ddp_multinode", "trainer.devices=4", "trainer.num_nodes=3"],
