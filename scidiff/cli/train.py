@@ -801,10 +801,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     one_line_warnings()
     new_dirs: list[Path] = []
-    sweep = is_sweep(argv)
     if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in argv):
         try:
-            if sweep:
+            if is_sweep(argv):
                 argv, count, sweep_dir = precheck_sweep(argv)
                 where = f": run i in {sweep_dir}/i" if sweep_dir else ""
                 print(f"scidiff-train: sweep of {count} runs, every config checked{where}", flush=True)
