@@ -134,16 +134,12 @@ def check_config(cfg) -> dict[str, Any]:
 
 
 def sweep_runs(path: Path) -> list[Path] | None:
-    """The runs of a sweep's directory (``scidiff-train -m``: it holds ``multirun.yaml``), in the
-    order of their job numbers; ``None`` for any other path. A sweep without a trained run is a
-    ``ConfigError``."""
+    """:func:`scidiff.inference.checkpoint.sweep_runs`; a sweep without a trained run is a ``ConfigError``."""
     from scidiff.cli.errors import ConfigError
+    from scidiff.inference.checkpoint import sweep_runs as runs_of
 
-    if not (path.is_dir() and (path / "multirun.yaml").is_file()):
-        return None
-    runs = sorted((p for p in path.iterdir() if p.name.isdigit() and (p / "checkpoints").is_dir()),
-                  key=lambda p: int(p.name))
-    if not runs:
+    runs = runs_of(path)
+    if runs == []:
         raise ConfigError(f"checkpoint: the sweep {path} holds no trained run (<job number>/checkpoints/)")
     return runs
 

@@ -255,6 +255,16 @@ def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
     return fetch_checkpoint(ref, tracking_uri, artifact)[0]
 
 
+def sweep_runs(path: str | os.PathLike) -> list[Path] | None:
+    """The trained runs (``<i>/checkpoints/``) of a sweep's directory (``scidiff-train -m``: it holds
+    ``multirun.yaml``), in the order of their job numbers; ``None`` for any other path."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "multirun.yaml").is_file()):
+        return None
+    return sorted((p for p in path.iterdir() if p.name.isdigit() and (p / "checkpoints").is_dir()),
+                  key=lambda p: int(p.name))
+
+
 def fetch_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
                      artifact: str = "checkpoints/last.ckpt") -> tuple[Path, str | None]:
     """:func:`resolve_checkpoint`, with the MLflow store the file came from (``None``: a local file)."""
@@ -266,9 +276,9 @@ def fetch_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None,
         for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if cand.is_file():
                 return cand, None
-        if (path / "multirun.yaml").is_file():  # the directory of a scidiff-train -m sweep
-            runs = sorted((p.name for p in path.iterdir() if p.name.isdigit()), key=int)
-            one = path / runs[0] if runs else path / "<i>"
+        runs = sweep_runs(path)
+        if runs is not None:
+            one = runs[0] if runs else path / "<i>"
             raise CheckpointError(f"checkpoint: {path} is a sweep (scidiff-train -m), not a run: give one of its runs, "
                                   f"e.g. {one} (scidiff-evaluate takes the sweep itself and compares its runs)")
         raise CheckpointError(f"checkpoint: {path} is a directory without checkpoints/last.ckpt")
@@ -660,4 +670,4 @@ def load_pretrained(ref: str | os.PathLike, *, tracking_uri: str | None = None, 
 
 __all__ = ["CheckpointError", "Pretrained", "TrainedAutoencoder", "TrainedContrastive", "autoencoder_net_config",
            "fetch_checkpoint", "file_sha256", "load_autoencoder", "load_contrastive", "load_pretrained", "read_adapter",
-           "resolve_checkpoint", "safe_torch_load"]
+           "resolve_checkpoint", "safe_torch_load", "sweep_runs"]
